@@ -1,0 +1,1 @@
+"""marginops benchmark suite: ``python -m bench --help``."""

@@ -1,0 +1,27 @@
+"""marginops: fused angular-margin softmax losses (ArcFace, CosFace, ...) for million-class heads.
+
+    import marginops
+    loss = marginops.margin_cross_entropy(embeddings, weight, labels, marginops.ArcFace(s=64, m=0.5))
+
+or a module that owns its weight: ``marginops.nn.ArcFaceLoss(embedding_size, num_classes)``.
+"""
+
+from . import nn, reference
+from .functional import margin_cross_entropy
+from .margins import ArcFace, CombinedMargin, CosFace, CurricularFace, Margin, NormFace, SphereFace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArcFace",
+    "CombinedMargin",
+    "CosFace",
+    "CurricularFace",
+    "Margin",
+    "NormFace",
+    "SphereFace",
+    "margin_cross_entropy",
+    "nn",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,189 @@
+"""The fused op: registration (fake impls, autograd) and backend dispatch.
+
+Contract of ``fused_lse`` (every backend: csrc/cpu, csrc/cuda, triton_kernels; oracle:
+``marginops.reference.fused_lse``)::
+
+    x (B, D) normalized embeddings; weight (R, D) raw class weights, R = C·k (k = subcenters)
+    column j is class cls(j) = class_index[j] (or j); n_r = max(‖weight[r]‖, 1e-12)
+    c_ij = max over the k rows r of cls(j) of x_i·weight[r]/n_r
+    z_ij = target_logit[i]                           if j == labels[i]  (labels[i] = -1: no target)
+         = 0                                         if c_ij > filter_threshold (filtered)
+         = row_scale[i]·c_ij·(t + c_ij)              if non_target == 1 and c_ij > threshold[i]
+         = row_scale[i]·c_ij                         otherwise
+    lse_i = log Σ_j exp(z_ij)      argmax_i = argmax_j c_ij (raw cosine)
+
+Backward returns gradients for x, weight, target_logit and row_scale; the target column's gradient
+reaches the margin through target_logit, i.e. through the autograd graph of the pre-pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from . import _build
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, labels, target_logit, row_scale, threshold, class_index, *params = inputs
+    lse, _ = output
+    ctx.save_for_backward(x, weight, labels, target_logit, row_scale, threshold, class_index, lse)
+    ctx.params = params
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_lse, _grad_argmax):
+        x, weight, labels, target_logit, row_scale, threshold, class_index, lse = ctx.saved_tensors
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
+        grad_x, grad_weight, grad_target, grad_scale = backward_op(
+            grad_lse.contiguous(), lse, x, weight, labels, target_logit, row_scale, threshold, class_index, *ctx.params
+        )
+        return grad_x, grad_weight, None, grad_target, grad_scale, None, None, None, None, None, None, None
+
+    return backward
+
+
+def _fake_forward(x, weight, labels, target_logit, row_scale, threshold, class_index, *params):
+    rows = x.shape[0]
+    return target_logit.new_empty(rows), labels.new_empty(rows, dtype=torch.long)
+
+
+def _fake_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, *params):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(target_logit), torch.empty_like(row_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_cpp_op() -> None:
+    """Fake impls and autograd for the C++ op; runs once, after the extension defined the schema."""
+    torch.library.register_fake("marginops::fused_lse")(_fake_forward)
+    torch.library.register_fake("marginops::fused_lse_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "marginops::fused_lse",
+        _make_backward(torch.ops.marginops.fused_lse_backward),
+        setup_context=_setup_context,
+    )
+
+
+def cpp_op(kind: str):
+    """torch.ops.marginops.fused_lse with the "cpu" or "cuda" kernels loaded (raises BuildError)."""
+    (_build.load_cuda if kind == "cuda" else _build.load_cpu)()
+    _register_cpp_op()
+    return torch.ops.marginops.fused_lse
+
+
+def triton_kernels():
+    """marginops.triton_kernels, also from a source checkout where triton_kernels/ sits beside marginops/."""
+    try:
+        from . import triton_kernels as module
+    except ImportError:
+        import importlib.util
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent / "triton_kernels"
+        if not (root / "__init__.py").is_file():
+            raise
+        spec = importlib.util.spec_from_file_location(
+            "marginops.triton_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["marginops.triton_kernels"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def triton_op():
+    """The Triton launchers registered as torch.library.triton_op, so torch.compile traces into them."""
+    kernels = triton_kernels()
+    forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(kernels.fused_lse_forward)
+    backward = torch.library.triton_op("marginops::triton_fused_lse_backward", mutates_args=())(
+        kernels.fused_lse_backward
+    )
+    forward.register_autograd(_make_backward(backward), setup_context=_setup_context)
+    return forward
+
+
+def triton_usable(device: torch.device) -> Optional[str]:
+    """None if the Triton backend can run on this device, else why not."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton backend does not support device {device}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'marginops[triton]')"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` on ``device``; "auto" falls back with one warning per reason."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        reason = _build.build_failure("cuda")
+        if reason is None:
+            return "cuda"
+        _warn_once(f"marginops: CUDA kernels unavailable ({reason}); trying the Triton backend")
+        reason = triton_usable(device)
+        if reason is None:
+            return "triton"
+        _warn_once(f"marginops: Triton backend unavailable ({reason}); using the reference backend")
+        return "reference"
+    if device.type == "cpu":
+        reason = _build.build_failure("cpu")
+        if reason is None:
+            return "cpu"
+        _warn_once(f"marginops: C++ CPU kernels unavailable ({reason}); using the reference backend")
+        return "reference"
+    return "reference"
+
+
+def fused_lse(
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit: torch.Tensor,
+    row_scale: torch.Tensor,
+    threshold: torch.Tensor,
+    class_index: Optional[torch.Tensor] = None,
+    curricular_t: float = 0.0,
+    non_target: int = 0,
+    filter_threshold: float = 2.0,
+    subcenters: int = 1,
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the fused op on a concrete backend ("cpu", "cuda" or "triton"); inputs already validated."""
+    args = (
+        x.contiguous(),
+        weight.contiguous(),
+        labels.contiguous(),
+        target_logit.contiguous(),
+        row_scale.contiguous(),
+        threshold.contiguous(),
+        None if class_index is None else class_index.contiguous(),
+        float(curricular_t),
+        int(non_target),
+        float(filter_threshold),
+        int(subcenters),
+        bool(deterministic),
+    )
+    if backend in ("cpu", "cuda"):
+        return cpp_op(backend)(*args)
+    if backend == "triton":
+        return triton_op()(*args)
+    raise ValueError(f"fused_lse has no backend {backend!r}")

@@ -1,0 +1,96 @@
+"""Plain PyTorch implementation of the whole contract: the oracle for tests and the fallback backend.
+
+It materializes the (B, C) logits, so it is simple and slow and memory-hungry by design; run it in
+float64 to get the truth the kernels are compared against.  Two entry points:
+
+* ``margin_cross_entropy`` — the loss of DESIGN.md §1 straight from the formulas;
+* ``fused_lse`` — the semantics of the fused op alone (DESIGN.md §2), differentiable by autograd,
+  used to check each backend's forward and backward at the op level.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .margins import NORM_EPS, Margin, accumulation_dtype, pre_pass
+
+
+def margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: Margin,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    interclass_filtering_threshold: float = 0.0,
+    subcenters: int = 1,
+) -> torch.Tensor:
+    """Loss per DESIGN.md §1 with every logit materialized.  Inputs are assumed validated."""
+    acc = accumulation_dtype(embeddings.dtype)
+    labels = labels.long()
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    pre = pre_pass(margin, embeddings, weight, safe_labels, subcenters)
+
+    w = weight.to(acc)
+    w_hat = w / torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)[:, None]
+    cos = pre.x_hat @ w_hat.t()
+    if subcenters > 1:
+        cos = cos.reshape(cos.shape[0], -1, subcenters).max(dim=2).values
+    logits = pre.row_scale[:, None] * margin.phi(cos, pre.threshold)
+    target_col = torch.nn.functional.one_hot(safe_labels, cos.shape[1]).bool() & valid[:, None]
+    if interclass_filtering_threshold > 0:
+        filtered = (cos > interclass_filtering_threshold) & ~target_col
+        logits = torch.where(filtered, torch.zeros_like(logits), logits)
+    logits = torch.where(target_col, pre.target_logit[:, None], logits)
+    loss = torch.logsumexp(logits, dim=1) - pre.target_logit
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return reduce_loss(loss, valid, reduction).to(embeddings.dtype)
+
+
+def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    # mean over counted rows; all rows ignored gives nan, as F.cross_entropy does
+    return loss.sum() / valid.sum()
+
+
+def fused_lse(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit: torch.Tensor,
+    row_scale: torch.Tensor,
+    threshold: torch.Tensor,
+    class_index: Optional[torch.Tensor],
+    curricular_t: float,
+    non_target: int,
+    filter_threshold: float,
+    subcenters: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op's semantics with the logits materialized (see marginops/ops.py for the contract).
+
+    Returns (lse, argmax); differentiable in x, weight, target_logit and row_scale.
+    """
+    acc = target_logit.dtype
+    w = weight.to(acc)
+    inv_norm = 1.0 / torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)
+    cos_rows = (x.to(acc) @ w.t()) * inv_norm
+    k = subcenters
+    cos = cos_rows.reshape(cos_rows.shape[0], -1, k).max(dim=2).values
+    if class_index is not None:
+        cos = cos.index_select(1, class_index)
+    phi = cos
+    if non_target == 1:
+        phi = torch.where(cos > threshold[:, None], cos * (curricular_t + cos), cos)
+    logits = row_scale[:, None] * phi
+    logits = torch.where(cos > filter_threshold, torch.zeros_like(logits), logits)
+    columns = torch.arange(cos.shape[1], device=cos.device)
+    target_col = columns[None, :] == labels[:, None]
+    logits = torch.where(target_col, target_logit[:, None], logits)
+    return torch.logsumexp(logits, dim=1), cos.detach().argmax(dim=1)

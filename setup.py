@@ -1,0 +1,48 @@
+"""Pure-Python install by default: the C++/CUDA sources ship as package data (marginops/_csrc) and
+compile on first use.  MARGINOPS_BUILD_EXT=1 builds them now instead (needs torch importable, so
+install with --no-build-isolation); MARGINOPS_BUILD_CUDA=1 adds the CUDA kernels."""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+PACKAGES = find_packages(include=["marginops", "marginops.*"]) + ["marginops._csrc", "marginops.triton_kernels"]
+PACKAGE_DIR = {"marginops._csrc": "csrc", "marginops.triton_kernels": "triton_kernels"}
+PACKAGE_DATA = {"marginops._csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"]}
+
+
+def extensions():
+    if os.environ.get("MARGINOPS_BUILD_EXT") != "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    include = [os.path.abspath("csrc")]
+    exts = [
+        CppExtension(
+            "marginops._C",
+            ["csrc/marginops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
+            include_dirs=include,
+            extra_compile_args=["-O3", "-std=c++17"],
+        )
+    ]
+    if os.environ.get("MARGINOPS_BUILD_CUDA") == "1":
+        exts.append(
+            CUDAExtension(
+                "marginops._C_cuda",
+                sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
+                include_dirs=include,
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+            )
+        )
+    return exts, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = extensions()
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data=PACKAGE_DATA,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,101 @@
+"""Shared test helpers: backends present here, random problems, comparisons that explain failures."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import marginops
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# Kernel backends and the device their tests run on (Triton: the interpreter on CPU without a GPU).
+KERNEL_BACKENDS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("triton", id="triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")]),
+]
+
+
+def device_for(backend: str) -> torch.device:
+    if backend == "cuda" or (backend == "triton" and HAS_CUDA):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def margins_under_test():
+    """Every margin spec, with non-default variants, at a moderate scale so float32 errors stay visible."""
+    return [
+        marginops.NormFace(s=30.0),
+        marginops.CosFace(s=30.0, m=0.35),
+        marginops.ArcFace(s=30.0, m=0.5),
+        marginops.ArcFace(s=30.0, m=0.5, easy_margin=True),
+        marginops.ArcFace(s=30.0, m=0.5, detach_margin=True),
+        marginops.CombinedMargin(s=30.0, m1=1.0, m2=0.3, m3=0.2),
+        marginops.CombinedMargin(s=30.0, m1=0.9, m2=0.4, m3=0.15),
+        marginops.SphereFace(m=4, lambda_=5.0, scale=1.0),
+        marginops.SphereFace(m=3, lambda_=0.0, scale=0.5),
+        marginops.CurricularFace(s=30.0, m=0.5, t=0.3),
+    ]
+
+
+def margin_id(margin) -> str:
+    fields = ",".join(f"{v}" for v in vars(margin).values())
+    return f"{type(margin).__name__}({fields})"
+
+
+def make_problem(batch, dim, classes, dtype=torch.float64, device="cpu", ignore_rows=(), ignore_index=-100, seed=None):
+    """Random embeddings/weights with a planted signal so target cosines spread over (-1, 1)."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    weight = torch.randn(classes, dim, generator=gen, dtype=torch.float64)
+    emb = torch.randn(batch, dim, generator=gen, dtype=torch.float64) * 3.0
+    # pull a random share of rows towards their class so that margins and curricular thresholds bite
+    pull = torch.rand(batch, 1, generator=gen, dtype=torch.float64) * 2.0
+    emb = emb + pull * weight[labels] * 2.0
+    for r in ignore_rows:
+        labels[r] = ignore_index
+    return emb.to(device, dtype), weight.to(device, dtype), labels.to(device)
+
+
+def report_mismatch(name: str, actual: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor) -> str:
+    diff = (actual.double() - expected.double()).abs()
+    flat = diff.flatten()
+    worst = torch.topk(flat.nan_to_num(float("inf")), min(5, flat.numel())).indices
+    rows = [
+        f"  at {tuple(int(i) for i in torch.unravel_index(w, diff.shape))}: got {actual.flatten()[w].item():.8g}, "
+        f"expected {expected.flatten()[w].item():.8g}"
+        for w in worst
+    ]
+    return f"{name}: {int(bad.sum())} of {bad.numel()} elements differ; worst:\n" + "\n".join(rows)
+
+
+def assert_close(name, actual, expected, rtol, atol):
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = ~torch.isclose(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True)
+    if bool(bad.any()):
+        raise AssertionError(report_mismatch(name, actual, expected, bad))
+
+
+def assert_within_reference_error(name, actual, truth, same_dtype_reference, slack):
+    """DESIGN.md §4: error vs the float64 truth ≤ 2 × the same-dtype reference's error + slack."""
+    actual, truth, ref = (t.detach().cpu().double() for t in (actual, truth, same_dtype_reference))
+    err = (actual - truth).abs()
+    allowed = 2.0 * (ref - truth).abs().max() + slack
+    bad = err > allowed
+    if bool(bad.any()):
+        raise AssertionError(f"(allowed error {allowed.item():.3g}) " + report_mismatch(name, actual, truth, bad))
+
+
+def loss_and_grads(emb, weight, labels, margin, **kwargs):
+    emb = emb.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    loss = marginops.margin_cross_entropy(emb, weight, labels, margin, **kwargs)
+    # a non-uniform upstream gradient catches per-row scaling mistakes that a plain sum would hide
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    (loss * upstream).sum().backward()
+    return loss.detach(), emb.grad, weight.grad
