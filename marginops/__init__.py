@@ -7,12 +7,32 @@ or a module that owns its weight: ``marginops.nn.ArcFaceLoss(embedding_size, num
 """
 
 from . import nn, reference
-from .functional import margin_cross_entropy
-from .margins import ArcFace, CombinedMargin, CosFace, CurricularFace, Margin, NormFace, SphereFace
+from .pair_losses import batch_hard_triplet_loss, contrastive_loss
+from .functional import MarginStats, margin_cross_entropy
+from .margins import (
+    AdaFace,
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    CurricularFace,
+    ElasticFace,
+    MagFace,
+    Margin,
+    NormFace,
+    SphereFace,
+    SubCenterArcFace,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "batch_hard_triplet_loss",
+    "contrastive_loss",
+    "AdaFace",
+    "ElasticFace",
+    "MagFace",
+    "MarginStats",
+    "SubCenterArcFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",

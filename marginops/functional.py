@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Union
+
 import torch
 
 from . import ops, reference
 from ._validation import check_loss_inputs
 from .margins import FILTER_OFF, Margin, pre_pass
+
+
+class MarginStats(NamedTuple):
+    """Training signals computed by the fused op, without a (B, C) tensor (all detached)."""
+
+    lse: torch.Tensor  # (B,) log-sum-exp of the row's logits
+    cos_target: torch.Tensor  # (B,) cosine to the labelled class (0 for ignored rows)
+    predicted: torch.Tensor  # (B,) class of the highest raw cosine
+    accuracy: torch.Tensor  # () share of counted rows whose predicted class is the label
 
 
 def margin_cross_entropy(
@@ -19,31 +30,32 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     interclass_filtering_threshold: float = 0.0,
-    subcenters: int = 1,
     deterministic: bool = True,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, MarginStats]]:
     """Angular-margin softmax cross-entropy without materializing the (batch, num_classes) logits.
 
-    embeddings (B, D) raw (normalized here), weight (num_classes·subcenters, D) raw class weights,
-    labels (B,) int64/int32 class ids or ``ignore_index``; margin one of the specs in marginops
-    (NormFace, CosFace, ArcFace, CombinedMargin, SphereFace, CurricularFace).
-    interclass_filtering_threshold > 0 gives non-target cosines above it logit 0 and no gradient
+    embeddings (B, D) raw (normalized here); weight (num_classes·k, D) raw class weights, k =
+    margin.subcenters (1 except for SubCenterArcFace); labels (B,) int64/int32 class ids or
+    ``ignore_index``; margin one of the specs in marginops (NormFace, CosFace, ArcFace, ...).
+    interclass_filtering_threshold > 0: non-target cosines above it get logit 0 and no gradient
     (insightface semantics).  backend: "auto", "reference", "cpu", "cuda" or "triton".
+    return_stats: also return MarginStats (per-row lse, target cosine, prediction, batch accuracy).
     """
     check_loss_inputs(
         embeddings, weight, labels, margin,
-        reduction=reduction, ignore_index=ignore_index, backend=backend, subcenters=subcenters,
+        reduction=reduction, ignore_index=ignore_index, backend=backend, subcenters=margin.subcenters,
     )
     backend = ops.resolve_backend(backend, embeddings.device)
     if backend == "reference":
         return reference.margin_cross_entropy(
             embeddings, weight, labels, margin, reduction=reduction, ignore_index=ignore_index,
-            interclass_filtering_threshold=interclass_filtering_threshold, subcenters=subcenters,
+            interclass_filtering_threshold=interclass_filtering_threshold, return_stats=return_stats,
         )
     labels = labels.long()
     valid = labels != ignore_index
-    pre = pre_pass(margin, embeddings, weight, torch.where(valid, labels, torch.zeros_like(labels)), subcenters)
-    lse, _ = ops.fused_lse(
+    pre = pre_pass(margin, embeddings, weight, torch.where(valid, labels, torch.zeros_like(labels)))
+    lse, predicted = ops.fused_lse(
         backend,
         pre.x_hat.to(embeddings.dtype),
         weight,
@@ -55,8 +67,21 @@ def margin_cross_entropy(
         margin.curricular_t,
         margin.non_target_mode,
         interclass_filtering_threshold if interclass_filtering_threshold > 0 else FILTER_OFF,
-        subcenters,
+        margin.subcenters,
         deterministic,
     )
-    loss = torch.where(valid, lse - pre.target_logit, torch.zeros_like(lse))
-    return reference.reduce_loss(loss, valid, reduction).to(embeddings.dtype)
+    loss = reference.row_losses(lse, pre, valid)
+    reduced = reference.reduce_loss(loss, valid, reduction).to(embeddings.dtype)
+    if not return_stats:
+        return reduced
+    return reduced, make_stats(lse, pre.cos_target, predicted, labels, valid)
+
+
+def make_stats(lse, cos_target, predicted, labels, valid) -> MarginStats:
+    correct = (predicted == labels) & valid
+    return MarginStats(
+        lse=lse.detach(),
+        cos_target=torch.where(valid, cos_target.detach(), torch.zeros_like(cos_target)),
+        predicted=predicted,
+        accuracy=correct.sum() / valid.sum(),
+    )

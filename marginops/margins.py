@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -51,6 +51,11 @@ def chebyshev_cos(c: torch.Tensor, m: int) -> torch.Tensor:
     return cur
 
 
+def arcface_psi(c: torch.Tensor, m: float) -> torch.Tensor:
+    """cos(θ + m) for θ ≤ π − m, else c − m·sin m (past π − m cos(θ + m) would stop decreasing)."""
+    return torch.where(c >= math.cos(math.pi - m), cos_theta_plus(c, m), c - m * math.sin(m))
+
+
 class Margin:
     """Base class of the margin specs: how the target logit and the non-target logits are formed.
 
@@ -61,6 +66,8 @@ class Margin:
 
     non_target_mode: int = NON_TARGET_PLAIN
     curricular_t: float = 0.0
+    # class c owns rows c·k … c·k+k−1 of the weight; its cosine is the max over them (Sub-center ArcFace)
+    subcenters: int = 1
 
     def row_scale(self, x_norm: torch.Tensor) -> torch.Tensor:
         return torch.full_like(x_norm, float(self.s))
@@ -68,10 +75,15 @@ class Margin:
     def psi(self, c: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def target_logit(self, c: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    def target_logit(self, c: torch.Tensor, row_scale: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
+        """z_iy from the target cosine; x_norm (‖x_i‖, with gradient) is there for norm-aware margins."""
         if getattr(self, "detach_margin", False):
             return row_scale * (c + (self.psi(c) - c).detach())
         return row_scale * self.psi(c)
+
+    def extra_loss(self, x_norm: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-row term added to the loss (MagFace's regularizer); None for most margins."""
+        return None
 
     def threshold(self, c: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(c)
@@ -134,10 +146,9 @@ class ArcFace(Margin):
             raise ValueError(f"ArcFace.m must be in [0, pi), got {self.m!r}")
 
     def psi(self, c):
-        shifted = cos_theta_plus(c, self.m)
         if self.easy_margin:
-            return torch.where(c > 0, shifted, c)
-        return torch.where(c >= math.cos(math.pi - self.m), shifted, c - self.m * math.sin(self.m))
+            return torch.where(c > 0, cos_theta_plus(c, self.m), c)
+        return arcface_psi(c, float(self.m))
 
 
 @dataclass(frozen=True)
@@ -209,8 +220,7 @@ class CurricularFace(Margin):
         return float(self.t)
 
     def psi(self, c):
-        shifted = cos_theta_plus(c, self.m)
-        return torch.where(c >= math.cos(math.pi - self.m), shifted, c - self.m * math.sin(self.m))
+        return arcface_psi(c, float(self.m))
 
     def threshold(self, c):
         with torch.no_grad():
@@ -218,6 +228,136 @@ class CurricularFace(Margin):
 
     def phi(self, cos, threshold):
         return torch.where(cos > threshold[:, None], cos * (self.t + cos), cos)
+
+
+@dataclass(frozen=True)
+class SubCenterArcFace(Margin):
+    """Sub-center ArcFace: k weight rows per class (class-major), the class cosine is the max over them,
+    the gradient goes to the arg-max sub-center; target as ArcFace."""
+
+    s: float = 64.0
+    m: float = 0.5
+    k: int = 3
+
+    def __post_init__(self):
+        _check_positive("SubCenterArcFace.s", self.s)
+        if not (isinstance(self.k, int) and self.k >= 1):
+            raise ValueError(f"SubCenterArcFace.k must be an integer >= 1, got {self.k!r}")
+
+    @property
+    def subcenters(self) -> int:
+        return self.k
+
+    def psi(self, c):
+        return arcface_psi(c, float(self.m))
+
+
+@dataclass(frozen=True)
+class AdaFace(Margin):
+    """AdaFace: a margin that adapts to the feature norm, an image-quality proxy.
+
+    z = clamp(‖x‖, 0.001, 100) (detached), ẑ = clamp(h·(z − μ)/(σ + 0.001), −1, 1),
+    z_iy = s·(cos(clamp(θ − m·ẑ, ε, π − ε)) − (m + m·ẑ)), ε = 0.001.  μ, σ (batch_mean, batch_std) are
+    given here; the module nn.AdaFaceLoss keeps them as EMAs (t_alpha).  They may be tensors.
+    """
+
+    s: float = 64.0
+    m: float = 0.4
+    h: float = 0.333
+    t_alpha: float = 0.01
+    batch_mean: Union[float, torch.Tensor] = 20.0
+    batch_std: Union[float, torch.Tensor] = 100.0
+
+    def __post_init__(self):
+        _check_positive("AdaFace.s", self.s)
+
+    def margin_scaler(self, x_norm: torch.Tensor) -> torch.Tensor:
+        z = x_norm.detach().clamp(0.001, 100.0)
+        return (self.h * (z - self.batch_mean) / (self.batch_std + 0.001)).clamp(-1.0, 1.0)
+
+    def target_logit(self, c, row_scale, x_norm):
+        scaler = self.margin_scaler(x_norm).to(c.dtype)
+        eps = 0.001
+        angle = (theta(c) - self.m * scaler).clamp(eps, math.pi - eps)
+        return row_scale * (torch.cos(angle) - (self.m + self.m * scaler))
+
+
+@dataclass(frozen=True)
+class ElasticFace(Margin):
+    """ElasticFace: a per-sample margin drawn from N(m, std) at every call with ``sample=True``.
+
+    kind "arc": z_iy = s·cos(θ + m_i); kind "cos": z_iy = s·(c − m_i).  plus=True (ElasticFace+) hands the
+    drawn margins out sorted, the smallest to the row with the highest target cosine.  sample=False (the
+    modules' eval mode) uses m itself.  ``generator`` seeds the draws.
+    """
+
+    s: float = 64.0
+    m: float = 0.5
+    std: float = 0.05
+    kind: str = "arc"
+    plus: bool = False
+    generator: Optional[torch.Generator] = None
+    sample: bool = True
+
+    def __post_init__(self):
+        _check_positive("ElasticFace.s", self.s)
+        if self.kind not in ("arc", "cos"):
+            raise ValueError(f"ElasticFace.kind must be 'arc' or 'cos', got {self.kind!r}")
+        if not (math.isfinite(self.std) and self.std >= 0):
+            raise ValueError(f"ElasticFace.std must be >= 0, got {self.std!r}")
+
+    def row_margins(self, c: torch.Tensor) -> torch.Tensor:
+        if not self.sample:
+            return torch.full_like(c, self.m)
+        device = self.generator.device if self.generator is not None else c.device
+        drawn = torch.randn(c.shape, generator=self.generator, device=device, dtype=c.dtype).to(c.device)
+        margins = drawn * self.std + self.m
+        if self.plus:
+            with torch.no_grad():
+                order = torch.argsort(c.detach(), descending=True)
+                ordered = torch.empty_like(margins)
+                ordered[order] = torch.sort(margins).values
+            margins = ordered
+        return margins
+
+    def target_logit(self, c, row_scale, x_norm):
+        m = self.row_margins(c)
+        if self.kind == "cos":
+            return row_scale * (c - m)
+        return row_scale * (c * torch.cos(m) - sin_theta(c) * torch.sin(m))
+
+
+@dataclass(frozen=True)
+class MagFace(Margin):
+    """MagFace: margin m(a) = (u_m − l_m)/(u_a − l_a)·(a − l_a) + l_m of a = clamp(‖x‖, l_a, u_a), with gradient
+    into ‖x‖; target s·cos(θ + m(a)) where c > 0 else s·c (easy margin); plus λ_g·(a/u_a² + 1/a) per row."""
+
+    s: float = 64.0
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_m: float = 0.45
+    u_m: float = 0.8
+    lambda_g: float = 35.0
+
+    def __post_init__(self):
+        _check_positive("MagFace.s", self.s)
+        if not 0 < self.l_a < self.u_a:
+            raise ValueError(f"MagFace needs 0 < l_a < u_a, got l_a={self.l_a}, u_a={self.u_a}")
+
+    def _a(self, x_norm):
+        return x_norm.clamp(self.l_a, self.u_a)
+
+    def adaptive_margin(self, x_norm: torch.Tensor) -> torch.Tensor:
+        return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (self._a(x_norm) - self.l_a) + self.l_m
+
+    def target_logit(self, c, row_scale, x_norm):
+        m = self.adaptive_margin(x_norm).to(c.dtype)
+        shifted = c * torch.cos(m) - sin_theta(c) * torch.sin(m)
+        return row_scale * torch.where(c > 0, shifted, c)
+
+    def extra_loss(self, x_norm):
+        a = self._a(x_norm)
+        return self.lambda_g * (a / self.u_a**2 + 1.0 / a)
 
 
 @dataclass
@@ -229,25 +369,21 @@ class PrePass:
     target_logit: torch.Tensor  # z_iy
     row_scale: torch.Tensor  # factor of every logit of the row
     threshold: torch.Tensor  # CurricularFace threshold (unused otherwise)
+    extra_loss: Optional[torch.Tensor]  # per-row term added to the loss, or None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def pre_pass(
-    margin: Margin,
-    embeddings: torch.Tensor,
-    weight: torch.Tensor,
-    safe_labels: torch.Tensor,
-    subcenters: int = 1,
-) -> PrePass:
+def pre_pass(margin: Margin, embeddings: torch.Tensor, weight: torch.Tensor, safe_labels: torch.Tensor) -> PrePass:
     """Target cosines, target logits and per-row factors, in O(B·D), differentiable.
 
     ``safe_labels`` holds a valid class for every row (ignored rows carry any valid class; their
-    loss is masked later).  With ``subcenters`` = k, class c owns rows c·k … c·k+k−1 of ``weight``
-    and its cosine is the max over them.
+    loss is masked later).  With ``margin.subcenters`` = k, class c owns rows c·k … c·k+k−1 of
+    ``weight`` and its cosine is the max over them.
     """
+    subcenters = margin.subcenters
     acc = accumulation_dtype(embeddings.dtype)
     x = embeddings.to(acc)
     x_norm = torch.linalg.vector_norm(x, dim=1)
@@ -265,11 +401,28 @@ def pre_pass(
     return PrePass(
         x_hat=x_hat,
         cos_target=cos_y,
-        target_logit=margin.target_logit(cos_y, row_scale),
+        target_logit=margin.target_logit(cos_y, row_scale, x_norm),
         row_scale=row_scale,
         threshold=margin.threshold(cos_y),
+        extra_loss=margin.extra_loss(x_norm),
     )
 
 
-def describe(margin: Optional[Margin]) -> str:
-    return type(margin).__name__ if margin is not None else "None"
+@torch.no_grad()
+def dominant_subcenters(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, k: int):
+    """For Sub-center ArcFace: which of its k sub-centers each class's samples are closest to.
+
+    Returns (dominant, counts): counts (C, k) of samples per (class, sub-center); dominant (C,) the
+    most chosen sub-center, −1 for classes without samples.  Accumulate counts over a dataset to
+    find the dominant sub-center before dropping the others, as Sub-center ArcFace does.
+    """
+    num_classes = weight.shape[0] // k
+    labels = labels.long()
+    x_hat = embeddings / torch.linalg.vector_norm(embeddings, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    rows = labels[:, None] * k + torch.arange(k, device=labels.device)
+    w = weight.index_select(0, rows.reshape(-1)).reshape(labels.shape[0], k, -1)
+    cos = (x_hat[:, None, :] * w).sum(2) / torch.linalg.vector_norm(w, dim=2).clamp_min(NORM_EPS)
+    chosen = labels * k + cos.argmax(dim=1)
+    counts = torch.bincount(chosen, minlength=num_classes * k).reshape(num_classes, k)
+    dominant = torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full_like(counts[:, 0], -1))
+    return dominant, counts

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from . import margins
 from ._validation import check_loss_inputs
 from .functional import margin_cross_entropy
+from .pair_losses import ContrastiveLoss, TripletLoss
 
 
 class MarginLoss(nn.Module):
@@ -22,6 +25,7 @@ class MarginLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         interclass_filtering_threshold: float = 0.0,
+        rows_per_class: int = 1,
     ):
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
@@ -33,7 +37,8 @@ class MarginLoss(nn.Module):
         self.ignore_index = ignore_index
         self.interclass_filtering_threshold = interclass_filtering_threshold
         # insightface initializes the head with N(0, 0.01); the scale is irrelevant after normalization.
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, 0.01))
+        self.rows_per_class = rows_per_class
+        self.weight = nn.Parameter(torch.empty(num_classes * rows_per_class, embedding_size).normal_(0.0, 0.01))
 
     def margin(self) -> margins.Margin:
         raise NotImplementedError
@@ -41,7 +46,8 @@ class MarginLoss(nn.Module):
     def update_state(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Advance the margin's state (training mode only); stateless margins do nothing."""
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
+        """The loss (and with return_stats, MarginStats: per-row lse, target cosine, prediction, accuracy)."""
         if self.training:
             self.update_state(embeddings, labels)
         return margin_cross_entropy(
@@ -53,6 +59,15 @@ class MarginLoss(nn.Module):
             ignore_index=self.ignore_index,
             backend=self.backend,
             interclass_filtering_threshold=self.interclass_filtering_threshold,
+            return_stats=return_stats,
+        )
+
+    def _check(self, embeddings, labels):
+        """Validate before state is read from the inputs (the functional validates again, later)."""
+        check_loss_inputs(
+            embeddings, self.weight, labels, self.margin(),
+            reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
+            subcenters=self.rows_per_class,
         )
 
     def extra_repr(self) -> str:
@@ -174,11 +189,7 @@ class CurricularFaceLoss(MarginLoss):
 
     @torch.no_grad()
     def update_state(self, embeddings, labels):
-        # t is read from the inputs before the functional loss validates them, so validate first.
-        check_loss_inputs(
-            embeddings, self.weight, labels, self.margin(),
-            reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
-        )
+        self._check(embeddings, labels)
         labels = labels.long()
         valid = labels != self.ignore_index
         if not bool(valid.any()):
@@ -192,8 +203,89 @@ class CurricularFaceLoss(MarginLoss):
         return margins.CurricularFace(self.s, self.m, float(self.t))
 
 
+class SubCenterArcFaceLoss(MarginLoss):
+    """Sub-center ArcFace: ``weight`` has num_classes·k rows, class-major (rows c·k … c·k+k−1 are class c)."""
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5, k: int = 3, **kwargs):
+        super().__init__(embedding_size, num_classes, rows_per_class=k, **kwargs)
+        self._margin = margins.SubCenterArcFace(s, m, k)
+
+    def margin(self):
+        return self._margin
+
+    @torch.no_grad()
+    def dominant_subcenters(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """See marginops.margins.dominant_subcenters; counts over this batch."""
+        return margins.dominant_subcenters(embeddings, self.weight, labels, self._margin.k)
+
+
+class AdaFaceLoss(MarginLoss):
+    """AdaFace with its feature-norm statistics as EMA buffers (initial mean 20, std 100, unbiased std),
+    updated before use in training mode over the non-ignored rows."""
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
+        t_alpha: float = 0.01, **kwargs,
+    ):
+        super().__init__(embedding_size, num_classes, **kwargs)
+        self.s, self.m, self.h, self.t_alpha = s, m, h, t_alpha
+        margins.AdaFace(s, m, h, t_alpha)  # validates
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    @torch.no_grad()
+    def update_state(self, embeddings, labels):
+        self._check(embeddings, labels)
+        norms = torch.linalg.vector_norm(embeddings.float(), dim=1).clamp(0.001, 100.0)
+        norms = norms[labels.long() != self.ignore_index]
+        if norms.numel() == 0:
+            return
+        self.batch_mean.mul_(1.0 - self.t_alpha).add_(self.t_alpha * norms.mean())
+        if norms.numel() > 1:  # an unbiased std needs two rows
+            self.batch_std.mul_(1.0 - self.t_alpha).add_(self.t_alpha * norms.std())
+
+    def margin(self):
+        return margins.AdaFace(self.s, self.m, self.h, self.t_alpha, self.batch_mean, self.batch_std)
+
+
+class ElasticFaceLoss(MarginLoss):
+    """ElasticFace(+): per-sample margins drawn each training forward; eval mode uses the mean margin m."""
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5, std: float = 0.05,
+        kind: str = "arc", plus: bool = False, generator: Optional[torch.Generator] = None, **kwargs,
+    ):
+        super().__init__(embedding_size, num_classes, **kwargs)
+        margins.ElasticFace(s, m, std, kind, plus)  # validates
+        self.s, self.m, self.std, self.kind, self.plus = s, m, std, kind, plus
+        self.generator = generator
+
+    def margin(self):
+        return margins.ElasticFace(self.s, self.m, self.std, self.kind, self.plus, self.generator, sample=self.training)
+
+
+class MagFaceLoss(MarginLoss):
+    """MagFace: norm-dependent margin plus its regularizer λ_g·mean(a/u_a² + 1/a), included in the loss."""
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
+        l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0, **kwargs,
+    ):
+        super().__init__(embedding_size, num_classes, **kwargs)
+        self._margin = margins.MagFace(s, l_a, u_a, l_m, u_m, lambda_g)
+
+    def margin(self):
+        return self._margin
+
+
 __all__ = [
+    "ContrastiveLoss",
+    "TripletLoss",
     "MarginLoss",
+    "SubCenterArcFaceLoss",
+    "AdaFaceLoss",
+    "ElasticFaceLoss",
+    "MagFaceLoss",
     "NormFaceLoss",
     "CosFaceLoss",
     "ArcFaceLoss",

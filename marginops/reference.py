@@ -26,14 +26,18 @@ def margin_cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     interclass_filtering_threshold: float = 0.0,
-    subcenters: int = 1,
-) -> torch.Tensor:
-    """Loss per DESIGN.md §1 with every logit materialized.  Inputs are assumed validated."""
+    return_stats: bool = False,
+):
+    """Loss per DESIGN.md §1 with every logit materialized.  Inputs are assumed validated.
+
+    With return_stats, also the functional's MarginStats (lse, target cosine, prediction, accuracy).
+    """
     acc = accumulation_dtype(embeddings.dtype)
+    subcenters = margin.subcenters
     labels = labels.long()
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    pre = pre_pass(margin, embeddings, weight, safe_labels, subcenters)
+    pre = pre_pass(margin, embeddings, weight, safe_labels)
 
     w = weight.to(acc)
     w_hat = w / torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)[:, None]
@@ -46,9 +50,21 @@ def margin_cross_entropy(
         filtered = (cos > interclass_filtering_threshold) & ~target_col
         logits = torch.where(filtered, torch.zeros_like(logits), logits)
     logits = torch.where(target_col, pre.target_logit[:, None], logits)
-    loss = torch.logsumexp(logits, dim=1) - pre.target_logit
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return reduce_loss(loss, valid, reduction).to(embeddings.dtype)
+    lse = torch.logsumexp(logits, dim=1)
+    reduced = reduce_loss(row_losses(lse, pre, valid), valid, reduction).to(embeddings.dtype)
+    if not return_stats:
+        return reduced
+    from .functional import make_stats
+
+    return reduced, make_stats(lse, pre.cos_target, cos.detach().argmax(dim=1), labels, valid)
+
+
+def row_losses(lse: torch.Tensor, pre, valid: torch.Tensor) -> torch.Tensor:
+    """lse − z_iy (+ the margin's per-row extra term), 0 for ignored rows."""
+    loss = lse - pre.target_logit
+    if pre.extra_loss is not None:
+        loss = loss + pre.extra_loss
+    return torch.where(valid, loss, torch.zeros_like(loss))
 
 
 def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:

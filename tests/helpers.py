@@ -39,6 +39,11 @@ def margins_under_test():
         marginops.SphereFace(m=4, lambda_=5.0, scale=1.0),
         marginops.SphereFace(m=3, lambda_=0.0, scale=0.5),
         marginops.CurricularFace(s=30.0, m=0.5, t=0.3),
+        marginops.SubCenterArcFace(s=30.0, m=0.5, k=3),
+        marginops.AdaFace(s=30.0, m=0.4, h=0.333, batch_mean=25.0, batch_std=8.0),
+        marginops.ElasticFace(s=30.0, m=0.5, std=0.05, kind="arc", sample=False),
+        marginops.ElasticFace(s=30.0, m=0.35, std=0.05, kind="cos", sample=False),
+        marginops.MagFace(s=30.0),
     ]
 
 
@@ -47,15 +52,19 @@ def margin_id(margin) -> str:
     return f"{type(margin).__name__}({fields})"
 
 
-def make_problem(batch, dim, classes, dtype=torch.float64, device="cpu", ignore_rows=(), ignore_index=-100, seed=None):
-    """Random embeddings/weights with a planted signal so target cosines spread over (-1, 1)."""
+def make_problem(
+    batch, dim, classes, dtype=torch.float64, device="cpu", ignore_rows=(), ignore_index=-100, seed=None, subcenters=1
+):
+    """Random embeddings/weights with a planted signal so target cosines spread over (-1, 1).
+
+    With subcenters=k the weight has classes·k rows and ``classes`` counts classes."""
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
     labels = torch.randint(0, classes, (batch,), generator=gen)
-    weight = torch.randn(classes, dim, generator=gen, dtype=torch.float64)
+    weight = torch.randn(classes * subcenters, dim, generator=gen, dtype=torch.float64)
     emb = torch.randn(batch, dim, generator=gen, dtype=torch.float64) * 3.0
     # pull a random share of rows towards their class so that margins and curricular thresholds bite
     pull = torch.rand(batch, 1, generator=gen, dtype=torch.float64) * 2.0
-    emb = emb + pull * weight[labels] * 2.0
+    emb = emb + pull * weight[labels * subcenters] * 2.0
     for r in ignore_rows:
         labels[r] = ignore_index
     return emb.to(device, dtype), weight.to(device, dtype), labels.to(device)

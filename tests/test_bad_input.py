@@ -73,7 +73,7 @@ def test_bad_options(problem):
     with pytest.raises(TypeError, match="margin must be a marginops margin spec"):
         marginops.margin_cross_entropy(emb, weight, labels, "arcface")
     with pytest.raises(ValueError, match="not a multiple of subcenters"):
-        _call(emb, weight, labels, subcenters=3)
+        marginops.margin_cross_entropy(emb, weight, labels, marginops.SubCenterArcFace(k=3))
 
 
 def test_backend_device_and_dtype_mismatch(problem):

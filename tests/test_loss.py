@@ -24,7 +24,7 @@ REDUCTIONS = ["mean", "sum", "none"]
 def _compare_to_reference(backend, margin, reduction, dtype, shape, ignore_rows, **kwargs):
     batch, dim, classes = shape
     device = device_for(backend)
-    emb, weight, labels = make_problem(batch, dim, classes, ignore_rows=ignore_rows)
+    emb, weight, labels = make_problem(batch, dim, classes, ignore_rows=ignore_rows, subcenters=margin.subcenters)
     truth = loss_and_grads(emb, weight, labels, margin, reduction=reduction, backend="reference", **kwargs)
     got = loss_and_grads(
         emb.to(device, dtype), weight.to(device, dtype), labels.to(device), margin, reduction=reduction, backend=backend, **kwargs
@@ -79,8 +79,8 @@ def test_interclass_filtering(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_subcenters(backend):
-    margin = marginops.ArcFace(s=30.0, m=0.5)
-    _compare_to_reference(backend, margin, "mean", torch.float64, (17, 23, 3 * 97), ignore_rows=(0,), subcenters=3)
+    margin = marginops.SubCenterArcFace(s=30.0, m=0.5, k=3)
+    _compare_to_reference(backend, margin, "mean", torch.float64, (17, 23, 97), ignore_rows=(0,))
 
 
 def test_many_chunks_f64():
