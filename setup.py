@@ -23,7 +23,8 @@ def extensions():
             "marginops._C",
             ["csrc/marginops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=include,
-            extra_compile_args=["-O3", "-std=c++17"],
+            extra_compile_args=["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
         )
     ]
     if os.environ.get("MARGINOPS_BUILD_CUDA") == "1":
@@ -32,7 +33,7 @@ def extensions():
                 "marginops._C_cuda",
                 sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
                 include_dirs=include,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
             )
         )
     return exts, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}

@@ -6,7 +6,7 @@
 or a module that owns its weight: ``marginops.nn.ArcFaceLoss(embedding_size, num_classes)``.
 """
 
-from . import nn, reference
+from . import compat, distributed, nn, reference
 from .pair_losses import batch_hard_triplet_loss, contrastive_loss
 from .functional import MarginStats, margin_cross_entropy
 from .margins import (

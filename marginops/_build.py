@@ -46,10 +46,30 @@ def cache_dir(kind: str) -> Path:
     return path
 
 
+def _openmp_flags() -> list[str]:
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def _max_jobs() -> str:
     jobs = os.environ.get("MAX_JOBS") or str(max(1, min(os.cpu_count() or 1, 8)))
     os.environ["MAX_JOBS"] = jobs
     return jobs
+
+
+def _cuda_home() -> Optional[str]:
+    """torch's CUDA_HOME guess, corrected when it points at a folder without the CUDA headers (an nvcc
+    wrapper in /usr/local/bin makes torch guess /usr/local)."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and Path(home, "include", "cuda_runtime.h").exists():
+        return home
+    for candidate in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and Path(candidate, "bin", "nvcc").exists():
+            cpp_extension.CUDA_HOME = candidate
+            os.environ["CUDA_HOME"] = candidate
+            return candidate
+    return home
 
 
 def _check_toolchain(needs_nvcc: bool) -> None:
@@ -63,11 +83,10 @@ def _check_toolchain(needs_nvcc: bool) -> None:
     if shutil.which(compiler) is None:
         missing.append(f"a C++ compiler ('{compiler}' not on PATH; install g++ or set CXX)")
     if needs_nvcc:
-        from torch.utils.cpp_extension import CUDA_HOME
-
+        cuda_home = _cuda_home()
         if torch.version.cuda is None:
             missing.append("a CUDA build of torch (this torch is CPU-only)")
-        if CUDA_HOME is None or not Path(CUDA_HOME, "bin", "nvcc").exists():
+        if cuda_home is None or not Path(cuda_home, "bin", "nvcc").exists():
             missing.append("nvcc (set CUDA_HOME to a CUDA toolkit)")
     if missing:
         raise BuildError("cannot build the marginops extension, missing: " + "; ".join(missing))
@@ -115,13 +134,15 @@ def _jit(name: str, sources: list[str], cuda: bool, verbose: bool) -> str:
         name=name,
         sources=sources,
         extra_include_paths=[str(src)] + (_cuda_include_paths() if cuda else []),
-        extra_cflags=["-O3", "-std=c++17"],
+        # torch's own headers pick the C++ standard (C++20 for torch 2.14); OpenMP for at::parallel_for
+        extra_cflags=["-O3"] + _openmp_flags(),
+        extra_ldflags=_openmp_flags(),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
     )
     if cuda:
-        kwargs["extra_cuda_cflags"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
+        kwargs["extra_cuda_cflags"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
     try:
@@ -170,10 +191,17 @@ def load_cuda(verbose: bool = False) -> str:
         return _loaded["cuda"]
 
 
+_failures: dict[str, str] = {}
+
+
 def build_failure(kind: str) -> Optional[str]:
-    """Load the "cpu" or "cuda" extension; None on success, else why it failed (for fallbacks)."""
-    try:
-        (load_cuda if kind == "cuda" else load_cpu)()
-    except BuildError as exc:
-        return str(exc)
-    return None
+    """Load the "cpu" or "cuda" extension; None on success, else why it failed (remembered for the
+    process, so that a broken toolchain costs one attempt, not one per call)."""
+    if kind not in _failures:
+        try:
+            (load_cuda if kind == "cuda" else load_cpu)()
+        except BuildError as exc:
+            _failures[kind] = str(exc)
+            return _failures[kind]
+        _failures[kind] = ""
+    return _failures[kind] or None

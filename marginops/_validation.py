@@ -23,7 +23,6 @@ def check_loss_inputs(
     reduction: str,
     ignore_index: int,
     backend: str,
-    subcenters: int = 1,
 ) -> None:
     """Raise ValueError/TypeError for anything the kernels must never see."""
     from .ops import BACKENDS
@@ -65,16 +64,17 @@ def check_loss_inputs(
         raise ValueError(
             f"embeddings ({embeddings.device}), weight ({weight.device}) and labels ({labels.device}) must be on one device"
         )
+    subcenters = margin.subcenters
     if subcenters < 1 or weight.shape[0] % subcenters:
         raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of subcenters={subcenters}")
     if weight.shape[0] == 0:
         raise ValueError("weight has no rows (num_classes = 0)")
-    _check_backend_fits(backend, embeddings)
+    check_backend_fits(backend, embeddings)
     if not torch.compiler.is_compiling():
-        _check_label_values(labels, weight.shape[0] // subcenters, ignore_index)
+        check_label_values(labels, weight.shape[0] // subcenters, ignore_index)
 
 
-def _check_backend_fits(backend: str, embeddings: torch.Tensor) -> None:
+def check_backend_fits(backend: str, embeddings: torch.Tensor) -> None:
     device = embeddings.device
     if backend == "cpu":
         if device.type != "cpu":
@@ -94,7 +94,7 @@ def _check_backend_fits(backend: str, embeddings: torch.Tensor) -> None:
             raise ValueError(f"backend='triton' cannot run here: {reason}")
 
 
-def _check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         where = bad.nonzero().flatten()[:5].tolist()

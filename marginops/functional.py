@@ -44,7 +44,7 @@ def margin_cross_entropy(
     """
     check_loss_inputs(
         embeddings, weight, labels, margin,
-        reduction=reduction, ignore_index=ignore_index, backend=backend, subcenters=margin.subcenters,
+        reduction=reduction, ignore_index=ignore_index, backend=backend,
     )
     backend = ops.resolve_backend(backend, embeddings.device)
     if backend == "reference":

@@ -153,12 +153,15 @@ class ArcFace(Margin):
 
 @dataclass(frozen=True)
 class CombinedMargin(Margin):
-    """insightface's combined margin: z_iy = s·(cos(m1·θ + m2) − m3), no fallback."""
+    """insightface's combined margin: z_iy = s·(cos(m1·θ + m2) − m3), no fallback.
+
+    detach_margin: z_iy = s·(c + stopgrad(ψ(c) − c)), the gradient insightface's own code gives."""
 
     s: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
+    detach_margin: bool = False
 
     def __post_init__(self):
         _check_positive("CombinedMargin.s", self.s)

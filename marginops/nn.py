@@ -67,7 +67,6 @@ class MarginLoss(nn.Module):
         check_loss_inputs(
             embeddings, self.weight, labels, self.margin(),
             reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
-            subcenters=self.rows_per_class,
         )
 
     def extra_repr(self) -> str:

@@ -59,9 +59,13 @@ def _fake_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, th
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(target_logit), torch.empty_like(row_scale)
 
 
-@functools.lru_cache(maxsize=None)
+_registered: set = set()
+
+
 def _register_cpp_op() -> None:
-    """Fake impls and autograd for the C++ op; runs once, after the extension defined the schema."""
+    """Fake impls and autograd for the C++ op; once, after the extension defined the schema."""
+    if "cpp" in _registered:
+        return
     torch.library.register_fake("marginops::fused_lse")(_fake_forward)
     torch.library.register_fake("marginops::fused_lse_backward")(_fake_backward)
     torch.library.register_autograd(
@@ -69,12 +73,21 @@ def _register_cpp_op() -> None:
         _make_backward(torch.ops.marginops.fused_lse_backward),
         setup_context=_setup_context,
     )
+    _registered.add("cpp")
+
+
+# torch.compile runs these at trace time and keeps the result as a constant, so that building,
+# loading and registering never end up inside a graph.
+@torch.compiler.assume_constant_result
+def _ensure_cpp_op(kind: str) -> bool:
+    (_build.load_cuda if kind == "cuda" else _build.load_cpu)()
+    _register_cpp_op()
+    return True
 
 
 def cpp_op(kind: str):
     """torch.ops.marginops.fused_lse with the "cpu" or "cuda" kernels loaded (raises BuildError)."""
-    (_build.load_cuda if kind == "cuda" else _build.load_cpu)()
-    _register_cpp_op()
+    _ensure_cpp_op(kind)
     return torch.ops.marginops.fused_lse
 
 
@@ -99,16 +112,23 @@ def triton_kernels():
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
+def _ensure_triton_op() -> bool:
+    """Register the Triton launchers as torch.library.triton_op (torch.compile traces into them)."""
+    if "triton" not in _registered:
+        kernels = triton_kernels()
+        forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(kernels.fused_lse_forward)
+        backward = torch.library.triton_op("marginops::triton_fused_lse_backward", mutates_args=())(
+            kernels.fused_lse_backward
+        )
+        forward.register_autograd(_make_backward(backward), setup_context=_setup_context)
+        _registered.add("triton")
+    return True
+
+
 def triton_op():
-    """The Triton launchers registered as torch.library.triton_op, so torch.compile traces into them."""
-    kernels = triton_kernels()
-    forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(kernels.fused_lse_forward)
-    backward = torch.library.triton_op("marginops::triton_fused_lse_backward", mutates_args=())(
-        kernels.fused_lse_backward
-    )
-    forward.register_autograd(_make_backward(backward), setup_context=_setup_context)
-    return forward
+    _ensure_triton_op()
+    return torch.ops.marginops.triton_fused_lse
 
 
 def triton_usable(device: torch.device) -> Optional[str]:
@@ -124,6 +144,11 @@ def triton_usable(device: torch.device) -> Optional[str]:
     return None
 
 
+@torch.compiler.assume_constant_result
+def _build_failure(kind: str) -> str:
+    return _build.build_failure(kind) or ""
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -134,8 +159,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        reason = _build.build_failure("cuda")
-        if reason is None:
+        reason = _build_failure("cuda")
+        if not reason:
             return "cuda"
         _warn_once(f"marginops: CUDA kernels unavailable ({reason}); trying the Triton backend")
         reason = triton_usable(device)
@@ -144,8 +169,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         _warn_once(f"marginops: Triton backend unavailable ({reason}); using the reference backend")
         return "reference"
     if device.type == "cpu":
-        reason = _build.build_failure("cpu")
-        if reason is None:
+        reason = _build_failure("cpu")
+        if not reason:
             return "cpu"
         _warn_once(f"marginops: C++ CPU kernels unavailable ({reason}); using the reference backend")
         return "reference"

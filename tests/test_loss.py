@@ -98,6 +98,7 @@ def test_finite_gradients_at_cosine_plus_minus_one(backend, margin):
     weight = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)
     emb = torch.tensor([[3.0, 0.0, 0.0], [0.0, -2.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3])
+    weight = weight.repeat_interleave(margin.subcenters, dim=0)  # k identical sub-centers: ties at c = ±1 too
     for dtype in (torch.float64, torch.float32):
         loss, g_emb, g_w = loss_and_grads(
             emb.to(device, dtype), weight.to(device, dtype), labels.to(device), margin, backend=backend
@@ -136,7 +137,7 @@ def test_nan_embeddings_propagate_without_hanging():
 def test_non_contiguous_inputs_and_int32_labels():
     emb, weight, labels = make_problem(10, 12, 300)
     truth = marginops.margin_cross_entropy(emb, weight, labels, marginops.ArcFace(), backend="reference")
-    emb_strided = torch.cat([emb, emb], dim=1)[:, ::2]  # same values, stride 2
+    emb_strided = torch.stack([emb, emb], dim=2).reshape(10, 24)[:, ::2]  # same values, stride 2
     weight_t = weight.t().contiguous().t()  # column-major view
     assert not emb_strided.is_contiguous() and not weight_t.is_contiguous()
     got = marginops.margin_cross_entropy(emb_strided, weight_t, labels.int(), marginops.ArcFace(), backend="cpu")

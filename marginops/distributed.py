@@ -1,0 +1,457 @@
+"""Class-parallel margin softmax over torch.distributed, with Partial FC class sampling.
+
+Each rank owns a contiguous shard of the classes (rank r: ``num_classes // world + (r < num_classes % world)``
+classes, starting where rank r − 1's end) and keeps only those rows of W.  One step, for the global batch
+(all ranks' embeddings and labels gathered, N rows):
+
+1. every rank normalizes the gathered embeddings X and computes the target cosine c_iy of the rows whose
+   label it owns; one all-reduce (sum, no gradient) gives every rank all of them, so CurricularFace's
+   threshold cos(θ_iy + m) and EMA ``t``, and margins that look across rows (ElasticFace+), see the
+   whole batch, identically everywhere;
+2. the owner computes the row's target logit z_iy (the margin, DESIGN.md §2 pre-pass, from its own cosine
+   with gradient) and any per-row extra loss term (MagFace); a second all-reduce shares them;
+3. the fused op runs on the local shard (the target column only on the owner, ``labels = -1`` elsewhere)
+   and returns the shard's log-sum-exp per row; one all-gather of those gives the global log-sum-exp;
+4. loss_i = LSE_i − z_iy (+ the extra term), averaged over the global batch: the same value on every rank.
+
+Margins that draw random numbers (ElasticFace) equal single-process training when their generator is in
+the same state on every rank (seed it identically); otherwise each row simply uses its owner's draw.
+
+Autograd.  The loss is *replicated*: every rank computes the same function of the collectives' outputs and
+calls ``backward`` with the same upstream gradient.  So the backward of the all-reduce / all-gather above
+needs no communication (each rank's contribution gets its own copy of the gradient, or its slice of it),
+and all rank-local work (the op, the owner's target logit) sees exactly its share of dL.  The only
+backward collective is the embedding all-gather's: the gradient of X is the sum over ranks of their
+shares, and each rank keeps its own rows.  That gradient is multiplied by ``world`` (``embedding_grad_scale``)
+because DistributedDataParallel *averages* the backbone's gradients over ranks: world × ∂L/∂x_local,
+averaged, is exactly single-process training on the global batch.  The shard's weight gradient is
+∂L/∂W_shard unscaled — keep the head out of DDP (each rank's shard is a different tensor).
+
+Partial FC (``sample_rate < 1``, training mode): every rank keeps the classes of its shard that are positive
+in the global batch plus a uniformly random subset of the others, ``max(int(sample_rate·num_local),
+#positives)`` classes in all, drawn from a generator seeded by (seed, rank, step) — reproducible and
+resumable (the step is in ``state_dict``).  The index list goes to the kernels, which gather the rows
+themselves (no copy of W[index]); unsampled rows get exactly zero gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops, reference
+from ._validation import REDUCTIONS, check_backend_fits, check_label_values
+from .margins import FILTER_OFF, NON_TARGET_PLAIN, NORM_EPS, CurricularFace, Margin, accumulation_dtype
+
+__all__ = ["DistributedMarginLoss", "fused_lse", "shard_range"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fused op, with "reference" as one more backend
+
+
+def fused_lse(
+    backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit: torch.Tensor,
+    row_scale: torch.Tensor,
+    threshold: torch.Tensor,
+    class_index: Optional[torch.Tensor] = None,
+    curricular_t: float = 0.0,
+    non_target: int = NON_TARGET_PLAIN,
+    filter_threshold: float = FILTER_OFF,
+    subcenters: int = 1,
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``marginops.ops.fused_lse`` for a resolved backend, plus "reference" (the materialized oracle)."""
+    if backend == "reference":
+        return reference.fused_lse(
+            x, weight, labels, target_logit, row_scale, threshold, class_index,
+            curricular_t, non_target, filter_threshold, subcenters,
+        )
+    return ops.fused_lse(
+        backend, x, weight, labels, target_logit, row_scale, threshold, class_index,
+        curricular_t, non_target, filter_threshold, subcenters, deterministic,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sharding and collectives
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(class_start, num_local) of ``rank``: the first ``num_classes % world`` ranks own one class more."""
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + int(rank < extra)
+
+
+def _world(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp.contiguous(), group=group)
+
+
+def _gather_rows(local: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenation over ranks of tensors whose first dimension may differ (``sizes``), no autograd."""
+    world = len(sizes)
+    if world == 1:
+        return local
+    rows = max(sizes)
+    padded = local
+    if local.shape[0] < rows:
+        padded = torch.cat([local, local.new_zeros((rows - local.shape[0],) + tuple(local.shape[1:]))])
+    out = local.new_empty((world * rows,) + tuple(local.shape[1:]))
+    _all_gather_flat(out, padded, group)
+    if all(s == rows for s in sizes):
+        return out
+    return torch.cat([out[r * rows: r * rows + sizes[r]] for r in range(world)])
+
+
+class _GatherEmbeddings(torch.autograd.Function):
+    """All-gather of the local embeddings; backward: sum of every rank's gradient, own rows, × grad_scale."""
+
+    @staticmethod
+    def forward(ctx, local, sizes, rank, group, grad_scale):
+        ctx.sizes, ctx.rank, ctx.group, ctx.grad_scale = sizes, rank, group, grad_scale
+        return _gather_rows(local, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, rank, group = ctx.sizes, ctx.rank, ctx.group
+        world, rows = len(sizes), max(sizes)
+        grad = grad.contiguous()
+        if world > 1:
+            if any(s != rows for s in sizes):
+                chunks = torch.split(grad, sizes)
+                grad = torch.cat([
+                    torch.cat([c, c.new_zeros((rows - c.shape[0],) + tuple(c.shape[1:]))]) if c.shape[0] < rows else c
+                    for c in chunks
+                ])
+            if dist.get_backend(group) == "nccl":
+                mine = grad.new_empty((rows,) + tuple(grad.shape[1:]))
+                fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+                fn(mine, grad, group=group)
+            else:  # gloo: an all-reduce is supported everywhere; keep our rows
+                dist.all_reduce(grad, group=group)
+                mine = grad[rank * rows: (rank + 1) * rows]
+            grad = mine[: sizes[rank]]
+        if ctx.grad_scale != 1.0:
+            grad = grad * ctx.grad_scale
+        return grad, None, None, None, None
+
+
+class _ReplicatedSum(torch.autograd.Function):
+    """All-reduce (sum) whose result feeds a loss replicated on every rank: the backward is the identity."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        out = local.clone()
+        if _world(group)[0] > 1:
+            dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ReplicatedStack(torch.autograd.Function):
+    """All-gather into (world, ...) feeding a replicated loss: the backward keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, local, rank, world, group):
+        ctx.rank = rank
+        if world == 1:
+            return local.unsqueeze(0).clone()
+        out = local.new_empty((world,) + tuple(local.shape))
+        _all_gather_flat(out.view(-1), local.contiguous().view(-1), group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank], None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the module
+
+
+class DistributedMarginLoss(nn.Module):
+    """Margin softmax loss with the class weights sharded over the ranks of ``process_group``.
+
+    ``margin``: a marginops margin spec (ArcFace(), CosFace(), CurricularFace(), ...).  ``forward(
+    local_embeddings, local_labels)`` takes this rank's batch (batch sizes may differ between ranks) and
+    returns the loss over the *global* batch — the same scalar on every rank; call ``backward`` on it on
+    every rank.  Embeddings are cast to the weight's dtype, and so is the loss.  Without an initialized
+    process group it runs as a single rank (a plain head, with Partial FC if asked).
+
+    Attributes: ``weight`` (num_local·k, embedding_size) this rank's rows (k = margin.subcenters),
+    ``class_start``, ``num_local``, ``weight_index`` (the local class ids sampled in the last training
+    step, None without sampling), ``t`` (with CurricularFace only: its EMA, a float64 buffer identical on
+    every rank), ``sample_step`` (training steps sampled so far; saved in ``state_dict``).
+
+    sample_rate: Partial FC, see the module docstring.  embedding_grad_scale: factor on the embeddings'
+    gradient, default the world size (right under DistributedDataParallel, which averages gradients);
+    pass 1.0 if your backbone gradients are summed instead.  interclass_filtering_threshold,
+    ignore_index, reduction: as in ``marginops.margin_cross_entropy`` ("mean" is over the global batch).
+    SphereFace's λ and CurricularFace's s, m come from ``margin``; assign ``module.margin`` to change them
+    (e.g. to anneal SphereFace's λ).  Keep this module out of DistributedDataParallel: its weight differs
+    between ranks and must not be averaged.
+    """
+
+    def __init__(
+        self,
+        margin: Margin,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        process_group=None,
+        backend: str = "auto",
+        *,
+        seed: int = 0,
+        embedding_grad_scale: Optional[float] = None,
+        interclass_filtering_threshold: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        curricular_alpha: float = 0.01,
+        deterministic: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(margin, Margin):
+            raise TypeError(
+                f"margin must be a marginops margin spec (e.g. marginops.ArcFace()), got {type(margin).__name__}"
+            )
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size}, {num_classes}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.margin = margin
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.sample_rate = float(sample_rate)
+        self.process_group = process_group
+        self.backend = backend
+        self.seed = int(seed)
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.curricular_alpha = curricular_alpha
+        self.deterministic = deterministic
+        self.world_size, self.rank = _world(process_group)
+        self.embedding_grad_scale = float(self.world_size if embedding_grad_scale is None else embedding_grad_scale)
+        self.class_start, self.num_local = shard_range(num_classes, self.world_size, self.rank)
+        # insightface's initialization; the scale is irrelevant after normalization
+        self.weight = nn.Parameter(torch.empty(self.num_local * margin.subcenters, embedding_size).normal_(0.0, 0.01))
+        if isinstance(margin, CurricularFace):  # only then: other heads keep insightface's state_dict ({"weight"})
+            self._add_t(margin)
+        self.sample_step = 0
+        self.weight_index: Optional[torch.Tensor] = None
+        self._generators: dict = {}
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def get_extra_state(self):
+        return {"sample_step": self.sample_step}
+
+    def set_extra_state(self, state):
+        self.sample_step = int(state.get("sample_step", 0))
+
+    def _add_t(self, margin: CurricularFace) -> None:
+        # float64 so that the spec's t round-trips exactly; identical on every rank by construction
+        self.register_buffer("t", torch.tensor(float(margin.t), dtype=torch.float64, device=self.weight.device))
+
+    def current_margin(self) -> Margin:
+        """The margin spec this step uses (CurricularFace with the module's t)."""
+        if isinstance(self.margin, CurricularFace):
+            if not hasattr(self, "t"):  # margin switched to CurricularFace after construction
+                self._add_t(self.margin)
+            return dataclasses.replace(self.margin, t=float(self.t))
+        return self.margin
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin={self.margin}, embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"rank={self.rank}/{self.world_size}, class_start={self.class_start}, num_local={self.num_local}, "
+            f"sample_rate={self.sample_rate}, backend={self.backend!r}"
+        )
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _local_problem(self, embeddings, labels) -> Optional[str]:
+        if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            return "local_embeddings and local_labels must be torch.Tensors"
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            return (f"local_embeddings must be (batch, {self.embedding_size}), got shape {tuple(embeddings.shape)} "
+                    f"on rank {self.rank}")
+        if not embeddings.is_floating_point():
+            return f"local_embeddings must be floating point, got {embeddings.dtype}"
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            return (f"local_labels must be 1-D with one entry per embedding row, got shape {tuple(labels.shape)} for "
+                    f"{embeddings.shape[0]} rows on rank {self.rank}")
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            return f"local_labels must be an integer tensor, got {labels.dtype}"
+        if embeddings.device != self.weight.device or labels.device != self.weight.device:
+            return (f"local_embeddings ({embeddings.device}), local_labels ({labels.device}) and the weight "
+                    f"({self.weight.device}) must be on one device")
+        return None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device)
+        return self._generators[key]
+
+    def _sample(self, local_labels: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+        """Sorted local class ids: every positive of the shard plus random others (Partial FC)."""
+        device = self.weight.device
+        positive = torch.unique(local_labels[owned])
+        num_sample = max(int(self.sample_rate * self.num_local), positive.numel())
+        if num_sample >= self.num_local:
+            return torch.arange(self.num_local, device=device)
+        gen = self._generator(device)
+        # one stream per (seed, rank, step): reproducible, and resumable from the saved step
+        gen.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_000_007 + self.sample_step) % (1 << 63))
+        score = torch.rand(self.num_local, generator=gen, device=device)
+        score[positive] = 2.0
+        return torch.topk(score, num_sample, sorted=False).indices.sort().values
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        group, world, rank = self.process_group, self.world_size, self.rank
+        weight = self.weight
+        device = weight.device
+        if isinstance(local_labels, torch.Tensor) and local_labels.dim() == 2 and local_labels.shape[1] == 1:
+            local_labels = local_labels.reshape(-1)
+
+        # 1. sizes, with a validity flag, so that one rank's bad input raises on every rank (no hang)
+        problem = self._local_problem(local_embeddings, local_labels)
+        rows = local_embeddings.shape[0] if problem is None else 0
+        info = torch.tensor([[rows, int(problem is None)]], dtype=torch.int64, device=device)
+        infos = _gather_rows(info, [1] * world, group).tolist()
+        if problem is not None:
+            raise ValueError(problem)
+        if not all(ok for _, ok in infos):
+            bad = [r for r, (_, ok) in enumerate(infos) if not ok]
+            raise ValueError(f"DistributedMarginLoss: rank(s) {bad} passed invalid inputs (see the error there)")
+        sizes = [n for n, _ in infos]
+        if sum(sizes) == 0:
+            raise ValueError("DistributedMarginLoss: the global batch is empty (0 rows on every rank)")
+        check_backend_fits(self.backend, local_embeddings.to(weight.dtype))
+        backend = ops.resolve_backend(self.backend, device)
+
+        # 2. the global batch
+        x_all = _GatherEmbeddings.apply(
+            local_embeddings.to(weight.dtype), sizes, rank, group, self.embedding_grad_scale
+        )
+        labels = _gather_rows(local_labels.long(), sizes, group)
+        if not torch.compiler.is_compiling():
+            check_label_values(labels, self.num_classes, self.ignore_index)  # same labels, same error everywhere
+        valid = labels != self.ignore_index
+        owned = valid & (labels >= self.class_start) & (labels < self.class_start + self.num_local)
+        local_labels_all = torch.where(owned, labels - self.class_start, torch.zeros_like(labels))
+
+        # 3. pre-pass.  The owner of a row's label computes its target cosine; one all-reduce gives every
+        # rank all of them (no gradient: threshold, t and cross-row margins such as ElasticFace+ read them).
+        # Ignored rows take class 0's cosine, as the single-process pre-pass does, so that margins that rank
+        # rows see the same values.
+        margin = self.margin
+        acc = accumulation_dtype(weight.dtype)
+        x = x_all.to(acc)
+        x_norm = torch.linalg.vector_norm(x, dim=1)
+        x_hat = x / x_norm.clamp_min(NORM_EPS)[:, None]
+        cos_rows = owned | (~valid & (self.class_start == 0) & (self.num_local > 0))
+        cos_local = self._target_cosines(x_hat, local_labels_all, cos_rows, margin.subcenters)
+        cos_target = _ReplicatedSum.apply(cos_local.detach(), group)
+
+        # CurricularFace: t ← α·mean(c_iy) + (1 − α)·t from the all-reduced cosines, identical on every rank
+        if isinstance(margin, CurricularFace) and self.training and bool(valid.any()):
+            self.current_margin()  # creates t if the margin was switched after construction
+            with torch.no_grad():
+                mean_cos = cos_target[valid].mean()
+                self.t.mul_(1.0 - self.curricular_alpha).add_(self.curricular_alpha * mean_cos.to(self.t.dtype))
+        margin = self.current_margin()
+
+        # The owner's target logit (and per-row extra loss term), from its own cosines (with gradient) and
+        # everyone else's (detached); a second all-reduce shares them.  The loss is then replicated, and
+        # each rank-local quantity (cosine, norm, op) gets exactly its own share of the gradient.
+        row_scale = margin.row_scale(x_norm)
+        cos_mixed = torch.where(cos_rows, cos_local, cos_target)
+        zero = torch.zeros((), dtype=acc, device=device)
+        z_local = torch.where(owned, margin.target_logit(cos_mixed, row_scale, x_norm), zero)
+        extra = margin.extra_loss(x_norm)
+        shared = [z_local] if extra is None else [z_local, torch.where(owned, extra, zero)]
+        shared = _ReplicatedSum.apply(torch.stack(shared), group)
+        target_logit = shared[0]
+        threshold = margin.threshold(cos_target).detach()
+
+        # 4. Partial FC sampling and the local fused op
+        class_index = None
+        op_labels = torch.where(owned, local_labels_all, torch.full_like(labels, -1))
+        have_rows = self.num_local > 0
+        if self.training and self.sample_rate < 1.0 and have_rows:
+            with torch.no_grad():
+                class_index = self._sample(local_labels_all, owned)
+                op_labels = torch.where(
+                    owned, torch.searchsorted(class_index, local_labels_all), torch.full_like(labels, -1)
+                )
+            self.sample_step += 1
+        self.weight_index = class_index
+        filtering = self.interclass_filtering_threshold
+        filter_threshold = filtering if filtering > 0 else FILTER_OFF
+        if have_rows and (class_index is None or class_index.numel() > 0):
+            lse_local, _ = fused_lse(
+                backend,
+                x_hat.to(weight.dtype),
+                weight,
+                op_labels,
+                z_local,
+                row_scale,
+                threshold,
+                class_index,
+                margin.curricular_t,
+                margin.non_target_mode,
+                filter_threshold,
+                margin.subcenters,
+                self.deterministic,
+            )
+        else:  # no column on this rank: log 0.  The zero-weighted sums keep X and the weight in the graph:
+            # every rank must run the embedding gather's backward (a collective), and the weight gets a zero
+            # gradient rather than None
+            lse_local = torch.full_like(z_local, float("-inf")) + 0.0 * (x_hat.sum(1) + weight.sum().to(acc))
+
+        # 5. global log-sum-exp and the loss
+        lse = torch.logsumexp(_ReplicatedStack.apply(lse_local, rank, world, group), dim=0)
+        loss = lse - target_logit
+        if extra is not None:
+            loss = loss + shared[1]
+        loss = torch.where(valid, loss, zero)
+        return reference.reduce_loss(loss, valid, self.reduction).to(weight.dtype)
+
+    def _target_cosines(self, x_hat, local_labels, rows_mask, subcenters):
+        """c_iy for the rows in rows_mask (labels local to the shard, max over sub-centers), 0 elsewhere."""
+        out = torch.zeros(x_hat.shape[0], dtype=x_hat.dtype, device=x_hat.device)
+        rows = torch.nonzero(rows_mask).flatten()
+        if rows.numel() == 0:
+            return out
+        xs, cls = x_hat.index_select(0, rows), local_labels.index_select(0, rows)
+        k = subcenters
+        w_rows = (cls[:, None] * k + torch.arange(k, device=cls.device)).reshape(-1)
+        w = self.weight.index_select(0, w_rows).to(x_hat.dtype).reshape(rows.numel(), k, -1)
+        cos = (xs[:, None, :] * w).sum(2) / torch.linalg.vector_norm(w, dim=2).clamp_min(NORM_EPS)
+        return out.index_put((rows,), cos.max(dim=1).values.clamp(-1.0, 1.0))
