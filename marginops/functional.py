@@ -54,11 +54,12 @@ def margin_cross_entropy(
         )
     labels = labels.long()
     valid = labels != ignore_index
+    weight_for_op = _DenseGradLast.apply(weight)
     pre = pre_pass(margin, embeddings, weight, torch.where(valid, labels, torch.zeros_like(labels)))
     lse, predicted = ops.fused_lse(
         backend,
         pre.x_hat.to(embeddings.dtype),
-        weight,
+        weight_for_op,
         torch.where(valid, labels, torch.full_like(labels, -1)),
         pre.target_logit,
         pre.row_scale,
@@ -75,6 +76,21 @@ def margin_cross_entropy(
     if not return_stats:
         return reduced
     return reduced, make_stats(lse, pre.cos_target, predicted, labels, valid)
+
+
+class _DenseGradLast(torch.autograd.Function):
+    """Identity whose backward node is created before the pre-pass, so autograd runs it after the
+    pre-pass's sparse target-row gradient has reached W.  Autograd adds a dense gradient to an earlier
+    sparse one in place, but the reverse order allocates a second (C, D) tensor: this keeps the head's
+    memory at W + dW (+ O(B·D)) instead of W + 2·dW."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def make_stats(lse, cos_target, predicted, labels, valid) -> MarginStats:

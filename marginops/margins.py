@@ -379,6 +379,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """weight[rows] with a sparse gradient.  The fused op already returns a dense (C, D) weight
+    gradient; index_select's backward would allocate a second, zero-filled (C, D) tensor for these
+    few rows, doubling the memory the head needs beyond W and dW.  (torch.compile's AOT autograd
+    cannot add sparse to dense gradients, so compiled graphs take the dense gather.)"""
+    sparse = weight.requires_grad and not torch.compiler.is_compiling()
+    return torch.nn.functional.embedding(rows, weight, sparse=sparse)
+
+
 def pre_pass(margin: Margin, embeddings: torch.Tensor, weight: torch.Tensor, safe_labels: torch.Tensor) -> PrePass:
     """Target cosines, target logits and per-row factors, in O(B·D), differentiable.
 
@@ -392,11 +401,11 @@ def pre_pass(margin: Margin, embeddings: torch.Tensor, weight: torch.Tensor, saf
     x_norm = torch.linalg.vector_norm(x, dim=1)
     x_hat = x / x_norm.clamp_min(NORM_EPS)[:, None]
     if subcenters == 1:
-        w_y = weight.index_select(0, safe_labels).to(acc)
+        w_y = gather_rows(weight, safe_labels).to(acc)
         cos_y = (x_hat * w_y).sum(1) / torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS)
     else:
         rows = safe_labels[:, None] * subcenters + torch.arange(subcenters, device=safe_labels.device)
-        w_y = weight.index_select(0, rows.reshape(-1)).to(acc).reshape(rows.shape[0], subcenters, -1)
+        w_y = gather_rows(weight, rows.reshape(-1)).to(acc).reshape(rows.shape[0], subcenters, -1)
         cos_all = (x_hat[:, None, :] * w_y).sum(2) / torch.linalg.vector_norm(w_y, dim=2).clamp_min(NORM_EPS)
         cos_y = cos_all.max(dim=1).values
     cos_y = cos_y.clamp(-1.0, 1.0)

@@ -1,0 +1,18 @@
+// Schemas of the fused op (DESIGN.md section 2; contract in marginops/ops.py).
+// Only the schemas live here: the CPU kernels (csrc/cpu, same extension) and the CUDA kernels
+// (csrc/cuda, a second extension loaded after this one) register with TORCH_LIBRARY_IMPL, and
+// marginops/ops.py registers the fake impls and autograd from Python.
+#include <torch/library.h>
+
+TORCH_LIBRARY(marginops, m) {
+  m.def(
+      "fused_lse(Tensor x, Tensor weight, Tensor labels, Tensor target_logit, Tensor row_scale, "
+      "Tensor threshold, Tensor? class_index, float curricular_t, int non_target, "
+      "float filter_threshold, int subcenters, bool deterministic) -> (Tensor lse, Tensor argmax)");
+  m.def(
+      "fused_lse_backward(Tensor grad_lse, Tensor lse, Tensor x, Tensor weight, Tensor labels, "
+      "Tensor target_logit, Tensor row_scale, Tensor threshold, Tensor? class_index, "
+      "float curricular_t, int non_target, float filter_threshold, int subcenters, "
+      "bool deterministic) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_target_logit, "
+      "Tensor grad_row_scale)");
+}

@@ -1,0 +1,34 @@
+"""Triton backend of marginops' fused op (installed as ``marginops.triton_kernels``).
+
+Exports the two launchers, one per op schema (csrc/marginops.cpp):
+
+* ``fused_lse_forward(x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t,
+  non_target, filter_threshold, subcenters, deterministic) -> (lse, argmax)``
+* ``fused_lse_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
+  curricular_t, non_target, filter_threshold, subcenters, deterministic)
+  -> (grad_x, grad_weight, grad_target_logit, grad_row_scale)``
+
+Both are meant for ``torch.library.triton_op`` (they launch through ``torch.library.wrap_triton``).  On CPU
+tensors they run under Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before Triton is
+first imported.
+
+``ALLOW_TF32`` (default False, or ``MARGINOPS_TF32=1`` in the environment): let float32 inputs use TF32
+tensor-core dot products.  Off by default so that float32 results match the float32 reference to fp32
+rounding; read at each call (so it is baked in when a graph is compiled).
+
+``FAST_GRAD_DOTS`` (default False, or ``MARGINOPS_TRITON_FAST_GRAD=1``): for bf16/fp16 inputs, form the
+backward's dX and dW products from one low-precision copy of the gradient operand instead of a hi + lo pair.
+That removes one of the backward's GEMMs per kernel, at the price of ~0.3% errors in grad_x / grad_weight
+(beyond the DESIGN.md §4 tolerance, which is why it is off by default).
+
+Only relative imports inside this package: ``triton_kernels`` on PyPI is a different project.
+"""
+
+import os
+
+from .launch import fused_lse_backward, fused_lse_forward
+
+ALLOW_TF32: bool = os.environ.get("MARGINOPS_TF32", "0") == "1"
+FAST_GRAD_DOTS: bool = os.environ.get("MARGINOPS_TRITON_FAST_GRAD", "0") == "1"
+
+__all__ = ["ALLOW_TF32", "FAST_GRAD_DOTS", "fused_lse_backward", "fused_lse_forward"]

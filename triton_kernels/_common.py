@@ -1,0 +1,158 @@
+"""Device helpers shared by the forward and backward kernels (one place for the epilogue math).
+
+Everything here is a small ``@triton.jit`` function inlined into the kernels:
+
+* ``_mma``            — ``tl.dot`` with the accumulator in fp32 (fp64 for fp64 inputs); works around the
+                        interpreter's broken bf16 dot by upcasting there (``UPCAST``, a constexpr).
+* ``_cast``          — downcast with round-to-nearest-even also under the interpreter.
+* ``_load_k``        — tile load masked only along D (row indices are clamped into range instead).
+* ``_cos_tile``       — the recomputed (BLOCK_M x BLOCK_N) cosine tile: for every subcenter s of the
+                        column's class, one K-loop over D that both accumulates x . w_r (``tl.dot``) and the
+                        row sums of squares of W (gathered while the W tile is loaded, never a normalized copy
+                        of W); then c = max_s cos_s (first s on ties, NaN wins so that it propagates).
+* ``_nontarget_phi``  — phi(c) and dphi/dc for non-target columns, mirroring ``nontarget_phi`` of
+                        csrc/margin_math.h exactly (filter first, then CurricularFace, else identity).
+* ``_logits``         — z_ij: target column -> target_logit[i], other columns -> row_scale[i] * phi,
+                        padding columns -> -inf.
+
+Index arithmetic: row indices (of x and of W) are cast to int64 before being multiplied by D, so that
+R * D >= 2^31 is safe.  Labels are only compared to column indices, never used as addresses.
+"""
+
+import triton
+import triton.language as tl
+
+# Same eps as F.normalize and csrc/margin_math.h (kNormEps).
+NORM_EPS = tl.constexpr(1e-12)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b with acc's dtype (fp32, or fp64 for fp64 operands)."""
+    if UPCAST:
+        # The CPU interpreter's bf16 tl.dot returns garbage (triton 3.8); fp32 is exact for bf16 products.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _cast(v, ty: tl.constexpr, FIX: tl.constexpr):
+    """v.to(ty), rounding to nearest even.  FIX (bf16 under the interpreter, = UPCAST): the interpreter's
+    fp32 -> bf16 conversion truncates (triton 3.8) while the GPU rounds; round the fp32 bits by hand first so
+    that CPU tests see GPU numerics."""
+    if FIX:
+        if ty == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(ty)
+
+
+@triton.jit
+def _load_k(ptrs, kk, D, EVEN: tl.constexpr):
+    """Load a tile whose rows are always in range (clamped indices); mask only the feature axis, and only
+    when D is not a multiple of the tile width (EVEN, decided by the launcher)."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=(kk < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _class_rows(ci_ptr, cols_ld, SUBC: tl.constexpr, HAS_CI: tl.constexpr):
+    """First W row (subcenter 0) of the class of each (clamped, in-range) column, as int64: cls(j) * SUBC."""
+    if HAS_CI:
+        cls = tl.load(ci_ptr + cols_ld).to(tl.int64)
+    else:
+        cls = cols_ld.to(tl.int64)
+    return cls * SUBC
+
+
+@triton.jit
+def _cos_tile(x_ptr, w_ptr, rows_ld, base_r, D,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              SUBC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Cosine tile c (BLOCK_M, BLOCK_N), the subcenter achieving it and that subcenter row's 1/n_r.
+
+    c_ij = max_s (x_i . w_{r_s(j)}) / max(||w_{r_s(j)}||, eps) with r_s(j) = base_r[j] + s.
+    rows_ld (int64) and base_r are clamped into range by the caller (padding rows/columns repeat the last
+    real one), so the only load mask is on D; the caller masks padding in the epilogue and at the stores.
+    Keeping masks off the row/column axes saves ~60 registers per thread on sm_90.
+    """
+    acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    cmax = tl.full((BLOCK_M, BLOCK_N), float("-inf"), acc_ty)
+    sub = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    inv_sel = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
+    x_row = x_ptr + rows_ld[:, None] * D
+    for s in tl.static_range(SUBC):
+        w_row = w_ptr + (base_r + s)[:, None] * D
+        acc = tl.zeros((BLOCK_M, BLOCK_N), acc_ty)
+        sumsq = tl.zeros((BLOCK_N,), acc_ty)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xt = _load_k(x_row + kk[None, :], kk, D, EVEN_K)
+            wt = _load_k(w_row + kk[None, :], kk, D, EVEN_K)
+            wf = wt.to(acc_ty)
+            sumsq += tl.sum(wf * wf, axis=1)
+            acc = _mma(xt, tl.trans(wt), acc, DOT_PREC, UPCAST)
+        # eps as an acc-dtype constant: a bare 1e-12 literal would be rounded to fp32 in fp64 kernels
+        inv = 1.0 / tl.maximum(tl.sqrt(sumsq), tl.full((BLOCK_N,), NORM_EPS, acc_ty))
+        cos = acc * inv[None, :]
+        if SUBC == 1:
+            cmax = cos
+            inv_sel = tl.broadcast_to(inv[None, :], (BLOCK_M, BLOCK_N))
+        else:
+            # strict '>' keeps the first subcenter on ties; a NaN cosine is taken so that it propagates
+            take = (cos > cmax) | (cos != cos)
+            cmax = tl.where(take, cos, cmax)
+            sub = tl.where(take, s, sub)
+            inv_sel = tl.where(take, inv[None, :], inv_sel)
+    return cmax, sub, inv_sel
+
+
+@triton.jit
+def _row_inv_norm(w_ptr, r, D, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """(1 / max(||w_r||, eps), ||w_r|| > eps) for a vector of (in-range) W rows r (int64)."""
+    acc_ty: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    sumsq = tl.zeros((BLOCK_N,), acc_ty)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        wf = _load_k(w_ptr + r[:, None] * D + kk[None, :], kk, D, EVEN_K).to(acc_ty)
+        sumsq += tl.sum(wf * wf, axis=1)
+    norm = tl.sqrt(sumsq)
+    eps = tl.full((BLOCK_N,), NORM_EPS, acc_ty)
+    return 1.0 / tl.maximum(norm, eps), norm > eps
+
+
+@triton.jit
+def _nontarget_phi(c, thr, curricular_t, filter_threshold, NON_TARGET: tl.constexpr):
+    """phi(c), dphi/dc for non-target columns (csrc/margin_math.h nontarget_phi).
+
+    c: (BLOCK_M, BLOCK_N); thr: (BLOCK_M,) CurricularFace thresholds.  Filtered (c > filter_threshold)
+    -> (0, 0); CurricularFace (NON_TARGET == 1) and c > thr -> (c (t + c), t + 2c); else (c, 1).
+    NaN cosines fall through to the plain branch, so NaN propagates.
+    """
+    phi = c
+    dphi = tl.full(c.shape, 1.0, c.dtype)
+    if NON_TARGET == 1:
+        curr = c > thr[:, None]
+        phi = tl.where(curr, c * (curricular_t + c), phi)
+        dphi = tl.where(curr, curricular_t + 2.0 * c, dphi)
+    filt = c > filter_threshold
+    phi = tl.where(filt, 0.0, phi)
+    dphi = tl.where(filt, 0.0, dphi)
+    return phi, dphi
+
+
+@triton.jit
+def _logits(c, phi, col0, col_mask, lab, tgt, rscale, BLOCK_N: tl.constexpr):
+    """z_ij: target_logit on the label column, row_scale * phi elsewhere, -inf on padding columns.
+
+    The label test is done tile-relative in int32 (lab - col0 against the constant arange), which keeps
+    no per-column int64 index tensor alive in registers.
+    """
+    is_t = tl.arange(0, BLOCK_N)[None, :] == (lab - col0).to(tl.int32)[:, None]
+    z = tl.where(is_t, tgt[:, None], rscale[:, None] * phi)
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    return z, is_t

@@ -1,0 +1,270 @@
+"""Backward kernels of the fused op.
+
+Per (row i, column j) the tile is recomputed exactly as in the forward (same helpers, same K-loop), then
+    p = exp(z - lse_i),  dz = g_i p (0 on the target column and on padding),
+    grad_target_logit_i = g_i sum_j [j == label_i] p,   grad_row_scale_i = sum_j dz phi,
+    dc = dz * row_scale_i * dphi   (assigned to the subcenter row r = sub_ij that achieved the max)
+    grad_x_i  = sum_j dc_ij w_r / n_r
+    grad_w_r  = (sum_i dc_ir x_i) / n_r - (sum_i dc_ir cos_r(i)) w_r / n_r^2   (2nd term only if ||w_r|| > eps)
+All sums accumulate in fp32 (fp64 for fp64 inputs).  The dX product takes dc / n_r (1/n_r folded in before
+any cast) against the raw W tile, the dW product dc against x (scaled by 1/n_r afterwards, in fp32), so both
+GEMM operands other than dc come straight from memory.  For bf16/fp16 inputs dc is split into hi + lo halves
+of the input dtype and both are multiplied (``_split``, SPLIT): one rounding of dc to bf16 gave errors of
+~0.3% in grad_x / grad_weight, above the DESIGN.md §4 bound; the split keeps ~16 bits for 2x the (cheap
+half of the) update GEMM.  ``FAST_GRAD_DOTS`` turns it off.
+
+Two modes (the op's ``deterministic`` flag):
+
+* deterministic=True (the default we recommend to the Python layer): no float atomics, bitwise identical
+  results run to run for a fixed kernel configuration.
+    - ``_bwd_dw_kernel``: grid (class tiles x d-chunks, SUBC); each program owns BLOCK_N class columns, one
+      subcenter and one d-chunk, loops over *all* row tiles in a fixed order keeping its dW tile
+      (BLOCK_N x BLOCK_DV, fp32) in registers, and writes it once.
+    - ``_bwd_dx_kernel``: grid (row tiles x d-chunks, SPLITS); each program loops over the class tiles of
+      its split keeping a dX tile (BLOCK_M x BLOCK_DV) in registers and writes an fp32 partial
+      (SPLITS x B x D) plus per-row partials of grad_row_scale / grad_target_logit (SPLITS x B).
+    - ``_bwd_reduce_kernel`` sums the partials over splits in split order and casts to the output dtype.
+  Cost: each kernel recomputes the cosine GEMM once per d-chunk, plus its own update GEMM.
+* deterministic=False ("atomic"): ``_bwd_dw_kernel`` with FUSE_DX=True also forms the dX contribution of its
+  tile and ``tl.atomic_add``s it into an fp32 (B x D) buffer (and the per-row grads into (B,) buffers), so
+  the cosine GEMM is recomputed in one kernel only.  The price is (N / BLOCK_N) x SUBC x B x D fp32 atomics
+  (~4e9 red.add for B=1024, C=1M, D=512, growing with C), a second accumulator tile in registers (it spills
+  at BLOCK_DV=256-512) and run-to-run non-determinism: it is not the default, and not yet measured
+  against the deterministic pair; it can only win at small C.
+
+Why dW programs loop over all rows and dX programs over (a split of) the classes: each keeps its
+accumulator in registers across the whole reduction, so no B x C or C x D x (anything) intermediate exists.
+With subcenters k > 1, a dW program owns one subcenter s but must recompute all k cosines to know which
+subcenter each (i, j) selected (k^2 + k tile GEMMs instead of 2k: subcenters are the rare case).
+
+Memory beyond inputs/outputs: SPLITS x B x (D + 2) fp32 partials (deterministic; SPLITS is capped so that
+this stays near 64 MB) or B x (D + 2) fp32 accumulators (atomic).
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import _cast, _class_rows, _cos_tile, _load_k, _logits, _mma, _nontarget_phi, _row_inv_norm
+
+
+@triton.jit
+def _bwd_tile(c, col0, col_mask, lab, tgt, rscale, thr, lse, g, curricular_t, filter_threshold,
+              NON_TARGET: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dc (BLOCK_M, BLOCK_N) and this tile's contributions to grad_target_logit and grad_row_scale."""
+    phi, dphi = _nontarget_phi(c, thr, curricular_t, filter_threshold, NON_TARGET)
+    z, is_t = _logits(c, phi, col0, col_mask, lab, tgt, rscale, BLOCK_N)
+    p = tl.exp(z - lse[:, None])
+    gtl = g * tl.sum(tl.where(is_t, p, 0.0), axis=1)
+    dz = tl.where(is_t, 0.0, g[:, None] * p)
+    dz = tl.where(col_mask[None, :], dz, 0.0)
+    grs = tl.sum(dz * phi, axis=1)
+    dc = dz * rscale[:, None] * dphi
+    return dc, gtl, grs
+
+
+@triton.jit
+def _to_dot_dtype(v, in_ty: tl.constexpr, FIX: tl.constexpr):
+    """Cast an fp32 (fp64) operand to the dot dtype.  fp16 saturates at +-65504 instead of overflowing to
+    inf: a zero-norm W row (1/n = 1e12) then still contributes 0 * finite = 0.  (Only a W row of norm below
+    ~1e-3 with a large gradient would be clipped: such rows are subnormal in fp16 anyway.)"""
+    if in_ty == tl.float16:
+        v = tl.minimum(tl.maximum(v, -65504.0), 65504.0)
+    return _cast(v, in_ty, FIX)
+
+
+@triton.jit
+def _split(v, in_ty: tl.constexpr, SPLIT: tl.constexpr, FIX: tl.constexpr):
+    """v (fp32) as hi + lo in the dot dtype, so that hi @ b + lo @ b keeps ~16 mantissa bits of v instead of
+    8 (bf16) / 11 (fp16).  Without SPLIT, lo is unused."""
+    hi = _to_dot_dtype(v, in_ty, FIX)
+    if SPLIT:
+        lo = _to_dot_dtype(v - hi.to(v.dtype), in_ty, FIX)
+    else:
+        lo = hi
+    return hi, lo
+
+
+@triton.jit
+def _mma_split(hi, lo, b, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    acc = _mma(hi, b, acc, DOT_PREC, UPCAST)
+    if SPLIT:
+        acc = _mma(lo, b, acc, DOT_PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _row_vectors(labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr, rows, B):
+    """Per-row inputs of a row tile.  Padding rows repeat row B-1 (clamped, unmasked loads) except g, which
+    is 0 there, so that padding rows contribute nothing to dW."""
+    rows_ld = tl.minimum(rows, B - 1).to(tl.int64)
+    lab = tl.load(labels_ptr + rows_ld)
+    tgt = tl.load(tgt_ptr + rows_ld)
+    rscale = tl.load(rscale_ptr + rows_ld)
+    thr = tl.load(thr_ptr + rows_ld)
+    lse = tl.load(lse_ptr + rows_ld)
+    g = tl.where(rows < B, tl.load(g_ptr + rows_ld), 0.0)
+    return rows_ld, lab, tgt, rscale, thr, lse, g
+
+
+@triton.jit
+def _bwd_dw_kernel(
+    x_ptr, w_ptr, ci_ptr, labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr,
+    dw_ptr, dx_acc_ptr, gtl_acc_ptr, grs_acc_ptr,
+    B, N, D,
+    t_ptr, filt_ptr,
+    SUBC: tl.constexpr, NON_TARGET: tl.constexpr, HAS_CI: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FUSE_DX: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    in_ty: tl.constexpr = w_ptr.dtype.element_ty
+    curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
+    filter_threshold = tl.load(filt_ptr)
+    n_dv = tl.cdiv(D, BLOCK_DV)
+    pid = tl.program_id(0)
+    # the d-chunks of one class tile are neighbours in launch order: they share the W rows in L2
+    pid_n = pid // n_dv
+    pid_d = pid % n_dv
+    s_own = tl.program_id(1)
+
+    col0 = pid_n * BLOCK_N
+    col_mask = tl.arange(0, BLOCK_N) < N - col0
+    base_r = _class_rows(ci_ptr, tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1), SUBC, HAS_CI)
+    r_own = base_r + s_own
+    inv_own, has_proj = _row_inv_norm(w_ptr, r_own, D, BLOCK_N, BLOCK_K, EVEN_K)
+    dcols = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    w_own_ptrs = w_ptr + r_own[:, None] * D + dcols[None, :]
+
+    dacc = tl.zeros((BLOCK_N, BLOCK_DV), acc_ty)
+    proj = tl.zeros((BLOCK_N,), acc_ty)
+    for m0 in range(0, B, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rows_ld, lab, tgt, rscale, thr, lse, g = _row_vectors(labels_ptr, tgt_ptr, rscale_ptr, thr_ptr,
+                                                              lse_ptr, g_ptr, rows, B)
+        c, sub, _inv = _cos_tile(x_ptr, w_ptr, rows_ld, base_r, D,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST)
+        dc, gtl, grs = _bwd_tile(c, col0, col_mask, lab, tgt, rscale, thr, lse, g,
+                                 curricular_t, filter_threshold, NON_TARGET, BLOCK_N)
+        dcs = tl.where(sub == s_own, dc, 0.0)
+        proj += tl.sum(dcs * c, axis=0)
+        xv = _load_k(x_ptr + rows_ld[:, None] * D + dcols[None, :], dcols, D, EVEN_DV)
+        hi, lo = _split(dcs, in_ty, SPLIT, UPCAST)
+        dacc = _mma_split(tl.trans(hi), tl.trans(lo), xv, dacc, SPLIT, DOT_PREC, UPCAST)
+        if FUSE_DX:
+            hi, lo = _split(dcs * inv_own[None, :], in_ty, SPLIT, UPCAST)
+            w_own_t = _load_k(w_own_ptrs, dcols, D, EVEN_DV)
+            dxc = _mma_split(hi, lo, w_own_t, tl.zeros((BLOCK_M, BLOCK_DV), acc_ty), SPLIT, DOT_PREC, UPCAST)
+            tl.atomic_add(dx_acc_ptr + rows_ld[:, None] * D + dcols[None, :], dxc,
+                          mask=(rows < B)[:, None] & (dcols < D)[None, :])
+            if (s_own == 0) & (pid_d == 0):
+                tl.atomic_add(gtl_acc_ptr + rows_ld, gtl, mask=rows < B)
+                tl.atomic_add(grs_acc_ptr + rows_ld, grs, mask=rows < B)
+
+    w_own = _load_k(w_own_ptrs, dcols, D, EVEN_DV).to(acc_ty)
+    coef = tl.where(has_proj, proj * inv_own * inv_own, 0.0)
+    dw = dacc * inv_own[:, None] - coef[:, None] * w_own
+    tl.store(dw_ptr + r_own[:, None] * D + dcols[None, :], _cast(dw, dw_ptr.dtype.element_ty, UPCAST),
+             mask=col_mask[:, None] & (dcols < D)[None, :])
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    x_ptr, w_ptr, ci_ptr, labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr,
+    dx_part_ptr, gtl_part_ptr, grs_part_ptr,
+    B, N, D, SPLITS,
+    t_ptr, filt_ptr,
+    SUBC: tl.constexpr, NON_TARGET: tl.constexpr, HAS_CI: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    in_ty: tl.constexpr = w_ptr.dtype.element_ty
+    curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
+    filter_threshold = tl.load(filt_ptr)
+    n_dv = tl.cdiv(D, BLOCK_DV)
+    pid = tl.program_id(0)
+    pid_m = pid // n_dv
+    pid_d = pid % n_dv
+    pid_s = tl.program_id(1)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    rows_ld, lab, tgt, rscale, thr, lse, g = _row_vectors(labels_ptr, tgt_ptr, rscale_ptr, thr_ptr,
+                                                          lse_ptr, g_ptr, rows, B)
+    dcols = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+
+    dacc = tl.zeros((BLOCK_M, BLOCK_DV), acc_ty)
+    gtl_acc = tl.zeros((BLOCK_M,), acc_ty)
+    grs_acc = tl.zeros((BLOCK_M,), acc_ty)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, SPLITS)
+    t_lo = pid_s * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    for t in range(t_lo, t_hi):
+        col0 = t * BLOCK_N
+        col_mask = tl.arange(0, BLOCK_N) < N - col0
+        base_r = _class_rows(ci_ptr, tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1), SUBC, HAS_CI)
+        c, sub, inv_sel = _cos_tile(x_ptr, w_ptr, rows_ld, base_r, D,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST)
+        dc, gtl, grs = _bwd_tile(c, col0, col_mask, lab, tgt, rscale, thr, lse, g,
+                                 curricular_t, filter_threshold, NON_TARGET, BLOCK_N)
+        gtl_acc += gtl
+        grs_acc += grs
+        # dc / n_r of the selected row, in fp32, before the cast to the dot dtype (W stays raw in shared
+        # memory: scaling the W tile instead would hold BLOCK_N x BLOCK_DV values in registers)
+        dcn = dc * inv_sel
+        for s in tl.static_range(SUBC):
+            wv = _load_k(w_ptr + (base_r + s)[:, None] * D + dcols[None, :], dcols, D, EVEN_DV)
+            if SUBC == 1:
+                hi, lo = _split(dcn, in_ty, SPLIT, UPCAST)
+            else:
+                hi, lo = _split(tl.where(sub == s, dcn, 0.0), in_ty, SPLIT, UPCAST)
+            dacc = _mma_split(hi, lo, wv, dacc, SPLIT, DOT_PREC, UPCAST)
+
+    prow = pid_s.to(tl.int64) * B + rows
+    tl.store(dx_part_ptr + prow[:, None] * D + dcols[None, :], dacc,
+             mask=row_mask[:, None] & (dcols < D)[None, :])
+    if pid_d == 0:
+        tl.store(gtl_part_ptr + prow, gtl_acc, mask=row_mask)
+        tl.store(grs_part_ptr + prow, grs_acc, mask=row_mask)
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    dx_part_ptr, gtl_part_ptr, grs_part_ptr, dx_ptr, gtl_ptr, grs_ptr,
+    B, D, SPLITS,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FIX: tl.constexpr,
+):
+    """grad_x = sum_s dx_part[s] (cast to x's dtype), and the per-row grads, summed in split order."""
+    acc_ty: tl.constexpr = gtl_ptr.dtype.element_ty
+    n_d = tl.cdiv(D, BLOCK_D)
+    pid = tl.program_id(0)
+    pid_m = pid // n_d
+    pid_d = pid % n_d
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    rows64 = rows.to(tl.int64)
+    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (dcols < D)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_D), acc_ty)
+    gtl = tl.zeros((BLOCK_M,), acc_ty)
+    grs = tl.zeros((BLOCK_M,), acc_ty)
+    for s in range(SPLITS):
+        prow = rows64 + s * B
+        acc += tl.load(dx_part_ptr + prow[:, None] * D + dcols[None, :], mask=mask, other=0.0)
+        gtl += tl.load(gtl_part_ptr + prow, mask=row_mask, other=0.0)
+        grs += tl.load(grs_part_ptr + prow, mask=row_mask, other=0.0)
+    tl.store(dx_ptr + rows64[:, None] * D + dcols[None, :], _cast(acc, dx_ptr.dtype.element_ty, FIX), mask=mask)
+    if pid_d == 0:
+        tl.store(gtl_ptr + rows64, gtl, mask=row_mask)
+        tl.store(grs_ptr + rows64, grs, mask=row_mask)
+
+
+@triton.jit
+def _cast_rows_kernel(src_ptr, dst_ptr, numel, BLOCK: tl.constexpr, FIX: tl.constexpr):
+    """dst = src.to(dst dtype) (atomic mode: the fp32 dX accumulator to x's dtype)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    tl.store(dst_ptr + offs, _cast(tl.load(src_ptr + offs, mask=mask), dst_ptr.dtype.element_ty, FIX), mask=mask)

@@ -1,0 +1,267 @@
+"""Launchers of the Triton backend: one Python function per op schema (contract: marginops/ops.py, DESIGN.md §2).
+
+They are written to be registered with ``torch.library.triton_op`` so that ``torch.compile`` traces them:
+outputs and scratch buffers come from ``torch.empty``/``torch.zeros``/``torch.full``, kernels are launched
+through ``torch.library.wrap_triton``, there is no ``.item()`` / host sync and no Python control flow on
+tensor values (only on shapes, dtypes, devices and the op's scalar arguments).  Inputs arrive validated and
+contiguous (checked by marginops/ops.py).
+
+Scalars ``curricular_t`` and ``filter_threshold`` are passed to the kernels as one-element tensors of the
+accumulation dtype, so that float64 runs compare and multiply in float64 exactly like the reference.
+
+Float32 dot products: IEEE fp32 by default (exact against the reference); set
+``marginops.triton_kernels.ALLOW_TF32 = True`` or the environment variable ``MARGINOPS_TF32=1`` to let
+``tl.dot`` use TF32 tensor cores (about 8x the fp32 throughput, ~1e-3 relative error on the cosines).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import wrap_triton
+
+from . import configs
+from .fused_lse_bwd import _bwd_reduce_kernel, _cast_rows_kernel
+from .fused_lse_fwd import _lse_merge_kernel
+
+
+def _allow_tf32() -> bool:
+    pkg = sys.modules.get(__package__) if __package__ else None
+    return bool(getattr(pkg, "ALLOW_TF32", False))
+
+
+def _split_grad_dots(dtype: torch.dtype) -> bool:
+    """bf16/fp16: multiply the gradient operand as hi + lo halves (see fused_lse_bwd._split) unless
+    ``FAST_GRAD_DOTS`` / MARGINOPS_TRITON_FAST_GRAD=1 asks for one low-precision product."""
+    pkg = sys.modules.get(__package__) if __package__ else None
+    return dtype in (torch.bfloat16, torch.float16) and not bool(getattr(pkg, "FAST_GRAD_DOTS", False))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float32 and _allow_tf32() else "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # interpreter workarounds for bf16 (triton 3.8): its bf16 tl.dot returns garbage (feed it fp32 copies of
+    # the tiles) and its fp32 -> bf16 conversion truncates (round by hand, _common._cast)
+    return dtype == torch.bfloat16 and configs.interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms(idx)
+
+
+def _fwd_splits(B: int, N: int, device: torch.device) -> int:
+    """Class splits of the forward grid: ~4 waves of programs over the SMs, at least 2 class tiles each."""
+    if device.type != "cuda":
+        return max(1, min(3, triton.cdiv(N, 32)))  # interpreter: 3 splits of 32-column tiles, some empty
+    row_tiles = triton.cdiv(B, 128)
+    return max(1, min(triton.cdiv(4 * _sm_count(device), row_tiles), triton.cdiv(N, 256)))
+
+
+def _dx_splits(B: int, N: int, D: int, device: torch.device) -> int:
+    """Class splits of the deterministic dX kernel: ~2 waves, fp32 partials capped near 64 MB."""
+    if device.type != "cuda":
+        return max(1, min(3, triton.cdiv(N, 32)))
+    row_tiles = triton.cdiv(B, 64) * triton.cdiv(D, 256)
+    by_sms = triton.cdiv(2 * _sm_count(device), row_tiles)
+    by_mem = max(1, (64 << 20) // max(1, B * D * 4))
+    return max(1, min(by_sms, by_mem, triton.cdiv(N, 128)))
+
+
+def _launches(x: Tensor) -> bool:
+    """Whether to launch the kernels (else only the outputs are allocated: the op's fake/meta semantics).
+
+    On a GPU ``wrap_triton`` deals with fake tensors and tracing itself.  Under the interpreter it hands back
+    the raw kernel, which cannot run on fake tensors: plain fake/meta evaluation (e.g. opcheck's fake-tensor
+    check, shape propagation) then just gets the allocated outputs, while tracing the kernels into a graph
+    (torch.compile, make_fx) is refused rather than silently recording a graph without them.
+    """
+    if x.device.type == "meta":
+        return False
+    if not configs.interpreting():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    if not is_fake(x):
+        return True
+    tracing = (isinstance(x, FunctionalTensor) or get_proxy_mode() is not None
+               or any(isinstance(m, FunctionalTensorMode) for m in _get_current_dispatch_mode_stack()))
+    if tracing:
+        raise NotImplementedError(
+            "marginops' Triton kernels cannot be traced under the Triton interpreter (TRITON_INTERPRET=1): "
+            "torch.compile / make_fx of the triton backend needs a GPU")
+    return False
+
+
+def _scalars(t: float, f: float, acc: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.full((1,), t, dtype=acc, device=device), torch.full((1,), f, dtype=acc, device=device))
+
+
+def _num_columns(weight: Tensor, class_index: Optional[Tensor], subcenters: int) -> int:
+    return class_index.numel() if class_index is not None else weight.shape[0] // subcenters
+
+
+def fused_lse_forward(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target_logit: Tensor,
+    row_scale: Tensor,
+    threshold: Tensor,
+    class_index: Optional[Tensor],
+    curricular_t: float,
+    non_target: int,
+    filter_threshold: float,
+    subcenters: int,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """(lse, argmax) of the fused op.  Always deterministic (no atomics); ``deterministic`` is accepted for
+    schema symmetry."""
+    B, D = x.shape
+    N = _num_columns(weight, class_index, subcenters)
+    acc = target_logit.dtype
+    dev = x.device
+    lse = torch.empty((B,), dtype=acc, device=dev)
+    argmax = torch.empty((B,), dtype=torch.int64, device=dev)
+    if B == 0:
+        return lse, argmax
+
+    if not _launches(x):
+        return lse, argmax
+    splits = _fwd_splits(B, N, dev)
+    m_part = torch.empty((splits, B), dtype=acc, device=dev)
+    l_part = torch.empty((splits, B), dtype=acc, device=dev)
+    best_part = torch.empty((splits, B), dtype=acc, device=dev)
+    arg_part = torch.empty((splits, B), dtype=torch.int64, device=dev)
+    t_buf, f_buf = _scalars(curricular_t, filter_threshold, acc, dev)
+    ci = class_index if class_index is not None else labels  # placeholder pointer when HAS_CI is False
+
+    tf32 = _dot_precision(x.dtype) == "tf32"
+    kern = configs.kernel("fwd", D, x.dtype, False, tf32)
+    tiles = configs.tile_k_dv(D, x.dtype, False, tf32)
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_M"]), splits)
+
+    wrap_triton(kern)[grid](
+        x, weight, ci, labels, target_logit, row_scale, threshold,
+        m_part, l_part, best_part, arg_part,
+        B, N, D, splits, t_buf, f_buf,
+        SUBC=subcenters, NON_TARGET=non_target, HAS_CI=class_index is not None,
+        DOT_PREC="tf32" if tf32 else "ieee", UPCAST=_upcast(x.dtype),
+        EVEN_K=tiles["EVEN_K"], BLOCK_K=tiles["BLOCK_K"],
+    )
+    merge_block = 128
+    wrap_triton(_lse_merge_kernel)[(triton.cdiv(B, merge_block),)](
+        m_part, l_part, best_part, arg_part, lse, argmax, B, splits, BLOCK=merge_block,
+    )
+    return lse, argmax
+
+
+def fused_lse_backward(
+    grad_lse: Tensor,
+    lse: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target_logit: Tensor,
+    row_scale: Tensor,
+    threshold: Tensor,
+    class_index: Optional[Tensor],
+    curricular_t: float,
+    non_target: int,
+    filter_threshold: float,
+    subcenters: int,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_target_logit, grad_row_scale).
+
+    deterministic=True: dW kernel + dX kernel with per-split partials reduced in a fixed order (bitwise
+    reproducible).  deterministic=False: one fused kernel with fp32 atomics for dX (see fused_lse_bwd.py).
+    """
+    B, D = x.shape
+    N = _num_columns(weight, class_index, subcenters)
+    acc = target_logit.dtype
+    dev = x.device
+    if B == 0 or D == 0 or N == 0:
+        return (torch.zeros_like(x), torch.zeros_like(weight),
+                torch.zeros((B,), dtype=acc, device=dev), torch.zeros((B,), dtype=acc, device=dev))
+    # referenced rows are all written by the kernel; only a class_index leaves rows that must read 0
+    grad_w = torch.zeros_like(weight) if class_index is not None else torch.empty_like(weight)
+    if not _launches(x):
+        return (torch.empty_like(x), grad_w, torch.empty((B,), dtype=acc, device=dev),
+                torch.empty((B,), dtype=acc, device=dev))
+    g = grad_lse.to(acc).contiguous()
+    lse = lse.to(acc).contiguous()
+    t_buf, f_buf = _scalars(curricular_t, filter_threshold, acc, dev)
+    ci = class_index if class_index is not None else labels
+    has_ci = class_index is not None
+    split = _split_grad_dots(x.dtype)
+    tf32 = _dot_precision(x.dtype) == "tf32"
+    common = dict(SUBC=subcenters, NON_TARGET=non_target, HAS_CI=has_ci,
+                  DOT_PREC="tf32" if tf32 else "ieee", UPCAST=_upcast(x.dtype), SPLIT=split,
+                  **configs.tile_k_dv(D, x.dtype, split, tf32))
+
+    def dw_grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(D, meta["BLOCK_DV"]), subcenters)
+
+    if not deterministic:
+        dx_acc = torch.zeros((B, D), dtype=acc, device=dev)
+        gtl = torch.zeros((B,), dtype=acc, device=dev)
+        grs = torch.zeros((B,), dtype=acc, device=dev)
+        wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32, tune=False))[dw_grid](
+            x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
+            grad_w, dx_acc, gtl, grs,
+            B, N, D, t_buf, f_buf, FUSE_DX=True, **common,
+        )
+        if x.dtype == acc:
+            return dx_acc, grad_w, gtl, grs
+        grad_x = torch.empty_like(x)
+        numel = B * D
+        cast_grid = (triton.cdiv(numel, 1024),)
+        wrap_triton(_cast_rows_kernel)[cast_grid](dx_acc, grad_x, numel, BLOCK=1024, FIX=_upcast(x.dtype))
+        return grad_x, grad_w, gtl, grs
+
+    splits = _dx_splits(B, N, D, dev)
+    dx_part = torch.empty((splits, B, D), dtype=acc, device=dev)
+    gtl_part = torch.empty((splits, B), dtype=acc, device=dev)
+    grs_part = torch.empty((splits, B), dtype=acc, device=dev)
+
+    wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32))[dw_grid](
+        x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
+        grad_w, dx_part, gtl_part, grs_part,  # the last three are unused with FUSE_DX=False
+        B, N, D, t_buf, f_buf, FUSE_DX=False, **common,
+    )
+
+    def dx_grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_DV"]), splits)
+
+    wrap_triton(configs.kernel("dx", D, x.dtype, split, tf32))[dx_grid](
+        x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
+        dx_part, gtl_part, grs_part,
+        B, N, D, splits, t_buf, f_buf, **common,
+    )
+
+    grad_x = torch.empty_like(x)
+    gtl = torch.empty((B,), dtype=acc, device=dev)
+    grs = torch.empty((B,), dtype=acc, device=dev)
+    red_m, red_d = 32, min(128, triton.next_power_of_2(D))
+    wrap_triton(_bwd_reduce_kernel)[(triton.cdiv(B, red_m) * triton.cdiv(D, red_d),)](
+        dx_part, gtl_part, grs_part, grad_x, gtl, grs, B, D, splits, BLOCK_M=red_m, BLOCK_D=red_d, FIX=_upcast(x.dtype),
+    )
+    return grad_x, grad_w, gtl, grs
