@@ -10,6 +10,7 @@ marginops._C / marginops._C_cuda, which are tried first.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -41,7 +42,9 @@ def cache_dir(kind: str) -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "marginops"
     )
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-    path = Path(root) / tag / kind
+    # one folder per source location, so a source checkout and an installed copy don't rebuild each other
+    where = hashlib.sha1(str(source_dir()).encode()).hexdigest()[:8]
+    path = Path(root) / tag / f"{kind}_{where}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -129,7 +132,9 @@ def _jit(name: str, sources: list[str], cuda: bool, verbose: bool) -> str:
     src = source_dir()
     build_dir = cache_dir(name)
     jobs = _max_jobs()
-    print(f"marginops: building {name} (first use, MAX_JOBS={jobs}) in {build_dir} ...", file=sys.stderr, flush=True)
+    built = [p.stat().st_mtime for p in build_dir.glob("*.so")]
+    if not built or max(Path(f).stat().st_mtime for f in sources) > max(built):
+        print(f"marginops: compiling {name} (first use, MAX_JOBS={jobs}) in {build_dir} ...", file=sys.stderr, flush=True)
     kwargs = dict(
         name=name,
         sources=sources,
