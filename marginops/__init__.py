@@ -26,6 +26,8 @@ from .margins import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "compat",
+    "distributed",
     "batch_hard_triplet_loss",
     "contrastive_loss",
     "AdaFace",

@@ -45,40 +45,9 @@ from torch import nn
 
 from . import ops, reference
 from ._validation import REDUCTIONS, check_backend_fits, check_label_values
-from .margins import FILTER_OFF, NON_TARGET_PLAIN, NORM_EPS, CurricularFace, Margin, accumulation_dtype
+from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype
 
-__all__ = ["DistributedMarginLoss", "fused_lse", "shard_range"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the fused op, with "reference" as one more backend
-
-
-def fused_lse(
-    backend: str,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    target_logit: torch.Tensor,
-    row_scale: torch.Tensor,
-    threshold: torch.Tensor,
-    class_index: Optional[torch.Tensor] = None,
-    curricular_t: float = 0.0,
-    non_target: int = NON_TARGET_PLAIN,
-    filter_threshold: float = FILTER_OFF,
-    subcenters: int = 1,
-    deterministic: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``marginops.ops.fused_lse`` for a resolved backend, plus "reference" (the materialized oracle)."""
-    if backend == "reference":
-        return reference.fused_lse(
-            x, weight, labels, target_logit, row_scale, threshold, class_index,
-            curricular_t, non_target, filter_threshold, subcenters,
-        )
-    return ops.fused_lse(
-        backend, x, weight, labels, target_logit, row_scale, threshold, class_index,
-        curricular_t, non_target, filter_threshold, subcenters, deterministic,
-    )
+__all__ = ["DistributedMarginLoss", "shard_range"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,7 +384,7 @@ class DistributedMarginLoss(nn.Module):
         filtering = self.interclass_filtering_threshold
         filter_threshold = filtering if filtering > 0 else FILTER_OFF
         if have_rows and (class_index is None or class_index.numel() > 0):
-            lse_local, _ = fused_lse(
+            lse_local, _ = ops.fused_lse(
                 backend,
                 x_hat.to(weight.dtype),
                 weight,

@@ -192,7 +192,8 @@ def fused_lse(
     subcenters: int = 1,
     deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the fused op on a concrete backend ("cpu", "cuda" or "triton"); inputs already validated."""
+    """Run the fused op on a concrete backend ("cpu", "cuda", "triton", or "reference": the
+    materialized oracle with the same semantics); inputs already validated."""
     args = (
         x.contiguous(),
         weight.contiguous(),
@@ -209,6 +210,10 @@ def fused_lse(
     )
     if backend in ("cpu", "cuda"):
         return cpp_op(backend)(*args)
+    if backend == "reference":
+        from . import reference
+
+        return reference.fused_lse(*args[:-1])
     if backend == "triton":
         return triton_op()(*args)
     raise ValueError(f"fused_lse has no backend {backend!r}")
