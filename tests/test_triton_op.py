@@ -8,7 +8,7 @@ bf16/fp16 checks (DESIGN.md §4 rule: error vs the float64 truth ≤ 2 × the er
 same dtype + slack), a TF32 check and a 64-bit offset check.
 
 The launchers are loaded through ``marginops.ops.triton_kernels()`` (which finds ``triton_kernels/`` beside
-``marginops/`` in a source checkout) or, failing that, straight from the file with importlib.
+``marginops/`` in a source checkout).
 """
 
 import os
@@ -18,45 +18,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
 from helpers import assert_close, assert_within_reference_error  # noqa: E402
+from op_cases import FILTER_OFF, NAMES, assert_same_bits  # noqa: E402
 
 from marginops import reference  # noqa: E402
+from marginops.ops import triton_kernels  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-FILTER_OFF = 2.0
-
-
-def _load_triton_kernels():
-    try:
-        from marginops.ops import triton_kernels
-
-        return triton_kernels()
-    except ImportError:
-        pass
-    if "marginops.triton_kernels" in sys.modules:
-        return sys.modules["marginops.triton_kernels"]
-    root = Path(__file__).resolve().parent.parent / "triton_kernels"
-    spec = importlib.util.spec_from_file_location(
-        "marginops.triton_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["marginops.triton_kernels"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def tk():
-    return _load_triton_kernels()
+    return triton_kernels()
 
 
 def make_case(B=37, D=61, C=151, k=1, dtype=torch.float64, class_index=False, zero_rows=(), seed=0,
@@ -111,9 +89,6 @@ def triton_run(tk, case, t, nt, filt, k, deterministic=True):
     lse, am = tk.fused_lse_forward(case["x"], case["weight"], *args, deterministic)
     grads = tk.fused_lse_backward(case["grad_lse"], lse, case["x"], case["weight"], *args, deterministic)
     return (lse, am) + tuple(grads)
-
-
-NAMES = ("lse", "argmax", "grad_x", "grad_weight", "grad_target_logit", "grad_row_scale")
 
 
 def cosines(case, k):
@@ -223,8 +198,7 @@ def test_deterministic_bitwise(tk, det):
     case = make_case(C=67, k=1, dtype=torch.float32, seed=4)
     a = triton_run(tk, case, 0.3, 1, 0.4, 1, deterministic=det)
     b = triton_run(tk, case, 0.3, 1, 0.4, 1, deterministic=det)
-    for name, u, v in zip(NAMES, a, b):
-        assert torch.equal(u, v), f"{name} differs between two identical runs"
+    assert_same_bits(a, b, "between two identical runs")
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered")
