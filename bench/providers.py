@@ -1,0 +1,255 @@
+"""Everything the suite can time, behind one interface.
+
+A provider turns raw inputs (embeddings x (B, D), class weights W (C, D), labels (B,)) into a
+``Case``: the leaves it keeps (and whose gradients are outputs, not overhead), a ``forward`` that
+returns what ``backward`` needs, and a ``backward``.
+
+* ``reference``, ``cpu``, ``cuda``, ``triton``: ``marginops.margin_cross_entropy(..., backend=...)``
+  with the requested margin, from raw x and W (normalization included).
+* ``matmul``: the three plain GEMMs of a linear head's forward and backward (x·Wᵀ, G·W, Gᵀ·x), the
+  floor any fused kernel is held to; it keeps a (B, C) buffer, as a plain head must.
+* no-margin anchors (plain softmax cross-entropy of s·x̂·ŵᵀ; x̂ and ŵ are normalized once, outside
+  the timed region, so only the chunked/fused cross-entropy is timed):
+  ``torch_lce`` PyTorch's ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``,
+  ``liger`` Liger-Kernel's fused linear cross-entropy (GPU), ``cce`` Cut Cross-Entropy (GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+MARGINS = {
+    "arcface": lambda: __import__("marginops").ArcFace(),
+    "cosface": lambda: __import__("marginops").CosFace(),
+    "normface": lambda: __import__("marginops").NormFace(),
+    "combined": lambda: __import__("marginops").CombinedMargin(),
+    "sphereface": lambda: __import__("marginops").SphereFace(lambda_=5.0),
+    "curricularface": lambda: __import__("marginops").CurricularFace(t=0.1),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+ANCHOR_SCALE = 64.0  # s of the no-margin anchors, as NormFace's default
+
+
+@dataclass
+class Case:
+    leaves: list  # tensors the case keeps alive; those with requires_grad get gradients
+    forward: Callable[[], object]
+    backward: Callable[[object], None]
+    extra: list = field(default_factory=list)  # buffers a provider owns (part of its memory)
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    margin_aware: bool  # False: a no-margin anchor (plain softmax CE or bare GEMMs)
+    devices: tuple
+    note: str
+    check: Callable[[str], Optional[str]]  # device -> None if usable, else why not
+    build: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor, bool], Case]
+
+    def unavailable(self, device: str) -> Optional[str]:
+        if device not in self.devices:
+            return f"{self.name} does not run on {device}"
+        try:
+            return self.check(device)
+        except Exception as exc:  # an availability probe must never take the sweep down
+            return f"{type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------- marginops backends
+
+
+def _marginops_case(backend: str):
+    def build(spec, emb, weight, labels, grad):
+        import marginops
+
+        margin = MARGINS[spec["margin"]]()
+        emb.requires_grad_(grad)
+        weight.requires_grad_(grad)
+
+        def forward():
+            if not grad:
+                with torch.no_grad():
+                    return marginops.margin_cross_entropy(emb, weight, labels, margin, backend=backend)
+            return marginops.margin_cross_entropy(emb, weight, labels, margin, backend=backend)
+
+        return Case([emb, weight, labels], forward, lambda loss: loss.backward())
+
+    return build
+
+
+def _check_reference(device):
+    return None
+
+
+def _check_compiled(kind):
+    def check(device):
+        if kind == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        from marginops import _build
+
+        return _build.build_failure(kind)
+
+    return check
+
+
+def _check_triton(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    from marginops import ops
+
+    reason = ops.triton_usable(torch.device(device))
+    if reason is None:
+        ops.triton_op()  # import the kernels now: a missing module is "unavailable", not a failed case
+    return reason
+
+
+# ----------------------------------------------------------------------------- three GEMMs
+
+
+def _matmul_case(spec, emb, weight, labels, grad):
+    logits = torch.empty(emb.shape[0], weight.shape[0], device=emb.device, dtype=emb.dtype)
+
+    def forward():
+        with torch.no_grad():
+            torch.matmul(emb, weight.t(), out=logits)
+        return logits
+
+    def backward(grad_logits):
+        with torch.no_grad():
+            grad_logits.matmul(weight)
+            grad_logits.t().matmul(emb)
+
+    return Case([emb, weight, labels], forward, backward, extra=[logits])
+
+
+# ----------------------------------------------------------------------------- no-margin anchors
+
+
+def _normalized_leaves(emb, weight, grad):
+    """s·x̂ and ŵ as fresh leaves (the raw tensors are dropped by the caller)."""
+    with torch.no_grad():
+        x = (ANCHOR_SCALE * torch.nn.functional.normalize(emb.float(), dim=1)).to(emb.dtype)
+        w = torch.nn.functional.normalize(weight.float(), dim=1).to(weight.dtype)
+    return x.requires_grad_(grad), w.requires_grad_(grad)
+
+
+def _anchor_case(loss_fn_factory):
+    def build(spec, emb, weight, labels, grad):
+        x, w = _normalized_leaves(emb, weight, grad)
+        loss_fn = loss_fn_factory()
+
+        def forward():
+            if not grad:
+                with torch.no_grad():
+                    return loss_fn(x, w, labels)
+            return loss_fn(x, w, labels)
+
+        return Case([x, w, labels], forward, lambda loss: loss.backward())
+
+    return build
+
+
+def _torch_lce():
+    import torch.nn.functional as F
+
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda x, w, y: F.linear_cross_entropy(x, w, y, options=options)
+
+
+def _check_torch_lce(device):
+    import torch.nn.functional as F
+
+    if not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy"
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no torch.nn.LinearCrossEntropyOptions (chunked path)"
+    return None
+
+
+def _liger():
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    module = LigerFusedLinearCrossEntropyLoss()
+    return lambda x, w, y: module(w, x, y)  # Liger's order: (lin_weight, input, target)
+
+
+def _cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda x, w, y: linear_cross_entropy(x, w, y)  # (embeddings, classifier (C, D), labels)
+
+
+def _check_import(module: str):
+    def check(device):
+        if device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return f"{module} is not importable ({exc})"
+        return None
+
+    return check
+
+
+def package_version(module: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version({"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}.get(module, module))
+    except Exception:
+        return None
+
+
+PROVIDERS = {
+    p.name: p
+    for p in [
+        Provider("reference", True, ("cpu", "cuda"), "PyTorch reference, materializes the B×C logits",
+                 _check_reference, _marginops_case("reference")),
+        Provider("cpu", True, ("cpu",), "marginops C++ CPU kernels", _check_compiled("cpu"), _marginops_case("cpu")),
+        Provider("cuda", True, ("cuda",), "marginops CUDA kernels", _check_compiled("cuda"), _marginops_case("cuda")),
+        Provider("triton", True, ("cpu", "cuda"), "marginops Triton kernels", _check_triton, _marginops_case("triton")),
+        Provider("matmul", False, ("cpu", "cuda"), "anchor: the 3 GEMMs x·Wᵀ, G·W, Gᵀ·x only (no softmax, no margin)",
+                 _check_reference, _matmul_case),
+        Provider("torch_lce", False, ("cpu", "cuda"),
+                 "anchor: F.linear_cross_entropy(options=LinearCrossEntropyOptions()) on pre-normalized x, W; no margin",
+                 _check_torch_lce, _anchor_case(_torch_lce)),
+        Provider("liger", False, ("cuda",), "anchor: Liger-Kernel fused linear CE on pre-normalized x, W; no margin",
+                 _check_import("liger_kernel"), _anchor_case(_liger)),
+        Provider("cce", False, ("cuda",), "anchor: Cut Cross-Entropy on pre-normalized x, W; no margin",
+                 _check_import("cut_cross_entropy"), _anchor_case(_cce)),
+    ]
+}
+
+# what --quick runs when --backends is not given: torch_lce is left out on the CPU, where its
+# chunking (one batch row per chunk once C >> D) takes tens of seconds per iteration at these sizes
+QUICK_DEFAULTS = {
+    "cpu": ["reference", "cpu", "matmul"],
+    "cuda": ["reference", "cuda", "triton", "matmul", "torch_lce", "liger", "cce"],
+}
+# what a sweep runs when --backends is not given (unavailable ones are recorded as such)
+SWEEP_DEFAULTS = {
+    "cpu": ["reference", "cpu", "matmul", "torch_lce"],
+    "cuda": ["reference", "cuda", "triton", "matmul", "torch_lce", "liger", "cce"],
+}
+# the no-argument run (the issue's first benchmark)
+PLAIN_DEFAULTS = {"cpu": ["reference", "cpu", "matmul"], "cuda": ["reference", "cuda", "triton", "matmul"]}
+
+
+@functools.lru_cache(maxsize=None)
+def availability(name: str, device: str) -> Optional[str]:
+    """None if provider ``name`` can run on ``device`` here, else why not (cached per process)."""
+    if name not in PROVIDERS:
+        return f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})"
+    return PROVIDERS[name].unavailable(device)
+
+
+def triton_interpreted(device: str) -> bool:
+    return device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"

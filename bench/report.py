@@ -1,0 +1,211 @@
+"""``python -m bench.report``: the README's benchmark table, generated from the CSV (never typed by hand).
+
+Replaces the text between ``<!-- bench-table:begin -->`` and ``<!-- bench-table:end -->`` in README.md
+with one table per device (the most recent measurement of each case), the plots drawn from the same
+CSV and where the numbers came from.
+
+    python -m bench.report                 # rewrite README.md's block from bench/results/*.csv
+    python -m bench.report --print         # only print the block
+    python -m bench.report --check         # exit 1 if README.md's block is not what the CSV gives
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from . import plot, results
+
+BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+ROOT = Path(__file__).resolve().parent.parent
+MODE_ORDER = {"forward+backward": 0, "forward": 1, "backward": 2}
+ANCHOR_NOTE = {
+    "matmul": "plain GEMMs only",
+    "torch_lce": "`F.linear_cross_entropy` + `LinearCrossEntropyOptions()`, no margin",
+    "liger": "Liger-Kernel fused linear CE, no margin",
+    "cce": "Cut Cross-Entropy, no margin",
+}
+
+
+def _fmt_time(v: float) -> str:
+    if v < 1e-3:
+        return f"{v * 1e6:.0f} µs"
+    if v < 1:
+        return f"{v * 1e3:.1f} ms"
+    return f"{v:.3g} s" if v < 100 else f"{v:.0f} s"
+
+
+def _fmt_mem(v: float) -> str:
+    return f"{v / 1024:.2f} GiB" if v >= 1024 else f"{v:.1f} MiB"
+
+
+def _ratio(a, b) -> str:
+    if a is None or b is None or b <= 0:
+        return ""
+    return f"{a / b:.2f}×"
+
+
+def collect(rows: list[dict]) -> dict:
+    """device -> {case key: {metric: row}}, case key = (mode, dtype, B, C, D, margin, provider)."""
+    out: dict = defaultdict(dict)
+    for row in rows:
+        info = results.parse_kernel(row["kernel"])
+        axis = results.AXES[row["x_name"]]
+        info[axis] = int(row["x_value"])
+        key = (row["mode"], info["dtype"], info["B"], info["C"], info["D"], info["margin"], row["provider"])
+        out[row["device"]].setdefault(key, {})[row["metric"]] = row
+    return out
+
+
+def _provider_label(provider: str, margin: str) -> str:
+    if provider in ANCHOR_NOTE:
+        return f"{provider} ({ANCHOR_NOTE[provider]})"
+    return provider
+
+
+def device_table(cases: dict, mode_filter: str) -> list[str]:
+    lines = [
+        "| dtype | B × C × D | margin | provider | median time (p20–p80) | peak extra memory | time vs reference | memory vs reference | time vs matmul anchor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def sort_key(key):
+        mode, dtype, b, c, d, margin, provider = key
+        order = ["reference", "cpu", "cuda", "triton", "torch_lce", "liger", "cce", "matmul"]
+        return (MODE_ORDER.get(mode, 9), dtype, b, d, c, margin == "nomargin", margin,
+                order.index(provider) if provider in order else 99)
+
+    def value(key, metric):
+        row = cases.get(key, {}).get(metric)
+        return results.number(row["p50"]) if row else None
+
+    for key in sorted(cases, key=sort_key):
+        mode, dtype, b, c, d, margin, provider = key
+        if mode != mode_filter:
+            continue
+        metrics = cases[key]
+        t_row = metrics.get("time")
+        if t_row is None:
+            continue
+        t = results.number(t_row["p50"])
+        mem = value(key, "peak_extra_memory")
+        # the reference of the same margin (anchors: any margin's reference at that size)
+        ref_keys = [k for k in cases if k[:5] == key[:5] and k[6] == "reference" and (k[5] == margin or margin == "nomargin")]
+        ref_t = value(ref_keys[0], "time") if ref_keys else None
+        ref_m = value(ref_keys[0], "peak_extra_memory") if ref_keys else None
+        mm_t = value(key[:5] + ("nomargin", "matmul"), "time")
+        if t is None:
+            timing, memory = f"**{t_row['p50']}**", ""
+        else:
+            p20, p80 = results.number(t_row["p20"]), results.number(t_row["p80"])
+            timing = f"{_fmt_time(t)} ({_fmt_time(p20)}–{_fmt_time(p80)})"
+            memory = _fmt_mem(mem) if mem is not None else ""
+        is_ref = provider == "reference"
+        lines.append(
+            f"| {dtype} | {b:,} × {c:,} × {d} | {'—' if margin == 'nomargin' else margin} | "
+            f"{_provider_label(provider, margin)} | {timing} | {memory} | "
+            f"{'1×' if is_ref and t is not None else _ratio(t, ref_t)} | "
+            f"{'1×' if is_ref and mem is not None else _ratio(mem, ref_m)} | "
+            f"{'' if provider == 'matmul' else _ratio(t, mm_t)} |"
+        )
+    return lines
+
+
+def render(rows: list[dict], plots_dir: Path, readme_dir: Path) -> str:
+    """The markdown that goes between the markers."""
+    newest = results.latest(rows)
+    if not newest:
+        return "(no results yet: run `python -m bench --quick`, then `python -m bench.report`)"
+    out = ["_Generated by `python -m bench.report` from `bench/results/*.csv` (most recent run of each case); "
+           "edit the CSV, not this table._", ""]
+    for device, cases in sorted(collect(newest).items()):
+        dev_rows = [r for r in newest if r["device"] == device]
+        stamps = sorted({r["timestamp"] for r in dev_rows})
+        vers, loads = set(), []
+        for r in dev_rows:
+            parts = r["versions"].split("; ")
+            loads += [float(p[5:]) for p in parts if p.startswith("load ") and results.number(p[5:]) is not None]
+            vers.add("; ".join(p for p in parts if not p.startswith("load ")))
+        load = ""
+        if loads:
+            load = f"; 1-minute load {min(loads):.1f}" + (f"–{max(loads):.1f}" if max(loads) > min(loads) else "")
+        out.append(f"**{device}** — measured {stamps[0]}" + (f" … {stamps[-1]}" if len(stamps) > 1 else "")
+                   + f"; {' / '.join(sorted(vers))}{load}")
+        out.append("")
+        pngs = []
+        groups = {(r["device"], r["kernel"].partition("/")[2], r["mode"], r["x_name"]) for r in dev_rows}
+        for g in sorted(groups):
+            if len({r["x_value"] for r in dev_rows if (r["kernel"].partition("/")[2], r["mode"], r["x_name"]) == g[1:]}) < 2:
+                continue
+            png = plots_dir / plot.file_name(*g)
+            if png.exists():
+                pngs.append(f"![{g[1]} {g[2]} on {device}]({os.path.relpath(png, readme_dir)})")
+        modes = sorted({k[0] for k in cases}, key=lambda m: MODE_ORDER.get(m, 9))
+        for i, mode in enumerate(modes):
+            if i == 1:
+                out += ["<details><summary>forward only / backward only (" + ", ".join(modes[1:]) + ")</summary>", ""]
+            out += [f"*{mode}*" + (" (backward: the forward runs untimed before it)" if mode == "backward" else ""), ""]
+            out += device_table(cases, mode)
+            out.append("")
+            if i == 0 and pngs:
+                out += pngs + [""]
+        if len(modes) > 1:
+            out += ["</details>", ""]
+    out.append("Time: median per iteration with its 20th–80th percentiles; each case runs in its own process. "
+               "Peak extra memory: the case's high-water mark beyond its inputs and their gradients (CPU: resident set "
+               "of the case's own process, large allocations returned to the OS on free; CUDA: allocator peak). "
+               "The matmul anchor is the plain GEMMs of a linear head: x·Wᵀ (forward), G·W and Gᵀ·x (backward), all "
+               "three for forward+backward. Anchors without a margin (torch_lce, liger, cce) compute plain softmax "
+               "cross-entropy of s·x̂·ŵᵀ on x, W normalized beforehand: context, not a like-for-like comparison "
+               "(torch_lce computes its gradients during the forward, so its *backward* row is near zero). "
+               "**out of memory** / **timeout** / **skipped** (not run after an out of memory or timeout at a smaller "
+               "size) / **unavailable** are recorded as such. The `load` in each row's versions column is the "
+               "machine's 1-minute load average when it was measured.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README has no {BEGIN} … {END} block")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{block}{END}{tail}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", default=str(results.RESULTS_DIR), help="a CSV file or a folder of them")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--plots", default=None, help="folder of the PNGs (default: the CSV's folder)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--print", action="store_true", help="print the block, change nothing")
+    group.add_argument("--check", action="store_true", help="exit 1 if the README's block is stale")
+    args = parser.parse_args(argv)
+    files = results.csv_files(Path(args.csv))
+    rows = results.read_csv(files) if files else []
+    plots_dir = Path(args.plots) if args.plots else (Path(args.csv) if Path(args.csv).is_dir() else Path(args.csv).parent)
+    readme = Path(args.readme)
+    block = render(rows, plots_dir.resolve(), readme.resolve().parent)
+    if args.print:
+        print(block)
+        return 0
+    text = readme.read_text()
+    new = replace_block(text, block)
+    if args.check:
+        if new != text:
+            print(f"{readme}: the benchmark block is stale; run python -m bench.report", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        readme.write_text(new)
+        print(f"updated the benchmark block of {readme} ({len(block.splitlines())} lines)")
+    else:
+        print(f"{readme}: benchmark block already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Smoke tests of the benchmark suite (bench/): runner, CSV schema, plots, README report, convergence and
+open-set scripts, on tiny sizes.  The fused C++ backend is not used here (it may need a build); the
+reference, the matmul anchor and torch's linear_cross_entropy stand in for every provider."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is not installed: import it from the checkout (after an installed marginops)
+    sys.path.append(str(ROOT))
+
+import bench.__main__ as runner  # noqa: E402
+from bench import cases, convergence, openset, plot, report, results  # noqa: E402
+from bench.providers import PROVIDERS  # noqa: E402
+
+
+def _in_process(spec, timeout):
+    """run_case without the subprocess (a fresh interpreter per case costs seconds)."""
+    return cases.run(spec)
+
+
+def _run(tmp_path, monkeypatch, *extra):
+    monkeypatch.setattr(runner, "run_case", _in_process)
+    argv = ["--out", str(tmp_path), "--repeats", "1", "--warmup", "0", "--min-seconds", "0", *extra]
+    assert runner.main(argv) == 0
+    return results.read_csv([tmp_path / "cpu.csv"])
+
+
+def test_kernel_name_round_trip():
+    name = results.kernel_name("arcface", "float32", 512, 200_000, 256)
+    assert name == "arcface/float32/B=512/D=256"
+    assert results.parse_kernel(name) == {"margin": "arcface", "dtype": "float32", "B": 512, "D": 256}
+    assert results.kernel_name("cosface", "bfloat16", 512, 1000, 256, x_name="batch") == "cosface/bfloat16/C=1000/D=256"
+
+
+def test_quantiles():
+    assert results.quantiles([2.0]) == (2.0, 2.0, 2.0)
+    p50, p20, p80 = results.quantiles([float(v) for v in range(1, 11)])
+    assert p20 < p50 < p80 and p50 == 5.5
+
+
+def test_runner_sweep_writes_csv_and_plots(tmp_path, monkeypatch, capsys):
+    rows = _run(tmp_path, monkeypatch, "--quick", "--values", "300,700", "--batch", "8", "--dim", "16",
+                "--backends", "reference,matmul,torch_lce,cuda", "--modes", "forward,backward,forward+backward")
+    out = capsys.readouterr().out
+    assert "device:" in out and "× reference" in out and "GEMM" in out
+    with (tmp_path / "cpu.csv").open() as fh:
+        assert next(csv.reader(fh)) == results.FIELDS
+    device = results.device_name("cpu")
+    for row in rows:
+        assert row["device"] == device
+        assert "torch " + torch.__version__ in row["versions"] and "marginops" in row["versions"]
+        assert row["x_name"] == "num_classes" and row["x_value"] in ("300", "700")
+    providers = {r["provider"] for r in rows}
+    assert providers == {"reference", "matmul", "torch_lce", "cuda"}
+    # cuda cannot run on the CPU: recorded as unavailable, never invented
+    assert {r["p50"] for r in rows if r["provider"] == "cuda"} == {"unavailable"}
+    timed = [r for r in rows if r["provider"] == "reference" and r["metric"] == "time"]
+    assert len(timed) == 6 and all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in timed)
+    assert {r["kernel"] for r in rows if r["provider"] in ("matmul", "torch_lce")} == {"nomargin/float32/B=8/D=16"}
+    mem = [r for r in rows if r["metric"] == "peak_extra_memory"]
+    assert mem and all(float(r["p50"]) >= 0 for r in mem)
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 3 and all(p.stat().st_size > 10_000 for p in pngs)
+
+    # a second run appends, it does not overwrite
+    n_before = len(rows)
+    rows = _run(tmp_path, monkeypatch, "--sizes", "8x300x16", "--backends", "reference")
+    assert len(rows) > n_before
+
+
+def test_default_plan_is_the_first_benchmark():
+    args = runner.build_parser().parse_args([])
+    sizes, x_name, providers, repeats = runner.plan(args)
+    assert sizes == [(512, 200_000, 256)] and x_name == "num_classes"
+    assert providers == ["reference", "cpu", "matmul"]
+    assert args.margins == "arcface" and args.modes == "forward+backward"
+    sweep = runner.plan(runner.build_parser().parse_args(["--sweep"]))
+    assert [s[1] for s in sweep[0]] == [10_000, 50_000, 200_000, 1_000_000]
+    assert "torch_lce" in sweep[2]
+    gpu = runner.plan(runner.build_parser().parse_args(["--sweep", "--device", "cuda"]))
+    assert [s[1] for s in gpu[0]] == [100_000, 1_000_000, 4_000_000, 10_000_000]
+    assert {"liger", "cce", "triton", "cuda"} <= set(gpu[2])
+    b_sweep = runner.plan(runner.build_parser().parse_args(["--sweep", "B", "--values", "64,128"]))
+    assert b_sweep[0] == [(64, 200_000, 256), (128, 200_000, 256)] and b_sweep[1] == "batch"
+    assert runner.parse_values("10k,1M,2.5k") == [10_000, 1_000_000, 2_500]
+
+
+def test_unknown_provider_is_an_error():
+    with pytest.raises(SystemExit):
+        runner.plan(runner.build_parser().parse_args(["--backends", "reference,nope"]))
+    with pytest.raises(SystemExit):
+        runner._comma_list("nope", PROVIDERS, "provider")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the case budget is RLIMIT_DATA, which Linux enforces on mmap")
+def test_case_subprocess_records_out_of_memory():
+    """A case over its memory budget comes back as 'out of memory', through the real subprocess path."""
+    spec = dict(provider="reference", margin="arcface", kernel_margin="arcface", mode="forward", batch=8,
+                classes=100_000_000, dim=16, dtype="float32", device="cpu", repeats=1, warmup=0,
+                mem_limit_bytes=2 * 2**30)
+    result = runner.run_case(spec, timeout=120)
+    assert result["error"] == "out of memory", result
+    row = results.rows_for_case(spec, result, "dev", results.now())
+    assert len(row) == 1 and row[0]["p50"] == "out of memory" and row[0]["p20"] == ""
+
+
+def test_append_csv_never_clobbers_another_schema(tmp_path):
+    (tmp_path / "cpu.csv").write_text("a,b\n1,2\n")
+    with pytest.warns(RuntimeWarning):
+        path = results.append_csv([dict.fromkeys(results.FIELDS, "x")], tmp_path, "cpu.csv")
+    assert path.name == "cpu.2.csv"
+    assert (tmp_path / "cpu.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_latest_keeps_the_newest_run_of_each_case():
+    base = dict.fromkeys(results.FIELDS, "")
+    base.update(kernel="k", provider="p", mode="m", x_name="num_classes", x_value="1", device="d")
+    old = [dict(base, metric="time", p50="1", timestamp="2024"), dict(base, metric="peak_extra_memory", p50="5", timestamp="2024")]
+    new = [dict(base, metric="time", p50="out of memory", timestamp="2025")]
+    picked = results.latest(old + new)
+    assert picked == new  # the older memory row does not leak into the newer (failed) run
+
+
+def test_plot_and_report_from_csv(tmp_path, monkeypatch):
+    _run(tmp_path, monkeypatch, "--quick", "--values", "300,700", "--batch", "8", "--dim", "16",
+         "--backends", "reference,matmul", "--no-plot")
+    assert not list(tmp_path.glob("*.png"))
+    assert plot.main(["--csv", str(tmp_path)]) == 0
+    pngs = list(tmp_path.glob("*.png"))
+    assert len(pngs) == 1
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    assert report.main(["--csv", str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("after\n") and text.count(report.BEGIN) == 1
+    assert "| float32 | 8 × 300 × 16 | arcface | reference |" in text and "*forward+backward*" in text
+    assert "matmul (plain GEMMs only)" in text and pngs[0].name in text
+    assert report.main(["--csv", str(tmp_path), "--readme", str(readme), "--check"]) == 0
+    readme.write_text(text.replace("reference", "REF", 1))
+    assert report.main(["--csv", str(tmp_path), "--readme", str(readme), "--check"]) == 1
+
+
+def test_readme_has_the_markers():
+    text = (ROOT / "README.md").read_text()
+    assert report.BEGIN in text and report.END in text
+
+
+def test_convergence_script_tiny(tmp_path, capsys):
+    code = convergence.main(["--backend", "reference", "--classes", "40", "--steps", "6", "--batch", "16",
+                             "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASS" in out
+    assert (tmp_path / "convergence.png").stat().st_size > 10_000
+    with (tmp_path / "convergence_curves.csv").open() as fh:
+        lines = list(csv.reader(fh))
+    assert lines[0] == ["step", "ref64", "ref32", "fused32", "fused64"] and len(lines) == 7
+
+
+def test_openset_metrics():
+    labels = torch.arange(5).repeat_interleave(4)
+    perfect = torch.nn.functional.one_hot(labels, 8).float() + 0.01 * torch.randn(20, 8)
+    m = openset.evaluate(perfect, labels, per_identity=4)
+    assert m["auc"] == pytest.approx(1.0) and m["tar"] == 1.0 and m["top1"] == 1.0
+    assert m["pairs"] == (5 * 6, 190 - 30)
+    g = torch.Generator().manual_seed(0)
+    auc = openset.roc_auc(torch.randn(4000, generator=g), torch.randn(4000, generator=g))
+    assert abs(auc - 0.5) < 0.03
+    assert openset.roc_auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert openset.tar_at_far(torch.tensor([0.5, 2.0]), torch.arange(1000.0) / 1000, 1e-3) == 0.5
+
+
+def test_openset_script_tiny(capsys, tmp_path):
+    assert openset.main(["--heads", "softmax,arcface,sphereface", "--backend", "reference", "--train-ids", "20", "--out", str(tmp_path / "o.md"),
+                         "--test-ids", "6", "--per-identity", "3", "--steps", "3", "--batch", "16", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ArcFace" in out and "TAR @ FAR=1e-3" in out and "SphereFace" in out
+    assert "| ArcFace (s=32, m=0.5) |" in (tmp_path / "o.md").read_text()
+
+
+def test_pytest_benchmark_suite_is_collectable():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_provider[reference-arcface-forward+backward]" in proc.stdout
+    assert "test_provider[torch_lce-nomargin-forward]" in proc.stdout
+
+
+def test_cli_help_lists_options_and_providers():
+    text = runner.build_parser().format_help()
+    for option in ("--device", "--quick", "--sweep", "--sizes", "--margins", "--backends", "--modes", "--out"):
+        assert option in text
+    assert "torch_lce" in text and "no margin" in text
