@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +110,10 @@ def loss_and_grads(emb, weight, labels, margin, **kwargs):
     upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     (loss * upstream).sum().backward()
     return loss.detach(), emb.grad, weight.grad
+
+
+def child_env(**overrides) -> dict:
+    """Environment for a child Python that imports the same marginops as this process (installed or
+    a source checkout), whatever its working directory."""
+    here = str(Path(marginops.__file__).resolve().parent.parent)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]), **overrides)

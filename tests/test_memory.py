@@ -1,16 +1,12 @@
 """Memory regression: the fused CPU path's peak extra memory is a small fraction of the reference's."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
-from pathlib import Path
-
 import pytest
-
-import marginops
+from helpers import child_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -36,9 +32,9 @@ SCRIPT = textwrap.dedent(
 
 
 def _peak_extra_kib(backend: str, cwd) -> int:
-    # the child imports the same marginops as this process (installed or a source checkout)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(marginops.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", SCRIPT, backend], capture_output=True, text=True, check=True, cwd=cwd, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, backend], capture_output=True, text=True, check=True, cwd=cwd, env=child_env()
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_kib"]
 
 
