@@ -7,9 +7,11 @@ import os
 
 from setuptools import find_packages, setup
 
-PACKAGES = find_packages(include=["marginops", "marginops.*"]) + ["marginops._csrc", "marginops.triton_kernels"]
+# csrc/ ships as data of the (import-less) packages marginops._csrc[.cpu|.cuda], compiled on first use
+CSRC_PACKAGES = ["marginops._csrc", "marginops._csrc.cpu", "marginops._csrc.cuda"]
+PACKAGES = find_packages(include=["marginops", "marginops.*"]) + CSRC_PACKAGES + ["marginops.triton_kernels"]
 PACKAGE_DIR = {"marginops._csrc": "csrc", "marginops.triton_kernels": "triton_kernels"}
-PACKAGE_DATA = {"marginops._csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"]}
+PACKAGE_DATA = {name: ["*.cpp", "*.h", "*.cu", "*.cuh"] for name in CSRC_PACKAGES}
 
 
 def extensions():
