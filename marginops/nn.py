@@ -41,7 +41,8 @@ class MarginLoss(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes * rows_per_class, embedding_size).normal_(0.0, 0.01))
 
     def margin(self) -> margins.Margin:
-        raise NotImplementedError
+        """The margin spec of this step; stateless losses keep theirs in ``self._margin``."""
+        return self._margin
 
     def update_state(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Advance the margin's state (training mode only); stateless margins do nothing."""
@@ -78,17 +79,11 @@ class NormFaceLoss(MarginLoss):
         super().__init__(embedding_size, num_classes, **kwargs)
         self._margin = margins.NormFace(s)
 
-    def margin(self):
-        return self._margin
-
 
 class CosFaceLoss(MarginLoss):
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.35, **kwargs):
         super().__init__(embedding_size, num_classes, **kwargs)
         self._margin = margins.CosFace(s, m)
-
-    def margin(self):
-        return self._margin
 
 
 class ArcFaceLoss(MarginLoss):
@@ -105,9 +100,6 @@ class ArcFaceLoss(MarginLoss):
         super().__init__(embedding_size, num_classes, **kwargs)
         self._margin = margins.ArcFace(s, m, easy_margin, detach_margin)
 
-    def margin(self):
-        return self._margin
-
 
 class CombinedMarginLoss(MarginLoss):
     def __init__(
@@ -122,9 +114,6 @@ class CombinedMarginLoss(MarginLoss):
     ):
         super().__init__(embedding_size, num_classes, **kwargs)
         self._margin = margins.CombinedMargin(s, m1, m2, m3)
-
-    def margin(self):
-        return self._margin
 
 
 class SphereFaceLoss(MarginLoss):
@@ -209,9 +198,6 @@ class SubCenterArcFaceLoss(MarginLoss):
         super().__init__(embedding_size, num_classes, rows_per_class=k, **kwargs)
         self._margin = margins.SubCenterArcFace(s, m, k)
 
-    def margin(self):
-        return self._margin
-
     @torch.no_grad()
     def dominant_subcenters(self, embeddings: torch.Tensor, labels: torch.Tensor):
         """See marginops.margins.dominant_subcenters; counts over this batch."""
@@ -272,9 +258,6 @@ class MagFaceLoss(MarginLoss):
     ):
         super().__init__(embedding_size, num_classes, **kwargs)
         self._margin = margins.MagFace(s, l_a, u_a, l_m, u_m, lambda_g)
-
-    def margin(self):
-        return self._margin
 
 
 __all__ = [
