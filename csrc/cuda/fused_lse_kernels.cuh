@@ -461,7 +461,9 @@ __device__ __forceinline__ void bwd_tile_epilogue(typename Tr::acc_t* Ss, const 
       if (FOR_DX) {
         v *= a_scale[sl];
       } else {
-        srow[sl] = v * c;  // dcos * cos of this W row (0 elsewhere)
+        // dcos * cos of this W row; exactly 0 for the other subcenters (0 * c would turn a NaN / inf
+        // winning cosine into NaN in their Jacobian term).
+        srow[sl] = u == sub ? v * c : acc_t(0);
       }
       store_dcos<Tr>(hrow + sl, lrow + sl, v, split);
     }
