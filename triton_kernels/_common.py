@@ -60,6 +60,15 @@ def _load_k(ptrs, kk, D, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _split_tiles(N, pid_s, SPLITS, BLOCK_N: tl.constexpr):
+    """[t_lo, t_hi): the class tiles that split pid_s of SPLITS streams over (contiguous, in order)."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, SPLITS)
+    t_lo = pid_s * per_split
+    return t_lo, tl.minimum(t_lo + per_split, n_tiles)
+
+
+@triton.jit
 def _class_rows(ci_ptr, cols_ld, SUBC: tl.constexpr, HAS_CI: tl.constexpr):
     """First W row (subcenter 0) of the class of each (clamped, in-range) column, as int64: cls(j) * SUBC."""
     if HAS_CI:

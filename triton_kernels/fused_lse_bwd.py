@@ -44,7 +44,9 @@ this stays near 64 MB) or B x (D + 2) fp32 accumulators (atomic).
 import triton
 import triton.language as tl
 
-from ._common import _cast, _class_rows, _cos_tile, _load_k, _logits, _mma, _nontarget_phi, _row_inv_norm
+from ._common import (
+    _cast, _class_rows, _cos_tile, _load_k, _logits, _mma, _nontarget_phi, _row_inv_norm, _split_tiles,
+)
 
 
 @triton.jit
@@ -198,10 +200,7 @@ def _bwd_dx_kernel(
     dacc = tl.zeros((BLOCK_M, BLOCK_DV), acc_ty)
     gtl_acc = tl.zeros((BLOCK_M,), acc_ty)
     grs_acc = tl.zeros((BLOCK_M,), acc_ty)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, SPLITS)
-    t_lo = pid_s * per_split
-    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    t_lo, t_hi = _split_tiles(N, pid_s, SPLITS, BLOCK_N)
     for t in range(t_lo, t_hi):
         col0 = t * BLOCK_N
         col_mask = tl.arange(0, BLOCK_N) < N - col0

@@ -22,7 +22,7 @@ Memory beyond inputs/outputs: 4 x SPLITS x B partial values (m, l, best in the a
 import triton
 import triton.language as tl
 
-from ._common import _class_rows, _cos_tile, _logits, _nontarget_phi
+from ._common import _class_rows, _cos_tile, _logits, _nontarget_phi, _split_tiles
 
 
 @triton.jit
@@ -55,10 +55,7 @@ def _lse_fwd_kernel(
     best = tl.full((BLOCK_M,), float("-inf"), acc_ty)
     arg = tl.zeros((BLOCK_M,), tl.int64)
 
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, SPLITS)
-    t_lo = pid_s * per_split
-    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    t_lo, t_hi = _split_tiles(N, pid_s, SPLITS, BLOCK_N)
     for t in range(t_lo, t_hi):
         col0 = t * BLOCK_N
         col_mask = tl.arange(0, BLOCK_N) < N - col0
