@@ -93,13 +93,19 @@ def assert_close(name, actual, expected, rtol, atol):
 
 
 def assert_within_reference_error(name, actual, truth, same_dtype_reference, slack):
-    """DESIGN.md §4: error vs the float64 truth ≤ 2 × the same-dtype reference's error + slack."""
+    """DESIGN.md §4: error vs the float64 truth ≤ 2 × the same-dtype reference's error + slack.  Where the truth
+    is NaN or ±inf the result must be the same; a NaN where the truth is finite always fails."""
     actual, truth, ref = (t.detach().cpu().double() for t in (actual, truth, same_dtype_reference))
-    err = (actual - truth).abs()
-    allowed = 2.0 * (ref - truth).abs().max() + slack
-    bad = err > allowed
+    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    finite = torch.isfinite(truth)
+    ref_err = (ref - truth).abs()[finite]
+    assert bool(torch.isfinite(ref_err).all()), (
+        f"{name}: the same-dtype reference is not finite where the float64 truth is: the rule cannot be applied")
+    allowed = 2.0 * (float(ref_err.max()) if ref_err.numel() else 0.0) + slack
+    same_nonfinite = (actual.isnan() & truth.isnan()) | (actual == truth)
+    bad = torch.where(finite, ~((actual - truth).abs() <= allowed), ~same_nonfinite)
     if bool(bad.any()):
-        raise AssertionError(f"(allowed error {allowed.item():.3g}) " + report_mismatch(name, actual, truth, bad))
+        raise AssertionError(f"(allowed error {allowed:.3g}) " + report_mismatch(name, actual, truth, bad))
 
 
 def loss_and_grads(emb, weight, labels, margin, **kwargs):

@@ -17,25 +17,26 @@ import pytest
 import torch
 from helpers import assert_close
 from op_cases import (
+    F32_SLACK,
     FILTER_OFF,
-    NAMES,
     PRECISION_CONFIGS,
     TINY_SHAPES,
     Case,
-    assert_argmax_near_max,
-    assert_matches_float64,
     assert_same_bits,
-    assert_within_rule,
-    call_op,
     check_class_index_leaves_other_rows_zero,
-    check_common_bad_inputs,
+    check_cuda_bad_inputs,
+    check_deterministic_bitwise,
+    check_empty_batch,
+    check_fast_backward_single_rounding,
     check_float64_matches_reference,
     check_nan_input_propagates_to_lse,
     check_out_of_range_labels_are_only_compared,
+    check_tf32_opt_in,
     check_tiny_problems,
+    check_within_rule,
+    check_zero_norm_weight_rows,
     float64_grid,
     run_op,
-    run_reference,
 )
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
@@ -49,13 +50,6 @@ def ops():
 
     _build.load_cuda()
     return torch.ops.marginops
-
-
-def check_within_rule(ops, case, slack_rel, argmax_tol):
-    """The DESIGN.md §4 rule for every output, argmax within argmax_tol of a float64 maximum."""
-    ours = run_op(ops, case)
-    assert_within_rule(ours, case, slack_rel=slack_rel)
-    assert_argmax_near_max(ours[1], case, tol=argmax_tol)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -89,23 +83,13 @@ F32_IDS = ["plain", "k3_class_index", "curricular_filter", "many_splits", "d_chu
 
 @pytest.mark.parametrize("config", F32_CONFIGS, ids=F32_IDS)
 def test_float32_within_reference_error(ops, config):
-    check_within_rule(ops, Case(**config).on(torch.float32, DEV), slack_rel=1e-6, argmax_tol=1e-5)
+    check_within_rule(ops, Case(**config).on(torch.float32, DEV), slack_rel=F32_SLACK, argmax_tol=1e-5)
 
 
 @pytest.mark.parametrize("config", [dict(), dict(k=3, class_index=True, non_target=1, filter_threshold=0.2)],
                          ids=["plain", "k3_curricular_filter"])
 def test_tf32_opt_in(ops, monkeypatch, config):
-    monkeypatch.setenv("MARGINOPS_CUDA_TF32", "1")  # read by the op at each call
-    case = Case(B=70, D=64, C=900, **config).on(torch.float32, DEV)
-    ours = run_op(ops, case)
-    truth = run_reference(case.on_exact())
-    # TF32 rounds the operands to 10-bit mantissas: about 1e-3 relative on cosines, times s ~ 30 on logits.
-    for name, a, t in zip(NAMES, ours, truth):
-        if name == "argmax":
-            continue
-        scale = float(t.abs().max())
-        assert_close(name + " (tf32)", a, t.to(a.dtype), rtol=0.0, atol=5e-2 * scale + 1e-6)
-    assert_argmax_near_max(ours[1], case, tol=5e-3)
+    check_tf32_opt_in(ops, monkeypatch, Case(B=70, D=64, C=900, **config).on(torch.float32, DEV))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -123,48 +107,15 @@ def test_low_precision_within_reference_error(ops, dtype, config):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_fast_backward_single_rounding(ops, monkeypatch, dtype):
-    """MARGINOPS_CUDA_FAST_BWD=1 rounds dcos once to 16 bits: close to the default, not bitwise."""
     case = Case(B=70, D=64, C=900, non_target=1, filter_threshold=0.2).on(dtype, DEV)
-    default = run_op(ops, case)
-    monkeypatch.setenv("MARGINOPS_CUDA_FAST_BWD", "1")
-    fast = run_op(ops, case)
-    assert torch.equal(fast[0], default[0]) and torch.equal(fast[1], default[1]), "forward must not change"
-    for name, a, b in zip(NAMES[2:], fast[2:], default[2:]):
-        assert_close(name + " (fast bwd)", a, b, rtol=0.0, atol=2e-2 * float(b.abs().max()) + 1e-6)
+    check_fast_backward_single_rounding(ops, monkeypatch, case)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# edge cases
-# ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["f64", "f32", "bf16", "fp16"])
 @pytest.mark.parametrize("class_index", [False, True], ids=["all_classes", "class_index"])
 def test_zero_norm_weight_rows(ops, dtype, class_index):
-    zero = torch.tensor([0, 7, 123, 299])
-    case = Case(C=300, k=1, class_index=class_index, zero_rows=tuple(zero.tolist())).on(dtype, DEV)
-    ours = run_op(ops, case)
-    other = torch.ones(300, dtype=torch.bool)
-    other[zero] = False
-    for name, t in zip(NAMES, ours):
-        t = t[other] if name == "grad_weight" else t
-        assert bool(torch.isfinite(t).all()), f"{name}: zero-norm rows must leave the other results finite"
-    # Other rows: as usual (their scale is not swamped by the zero rows' huge gradients).
-    if dtype == torch.float64:
-        ref = run_reference(case)
-        assert_matches_float64(ours[:3] + ours[4:], ref[:3] + ref[4:])
-        assert_close("grad_weight (other rows)", ours[3][other], ref[3][other], rtol=1e-9,
-                     atol=1e-9 * float(ref[3][other].abs().max()))
-    else:
-        assert_within_rule(ours, case, slack_rel=1e-5, weight_rows=other)
-    # A zero row has cos = 0 and no projection term: its gradient is (sum_i dcos_i x_i) / eps, about 1e10
-    # here; fp16 cannot hold it (inf, as the reference run in fp16), the other dtypes agree with float64.
-    truth = run_reference(case.on_exact())[3][zero]
-    if dtype == torch.float16:
-        assert torch.equal(torch.isinf(ours[3][zero]), torch.isinf(run_reference(case)[3][zero]))
-    else:
-        tol = 1e-9 if dtype == torch.float64 else 1e-2
-        assert_close("grad_weight (zero rows)", ours[3][zero], truth.to(ours[3].dtype), rtol=tol,
-                     atol=tol * float(truth.abs().max()))
+    check_zero_norm_weight_rows(ops, dtype, class_index, DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
@@ -184,20 +135,11 @@ def test_out_of_range_labels_are_only_compared(ops):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
 def test_deterministic_bitwise(ops, dtype):
-    case = Case(B=150, D=64, C=30000, k=1, non_target=1, filter_threshold=0.2).on(dtype, DEV)
-    first = run_op(ops, case)
-    second = run_op(ops, case)
-    third = run_op(ops, case, deterministic=False)  # same code path: no float atomics anywhere
-    assert_same_bits(first, second, "between two identical runs")
-    assert_same_bits(first, third, "with deterministic=False")
+    check_deterministic_bitwise(ops, Case(B=150, D=64, C=30000, k=1, non_target=1, filter_threshold=0.2).on(dtype, DEV))
 
 
 def test_empty_batch(ops):
-    case = Case(B=0, C=50, none_every=0).on(torch.float32, DEV)
-    lse, argmax, gx, gw, gtl, grs = run_op(ops, case)
-    assert lse.shape == (0,) and argmax.shape == (0,) and gx.shape == case.x.shape
-    assert gw.shape == case.weight.shape and int(torch.count_nonzero(gw)) == 0
-    assert gtl.shape == (0,) and grs.shape == (0,)
+    check_empty_batch(ops, DEV)
 
 
 def test_runs_on_current_stream_and_device(ops):
@@ -210,22 +152,7 @@ def test_runs_on_current_stream_and_device(ops):
 
 
 def test_bad_inputs_raise_clear_errors(ops):
-    case = Case(C=50).on(torch.float32, DEV)
-    check_common_bad_inputs(ops, case, DEV, unsupported_dtype=torch.int32, other_float_dtype=torch.float64)
-
-    def call(**changes):
-        return call_op(ops, case, **changes)
-
-    with pytest.raises(RuntimeError, match="row_scale must have dtype"):
-        call(row_scale=case.row_scale.double())
-    with pytest.raises(RuntimeError, match="features"):
-        call(weight=case.weight[:, :-1].contiguous())
-    with pytest.raises(RuntimeError, match="contiguous"):
-        call(weight=case.weight.t().contiguous().t())
-    with pytest.raises(RuntimeError, match="subcenters must be in"):
-        call(subcenters=65 * 50, weight=case.weight.repeat(65, 1))
-    with pytest.raises(RuntimeError, match="threshold must be on"):
-        call(threshold=case.threshold.cpu())
+    check_cuda_bad_inputs(ops, DEV, other_device="cpu")
     torch.cuda.synchronize()  # nothing above may have left a sticky CUDA error
 
 

@@ -112,8 +112,10 @@ struct TrFp64 {
 };
 
 // ------------------------------------------------------------------------------------------------
-// cp.async (sm_80+) helpers
+// cp.async (sm_80+) helpers.  The CPU emulator of these kernels (tests/cuda_emu) cannot compile inline PTX
+// and supplies its own synchronous versions of these three functions.
 // ------------------------------------------------------------------------------------------------
+#ifndef MARGINOPS_CUDA_EMULATOR
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src) : "memory");
@@ -123,6 +125,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif  // MARGINOPS_CUDA_EMULATOR
 __device__ __forceinline__ void st_zero16(void* smem_dst) {
   *reinterpret_cast<int4*>(smem_dst) = make_int4(0, 0, 0, 0);
 }

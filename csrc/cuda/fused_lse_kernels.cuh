@@ -802,6 +802,17 @@ __global__ void fused_lse_bwd_reduce_rows_kernel(const FusedLseParams p) {
 // ------------------------------------------------------------------------------------------------
 // Host launchers (instantiated once per path in fused_lse_<dtype>.cu)
 // ------------------------------------------------------------------------------------------------
+// Every launch goes through here: launch on the given stream, then check it.  The CPU emulator of these
+// kernels (tests/cuda_emu) supplies its own launch_kernel that runs the grid on host threads.
+#ifndef MARGINOPS_CUDA_EMULATOR
+template <class... KArgs, class... Args>
+inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          const Args&... args) {
+  kernel<<<grid, block, smem, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif  // MARGINOPS_CUDA_EMULATOR
+
 template <class Kernel>
 inline int prepare_kernel(Kernel kernel, size_t smem, int threads, int* occupancy) {
   int dev = 0;
@@ -847,10 +858,8 @@ void run_forward(const FusedLseParams& p) {
   if (p.B == 0) return;
   prepare_kernel(fused_lse_fwd_kernel<Tr>, L::kBytes, L::NT, nullptr);
   const dim3 grid(ceil_div_u(p.B, L::BM), static_cast<unsigned int>(p.splits));
-  fused_lse_fwd_kernel<Tr><<<grid, L::NT, L::kBytes, p.stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  fused_lse_fwd_merge_kernel<typename Tr::acc_t><<<ceil_div_u(p.B, 256), 256, 0, p.stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(fused_lse_fwd_kernel<Tr>, grid, L::NT, L::kBytes, p.stream, p);
+  launch_kernel(fused_lse_fwd_merge_kernel<typename Tr::acc_t>, ceil_div_u(p.B, 256), 256, 0, p.stream, p);
 }
 
 template <class Tr>
@@ -863,23 +872,19 @@ void run_backward(const FusedLseParams& p) {
   if (p.N > 0 && p.D > 0) {
     prepare_kernel(fused_lse_bwd_w_kernel<Tr>, L::kBytes, L::NT, nullptr);
     const dim3 grid_w(ceil_div_u(p.N, cpt), static_cast<unsigned int>(p.dchunks));
-    fused_lse_bwd_w_kernel<Tr><<<grid_w, L::NT, L::kBytes, p.stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(fused_lse_bwd_w_kernel<Tr>, grid_w, L::NT, L::kBytes, p.stream, p);
   }
   prepare_kernel(fused_lse_bwd_x_kernel<Tr>, L::kBytes, L::NT, nullptr);
   const dim3 grid_x(ceil_div_u(p.B, L::BM), static_cast<unsigned int>(p.splits),
                     static_cast<unsigned int>(p.dchunks));
-  fused_lse_bwd_x_kernel<Tr><<<grid_x, L::NT, L::kBytes, p.stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(fused_lse_bwd_x_kernel<Tr>, grid_x, L::NT, L::kBytes, p.stream, p);
   const int64_t n = p.B * p.D;
   if (n > 0) {
     const int64_t blocks = (n + 255) / 256;
-    fused_lse_bwd_reduce_dx_kernel<Tr>
-        <<<static_cast<unsigned int>(blocks < 65536 ? blocks : 65536), 256, 0, p.stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(fused_lse_bwd_reduce_dx_kernel<Tr>, static_cast<unsigned int>(blocks < 65536 ? blocks : 65536),
+                  256, 0, p.stream, p);
   }
-  fused_lse_bwd_reduce_rows_kernel<typename Tr::acc_t><<<ceil_div_u(p.B, 256), 256, 0, p.stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(fused_lse_bwd_reduce_rows_kernel<typename Tr::acc_t>, ceil_div_u(p.B, 256), 256, 0, p.stream, p);
 }
 
 }  // namespace detail

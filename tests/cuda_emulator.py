@@ -1,0 +1,64 @@
+"""Build and load the CPU emulator of the CUDA kernels (tests/cuda_emu), for tests/test_cuda_emulated.py.
+
+The real csrc/cuda sources (kernels, launchers and the op layer in fused_lse_cuda.cpp) are compiled with the host
+compiler against the small emulated CUDA runtime in tests/cuda_emu/include: every CUDA thread is a host thread,
+barriers, shuffles, cp.async and WMMA are emulated (see tests/cuda_emu/include/cuda_runtime.h for what it checks).
+It is slow and meant for small shapes; it runs the CUDA code paths where no GPU exists.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent / "cuda_emu"
+REPO = HERE.parent.parent
+_module = None
+
+
+def build_dir(sanitize) -> Path:
+    root = os.environ.get("MARGINOPS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "marginops")
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    path = Path(root) / tag / ("cuda_emulator" + (f"_{sanitize}" if sanitize else ""))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load(sanitize=None, verbose: bool = False):
+    """The emulator module (fused_lse / fused_lse_backward on CPU tensors); compiled on first use (~1 min).
+    sanitize="address" / "thread" builds it with that sanitizer (the process must preload its runtime)."""
+    global _module
+    if _module is not None:
+        return _module
+    from torch.utils import cpp_extension
+
+    flags = ["-O2", "-pthread", "-fno-strict-aliasing"]
+    if sanitize:
+        flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
+    _module = cpp_extension.load(
+        name="marginops_cuda_emulator" + (f"_{sanitize}" if sanitize else ""),
+        sources=[str(HERE / f) for f in ("runtime.cpp", "paths_16bit.cpp", "paths_32bit.cpp", "ops.cpp")],
+        extra_include_paths=[str(HERE / "include"), str(REPO / "csrc" / "cuda"), str(REPO / "csrc")],
+        extra_cflags=flags,
+        extra_ldflags=["-pthread"] + ([f"-fsanitize={sanitize}"] if sanitize else []),
+        build_directory=str(build_dir(sanitize)),
+        verbose=verbose,
+    )
+    return _module
+
+
+class EmulatedOps:
+    """Stands in for torch.ops.marginops in the op-level test bodies (tests/op_cases.py): same call signatures,
+    CPU tensors in and out, executed by the CUDA kernels under the emulator."""
+
+    def __init__(self, module):
+        self._m = module
+
+    def fused_lse(self, *args):
+        return self._m.fused_lse(*args)
+
+    def fused_lse_backward(self, *args):
+        return self._m.fused_lse_backward(*args)
