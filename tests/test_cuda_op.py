@@ -105,7 +105,7 @@ def test_low_precision_within_reference_error(ops, dtype, config):
     check_within_rule(ops, Case(**config).on(dtype, DEV), slack_rel=1e-5, argmax_tol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float16], ids=["fp16"])  # bf16 always rounds once (to fp16)
 def test_fast_backward_single_rounding(ops, monkeypatch, dtype):
     case = Case(B=70, D=64, C=900, non_target=1, filter_threshold=0.2).on(dtype, DEV)
     check_fast_backward_single_rounding(ops, monkeypatch, case)

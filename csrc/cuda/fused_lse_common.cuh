@@ -64,50 +64,60 @@ __device__ __forceinline__ T neg_inf() {
 
 // ------------------------------------------------------------------------------------------------
 // Traits: one per KernelPath.
-//   io_t  : element type of x / weight / grad_x / grad_weight, and of the shared-memory operand tiles
+//   io_t  : element type of x / weight / grad_x / grad_weight, and of the S-product shared-memory tiles
 //   acc_t : accumulation type (fp32, or fp64 for fp64 inputs)
+//   Prod  : traits of the backward's dW / dX products (operand type Prod::io_t).  bf16 inputs use fp16
+//           operands there: dcos keeps 11 mantissa bits instead of 8 (x and the rescaled W rows convert
+//           exactly), which is accurate enough without a hi + lo split (tests/test_cuda_emulated.py)
 //   kTC   : tensor cores through WMMA (else the SIMT warp tile below)
 //   kTf32 : WMMA tf32 fragments (operands rounded to tf32 when loaded from shared memory)
-//   kSplit: backward dcos may be stored as a hi + lo pair of io_t (io_t is 16-bit)
-//   kScaleW: fp16 only: the dX product uses A = dcos * frac(1/n) and B = W * 2^exp(1/n) so that the
-//            fp16 operands cannot overflow for tiny-norm rows (see fused_lse_kernels.cuh, dX kernel)
+//   kSplit: backward dcos may be stored as a hi + lo pair of Prod::io_t (fp16 inputs)
+//   kScaleW: the dX product uses A = dcos * frac(1/n) and B = W * 2^exp(1/n), so that fp16 operands cannot
+//            overflow for tiny-norm rows (see fused_lse_kernels.cuh, dX kernel)
+//   kScaleDcos: fp16 products: dcos is multiplied by a power of two chosen from max |g * s| so that it
+//            fits the fp16 range whatever the upstream gradient (loss scaling included)
 //   KSTEP : WMMA k of one fragment;  BK: K (= D) chunk of one S-product stage;
 //   BKP   : K chunk (rows of X / W) of one dW / dX product stage;  DC: D columns a backward CTA owns
 //   kFwdMinBlocks: forward CTAs per SM the register allocation must allow (2 = at most 128 registers)
 // ------------------------------------------------------------------------------------------------
-struct TrBf16 {
-  using io_t = __nv_bfloat16;
-  using acc_t = float;
-  using wmma_t = __nv_bfloat16;
-  static constexpr bool kTC = true, kTf32 = false, kSplit = true, kScaleW = false;
-  static constexpr int KSTEP = 16, BK = 32, BKP = 16, kFwdMinBlocks = 2, DC = 512;
-};
 struct TrFp16 {
   using io_t = __half;
   using acc_t = float;
   using wmma_t = __half;
-  static constexpr bool kTC = true, kTf32 = false, kSplit = true, kScaleW = true;
+  using Prod = TrFp16;
+  static constexpr bool kTC = true, kTf32 = false, kSplit = true, kScaleW = true, kScaleDcos = true;
+  static constexpr int KSTEP = 16, BK = 32, BKP = 16, kFwdMinBlocks = 2, DC = 512;
+};
+struct TrBf16 {
+  using io_t = __nv_bfloat16;
+  using acc_t = float;
+  using wmma_t = __nv_bfloat16;
+  using Prod = TrFp16;
+  static constexpr bool kTC = true, kTf32 = false, kSplit = false, kScaleW = true, kScaleDcos = true;
   static constexpr int KSTEP = 16, BK = 32, BKP = 16, kFwdMinBlocks = 2, DC = 512;
 };
 struct TrTf32 {
   using io_t = float;
   using acc_t = float;
   using wmma_t = wmma::precision::tf32;
-  static constexpr bool kTC = true, kTf32 = true, kSplit = false, kScaleW = false;
+  using Prod = TrTf32;
+  static constexpr bool kTC = true, kTf32 = true, kSplit = false, kScaleW = false, kScaleDcos = false;
   static constexpr int KSTEP = 8, BK = 16, BKP = 16, kFwdMinBlocks = 2, DC = 512;
 };
 struct TrFp32 {
   using io_t = float;
   using acc_t = float;
   using wmma_t = float;  // unused
-  static constexpr bool kTC = false, kTf32 = false, kSplit = false, kScaleW = false;
+  using Prod = TrFp32;
+  static constexpr bool kTC = false, kTf32 = false, kSplit = false, kScaleW = false, kScaleDcos = false;
   static constexpr int KSTEP = 8, BK = 16, BKP = 16, kFwdMinBlocks = 1, DC = 512;
 };
 struct TrFp64 {
   using io_t = double;
   using acc_t = double;
   using wmma_t = double;  // unused
-  static constexpr bool kTC = false, kTf32 = false, kSplit = false, kScaleW = false;
+  using Prod = TrFp64;
+  static constexpr bool kTC = false, kTf32 = false, kSplit = false, kScaleW = false, kScaleDcos = false;
   static constexpr int KSTEP = 8, BK = 8, BKP = 8, kFwdMinBlocks = 1, DC = 128;
 };
 
@@ -163,17 +173,18 @@ __device__ __forceinline__ void load_rows(T* sm, int ld, RowFn row_ptr, int n_va
   }
 }
 
-// As load_rows, with row r multiplied by scale(r) (a power of two: exact unless the result leaves
-// the io_t range).  Plain loads (the values pass through registers).
-template <class T, int ROWS, int NT, class RowFn, class ScaleFn>
-__device__ __forceinline__ void load_rows_scaled(T* sm, int ld, RowFn row_ptr, ScaleFn scale, int n_valid,
-                                                 int n_fill) {
+// As load_rows, converting the source type S to the stage type T, with row r multiplied by scale(r) (a
+// power of two: exact unless the result leaves the T range).  Plain loads (the values pass through
+// registers).
+template <class S, class T, int ROWS, int NT, class RowFn, class ScaleFn>
+__device__ __forceinline__ void load_rows_convert(T* sm, int ld, RowFn row_ptr, ScaleFn scale, int n_valid,
+                                                  int n_fill) {
   if (n_fill <= 0) return;
   const int total = ROWS * n_fill;
   for (int e = threadIdx.x; e < total; e += NT) {
     const int r = e / n_fill;
     const int cc = e - r * n_fill;
-    const T* src = row_ptr(r);
+    const S* src = row_ptr(r);
     T v = Conv<T>::zero();
     if (src != nullptr && cc < n_valid) v = Conv<T>::from(to_acc(src[cc]) * scale(r));
     sm[r * ld + cc] = v;

@@ -5,8 +5,9 @@
 //
 // Environment switches (read per call):
 //   MARGINOPS_CUDA_TF32=1      float32 inputs use TF32 tensor cores (default: exact SIMT fp32)
-//   MARGINOPS_CUDA_FAST_BWD=1  bf16/fp16 backward rounds dcos once to 16 bits instead of the
-//                              fp32-accurate hi + lo pair (faster dW / dX products, less accurate)
+//   MARGINOPS_CUDA_FAST_BWD=1  fp16 backward rounds dcos once to fp16 instead of the fp32-accurate
+//                              hi + lo pair (faster dW / dX products, less accurate).  bf16 inputs always
+//                              use one fp16 rounding (see fused_lse_kernels.cuh), so it changes nothing there
 // `deterministic` is accepted for the schema but every mode here is deterministic: there are no float
 // atomics anywhere (see the comment at the top of fused_lse_kernels.cuh).
 #include <cstdlib>

@@ -33,14 +33,18 @@
 // (x2 on the dW / dX products with the default split dcos for 16-bit inputs, see below).
 //
 // Precision of dcos for bf16 / fp16 inputs.  The dW / dX products run on tensor cores, so dcos must
-// be a 16-bit operand.  By default it is stored as hi + lo (hi = round(v), lo = round(v - hi)) and
-// both halves are multiplied: the product is then fp32-accurate (same error class as the reference,
-// which upcasts to fp32), at twice the tensor-core work of those two products.  MARGINOPS_CUDA_FAST_BWD=1
-// keeps only hi (one rounding of dcos, as flash-attention does with dS).
-// fp16 range: the dX operand A = dcos / n_r could overflow for tiny-norm rows (1/n up to 1e12), so
-// fp16 uses A = dcos * f_r and B = w_r * 2^e_r with 1/n_r = f_r * 2^e_r, f_r in [0.5, 1): exact scaling,
-// |B| <= 2 |w_r / n_r|.  |dcos| = |g * p * s * dphi| must stay below 65504 for fp16 (g * s < ~2e4).
-//
+// be a 16-bit operand; both products use fp16 operands (Tr::Prod), also for bf16 inputs, where x and
+// the rescaled W rows (below) convert to fp16 exactly and dcos keeps 11 mantissa bits instead of bf16's 8:
+// within the DESIGN.md §4 bound with one rounding (tests/test_cuda_emulated.py measures it), so bf16 pays
+// one MMA per product step.  fp16 inputs have a reference 8x more precise to match: there dcos is stored as
+// hi + lo (hi = round(v), lo = round(v - hi)) and both halves are multiplied (fp32-accurate, twice the
+// tensor-core work of the two products); MARGINOPS_CUDA_FAST_BWD=1 keeps only hi.
+// fp16 range: dcos is multiplied by S = 2^(15 - e), 2^e > max_i |g_i * s_i| * max dphi (kScaleDcos, computed
+// by every backward CTA from grad_lse and row_scale; the products are divided by S in fp32), so
+// |S * dcos| < 2^15 for any upstream gradient.  The dX operand A = dcos / n_r could still overflow for
+// tiny-norm rows (1/n up to 1e12), so it uses A = dcos * f_r and B = w_r * 2^e_r with 1/n_r = f_r * 2^e_r,
+// f_r in [0.5, 1): exact scaling, |B| <= 2 |w_r / n_r|.
+
 // Indexing: every row * D offset is int64; labels are only compared with column indices; class_index
 // values outside [0, C_total) are skipped (the op layer and the Python layer reject them before the call).
 // Requires sm_80+ (cp.async, bf16 WMMA); the op layer checks the device.
@@ -88,6 +92,7 @@ struct RowSmem {
   int64_t label[BM];
   acc_t tl[BM], rs[BM], thr[BM], g[BM], lse[BM];
   acc_t grs[BM * 8], gtl[BM * 8];  // dX kernel: private per-thread accumulators (thread tid owns [tid])
+  acc_t dscale;                    // power of two applied to dcos in the products (kScaleDcos), else 1
 };
 
 template <class acc_t, int BM>
@@ -108,6 +113,7 @@ template <class Tr>
 struct BwdLayout {
   using io_t = typename Tr::io_t;
   using acc_t = typename Tr::acc_t;
+  using prod_t = typename Tr::Prod::io_t;  // operand type of the dW / dX products
   // 256 threads (8 warps), so that a thread may hold up to 255 registers: the dW / dX accumulators of a
   // 64 x DC tile take 64 * DC / 256 of them (128 for DC = 512 fp32).
   static constexpr int BM = kBwdBM, BN = kBwdBN, NT = 256;
@@ -121,17 +127,18 @@ struct BwdLayout {
   static constexpr int P_WARPS_N = 4, P_FM = 2, P_FN = DC / 64;
   static constexpr int PAD = 16 / static_cast<int>(sizeof(io_t));
   static constexpr int LDK = Tr::BK + PAD;     // S stage row stride
-  static constexpr int LDB = DC + PAD;         // product stage row stride
+  static constexpr int PADP = 16 / static_cast<int>(sizeof(prod_t));
+  static constexpr int LDB = DC + PADP;        // product stage row stride (prod_t)
   static constexpr int LDS = BN + 4;           // S tile (acc_t), = TPR (mod 32): conflict-free epilogue
-  static constexpr int LDD = BN + PAD;         // dcos tile (io_t)
+  static constexpr int LDD = BN + PADP;        // dcos tile (prod_t)
   static constexpr size_t kStageS = 2 * static_cast<size_t>(BM + BN) * LDK * sizeof(io_t);
-  static constexpr size_t kStageP = 2 * static_cast<size_t>(Tr::BKP) * LDB * sizeof(io_t);
+  static constexpr size_t kStageP = 2 * static_cast<size_t>(Tr::BKP) * LDB * sizeof(prod_t);
   static constexpr size_t kStaging = static_cast<size_t>(NWARPS) * 256 * sizeof(acc_t);
   static constexpr size_t kUnion = cmax(cmax(kStageS, kStageP), kStaging);
   static constexpr size_t kSsOff = align_up(kUnion, 128);
   static constexpr size_t kDchOff = align_up(kSsOff + static_cast<size_t>(BM) * LDS * sizeof(acc_t), 128);
-  static constexpr size_t kDclOff = align_up(kDchOff + static_cast<size_t>(BM) * LDD * sizeof(io_t), 128);
-  static constexpr size_t kDclBytes = Tr::kSplit ? static_cast<size_t>(BM) * LDD * sizeof(io_t) : 0;
+  static constexpr size_t kDclOff = align_up(kDchOff + static_cast<size_t>(BM) * LDD * sizeof(prod_t), 128);
+  static constexpr size_t kDclBytes = Tr::kSplit ? static_cast<size_t>(BM) * LDD * sizeof(prod_t) : 0;
   static constexpr size_t kWrowOff = align_up(kDclOff + kDclBytes, 128);
   static constexpr size_t kInvOff = align_up(kWrowOff + BN * sizeof(int64_t), 128);
   static constexpr size_t kAuxOff = kInvOff + BN * sizeof(acc_t);   // corr (dW) or A factor (dX)
@@ -394,39 +401,74 @@ __global__ void fused_lse_fwd_merge_kernel(const FusedLseParams p) {
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-// Store v into the dcos tile as hi (+ lo when split).
+// Store v into the dcos tile (product operand type) as hi (+ lo when split).
 template <class Tr>
-__device__ __forceinline__ void store_dcos(typename Tr::io_t* hi, typename Tr::io_t* lo, typename Tr::acc_t v,
-                                           bool split) {
-  using io_t = typename Tr::io_t;
+__device__ __forceinline__ void store_dcos(typename Tr::Prod::io_t* hi, typename Tr::Prod::io_t* lo,
+                                           typename Tr::acc_t v, bool split) {
+  using prod_t = typename Tr::Prod::io_t;
   if constexpr (Tr::kSplit) {
-    const io_t h = Conv<io_t>::from(v);
+    const prod_t h = Conv<prod_t>::from(v);
     *hi = h;
-    if (split) *lo = Conv<io_t>::from(v - to_acc(h));
+    if (split) *lo = Conv<prod_t>::from(v - to_acc(h));
   } else {
-    *hi = Conv<io_t>::from(v);
+    *hi = Conv<prod_t>::from(v);
   }
+}
+
+// The power of two S that dcos is multiplied by before it becomes an fp16 product operand (kScaleDcos;
+// 1 otherwise): |dcos| = |g * p * s * dphi| <= max_i |g_i s_i| * max dphi < 2^e, S = 2^(15 - e).  Every
+// backward CTA computes it from all rows (a few loads per row, order-independent: deterministic) and
+// leaves it in rsm->dscale.  Uses scratch[0 .. NT).  Ends with a __syncthreads.
+template <class Tr, int NT, class RowSmemT>
+__device__ __forceinline__ void compute_dcos_scale(const FusedLseParams& p, RowSmemT* rsm,
+                                                   typename Tr::acc_t* scratch) {
+  using acc_t = typename Tr::acc_t;
+  if constexpr (!Tr::kScaleDcos) {
+    if (threadIdx.x == 0) rsm->dscale = acc_t(1);
+  } else {
+    const acc_t* g = static_cast<const acc_t*>(p.grad_lse);
+    const acc_t* rs = static_cast<const acc_t*>(p.row_scale);
+    acc_t m = acc_t(0);
+    for (int64_t i = threadIdx.x; i < p.B; i += NT) m = fmax(m, fabs(g[i] * rs[i]));  // fmax drops NaN
+    scratch[threadIdx.x] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int t = 1; t < NT; ++t) m = fmax(m, scratch[t]);
+      const acc_t t_abs = fabs(static_cast<acc_t>(p.curricular_t));
+      m *= p.non_target == kCurricular ? t_abs + acc_t(2) : acc_t(1);  // max |dphi|
+      int e = 0;
+      acc_t scale = acc_t(1);
+      if (m > acc_t(0) && m < static_cast<acc_t>(INFINITY)) {
+        frexp(m, &e);  // m < 2^e
+        e = 15 - e;
+        scale = ldexp(acc_t(1), e < -100 ? -100 : (e > 100 ? 100 : e));
+      }
+      rsm->dscale = scale;
+    }
+  }
+  __syncthreads();
 }
 
 // dcos of one (row tile, class tile) from the recomputed raw dot products Ss.  Every slot of the
 // tile is written (zeros where nothing flows), so the MMA that follows can read the whole tile.
-//   FOR_DX = false (dW kernel): dcos tile = dc; Ss[row][slot] <- dc * cos (for the Jacobian term).
-//   FOR_DX = true  (dX kernel): dcos tile = dc * a_scale[slot] (1/n, or its fp16 fraction);
+//   FOR_DX = false (dW kernel): dcos tile = dc * S; Ss[row][slot] <- dc * cos (for the Jacobian term).
+//   FOR_DX = true  (dX kernel): dcos tile = dc * a_scale[slot] * S (a_scale: 1/n, or its fp16 fraction);
 //                               grs += dz * phi, gtl += g * p at the target column.
 template <class Tr, int BM, int BN, int TPR, int LDS, int LDD, bool FOR_DX>
 __device__ __forceinline__ void bwd_tile_epilogue(typename Tr::acc_t* Ss, const typename Tr::acc_t* inv_s,
                                                   const typename Tr::acc_t* a_scale, const int64_t* wrow_s,
-                                                  typename Tr::io_t* dch, typename Tr::io_t* dcl, bool split,
+                                                  typename Tr::Prod::io_t* dch, typename Tr::Prod::io_t* dcl, bool split,
                                                   int erow, int esub, bool erow_ok,
                                                   const RowSmem<typename Tr::acc_t, BM>* rsm,
                                                   const NonTargetParams<typename Tr::acc_t>& np, int64_t col0,
                                                   int cpt, int k, int64_t N, typename Tr::acc_t& grs,
                                                   typename Tr::acc_t& gtl) {
   using acc_t = typename Tr::acc_t;
-  using io_t = typename Tr::io_t;
+  using prod_t = typename Tr::Prod::io_t;
   acc_t* srow = Ss + erow * LDS;
-  io_t* hrow = dch + erow * LDD;
-  io_t* lrow = dcl + erow * LDD;
+  prod_t* hrow = dch + erow * LDD;
+  prod_t* lrow = dcl + erow * LDD;
+  const acc_t dscale = rsm->dscale;
   for (int q = esub; q * k < BN; q += TPR) {
     const int s0 = q * k;
     const int nsub = (BN - s0) < k ? (BN - s0) : k;
@@ -465,28 +507,32 @@ __device__ __forceinline__ void bwd_tile_epilogue(typename Tr::acc_t* Ss, const 
         // winning cosine into NaN in their Jacobian term).
         srow[sl] = u == sub ? v * c : acc_t(0);
       }
-      store_dcos<Tr>(hrow + sl, lrow + sl, v, split);
+      store_dcos<Tr>(hrow + sl, lrow + sl, v * dscale, split);
     }
   }
 }
 
 // acc ((16*FM) x (16*FN) warp tile at rows a_m0 of A, columns wn0 of B) += A[:, 0..KTOT) . Bstage, with the
-// B rows streamed from global memory in chunks of BKP rows (two cp.async stages).
-// brow(r) is the global address of row r's window (or nullptr), bscale(r) its power-of-two scale
-// (used only when SCALE_B).  Ends with a __syncthreads.
+// B rows streamed from global memory in chunks of BKP rows (two stages).  A and the stages hold the product
+// operand type Tr::Prod::io_t; brow(r) is the global address (io_t) of row r's window (or nullptr) and
+// bscale(r) its power-of-two scale (SCALE_B).  Rows that need a conversion or a scale are staged with plain
+// loads, the others with cp.async.  Ends with a __syncthreads.
 template <class Tr, int KTOT, int NT, int LDB, bool A_ROW, bool SCALE_B, class Warp, class RowFn, class ScaleFn>
-__device__ __forceinline__ void product_loop(Warp& acc, const typename Tr::io_t* A, const typename Tr::io_t* A2,
-                                             int lda, int a_m0, typename Tr::io_t* Bs, RowFn brow,
-                                             ScaleFn bscale, int n_valid, int n_fill, bool vec, int wn0) {
+__device__ __forceinline__ void product_loop(Warp& acc, const typename Tr::Prod::io_t* A,
+                                             const typename Tr::Prod::io_t* A2, int lda, int a_m0,
+                                             typename Tr::Prod::io_t* Bs, RowFn brow, ScaleFn bscale, int n_valid,
+                                             int n_fill, bool vec, int wn0) {
   using io_t = typename Tr::io_t;
+  using prod_t = typename Tr::Prod::io_t;
+  constexpr bool kConvert = SCALE_B || !std::is_same<io_t, prod_t>::value;
   constexpr int BKP = Tr::BKP;
   constexpr int NKK = KTOT / BKP;
   auto load_stage = [&](int stage, int kk) {
-    io_t* dst = Bs + stage * BKP * LDB;
+    prod_t* dst = Bs + stage * BKP * LDB;
     auto rowfn = [&](int r) -> const io_t* { return brow(kk * BKP + r); };
-    if constexpr (SCALE_B) {
-      load_rows_scaled<io_t, BKP, NT>(dst, LDB, rowfn, [&](int r) { return bscale(kk * BKP + r); }, n_valid,
-                                      n_fill);
+    if constexpr (kConvert) {
+      load_rows_convert<io_t, prod_t, BKP, NT>(
+          dst, LDB, rowfn, [&](int r) { return SCALE_B ? bscale(kk * BKP + r) : 1.0f; }, n_valid, n_fill);
     } else {
       load_rows<io_t, BKP, NT>(dst, LDB, rowfn, n_valid, n_fill, vec);
     }
@@ -503,7 +549,7 @@ __device__ __forceinline__ void product_loop(Warp& acc, const typename Tr::io_t*
       cp_async_wait<0>();
     }
     __syncthreads();
-    const io_t* bs = Bs + (kk & 1) * BKP * LDB;
+    const prod_t* bs = Bs + (kk & 1) * BKP * LDB;
     const int a_off = A_ROW ? a_m0 * lda + kk * BKP : (kk * BKP) * lda + a_m0;
     acc.template mma<BKP, A_ROW, true>(A + a_off, A2 != nullptr ? A2 + a_off : nullptr, lda, bs + wn0, LDB,
                                        n_fill - wn0);
@@ -517,17 +563,18 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
   using L = BwdLayout<Tr>;
   using io_t = typename Tr::io_t;
   using acc_t = typename Tr::acc_t;
+  using prod_t = typename L::prod_t;
   constexpr int BM = L::BM, BN = L::BN, NT = L::NT, TPR = L::TPR, TPS = L::TPS;
   constexpr int LDK = L::LDK, LDB = L::LDB, LDS = L::LDS, LDD = L::LDD, DC = L::DC;
 
   extern __shared__ __align__(128) unsigned char smem[];
   io_t* Xs = reinterpret_cast<io_t*>(smem);
   io_t* Ws = Xs + 2 * BM * LDK;
-  io_t* Bs = reinterpret_cast<io_t*>(smem);     // product stages (alias the S stages)
+  prod_t* Bs = reinterpret_cast<prod_t*>(smem);  // product stages (alias the S stages)
   acc_t* stg = reinterpret_cast<acc_t*>(smem);  // final staging (aliases both)
   acc_t* Ss = reinterpret_cast<acc_t*>(smem + L::kSsOff);
-  io_t* dch = reinterpret_cast<io_t*>(smem + L::kDchOff);
-  io_t* dcl = reinterpret_cast<io_t*>(smem + L::kDclOff);
+  prod_t* dch = reinterpret_cast<prod_t*>(smem + L::kDchOff);
+  prod_t* dcl = reinterpret_cast<prod_t*>(smem + L::kDclOff);
   int64_t* wrow_s = reinterpret_cast<int64_t*>(smem + L::kWrowOff);
   acc_t* inv_s = reinterpret_cast<acc_t*>(smem + L::kInvOff);
   acc_t* corr_s = reinterpret_cast<acc_t*>(smem + L::kAuxOff);
@@ -549,11 +596,11 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
 
   setup_slots<BN, NT>(wrow_s, p, col0, p.cpt_bwd);
   if (tid < BN) corr_s[tid] = acc_t(0);
-  __syncthreads();
+  compute_dcos_scale<Tr, NT>(p, rsm, sq_s);  // ends with a __syncthreads
 
   WarpMma<Tr, L::S_FM, L::S_FN> sw;
   const int s_m0 = (warp / L::S_WARPS_N) * 16 * L::S_FM, s_n0 = (warp % L::S_WARPS_N) * 16 * L::S_FN;
-  WarpMma<Tr, L::P_FM, L::P_FN> dw;  // rows = slots, columns = d0 + ...
+  WarpMma<typename Tr::Prod, L::P_FM, L::P_FN> dw;  // rows = slots, columns = d0 + ...
   const int w_m0 = (warp / L::P_WARPS_N) * 16 * L::P_FM, w_n0 = (warp % L::P_WARPS_N) * (DC / L::P_WARPS_N);
   dw.zero();
 
@@ -604,8 +651,9 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
   }
   __syncthreads();
 
-  // grad_weight = acc / n - corr * w / n^2 (projection term only when ||w|| > eps).
+  // grad_weight = acc / (S n) - corr * w / n^2 (projection term only when ||w|| > eps).
   io_t* gw = static_cast<io_t*>(p.grad_weight);
+  const acc_t unscale = acc_t(1) / rsm->dscale;  // exact: a power of two
   acc_t* my = stg + warp * 256;
   const int r = lane >> 1, cb = (lane & 1) * 8;
 #pragma unroll
@@ -620,13 +668,14 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
         __syncwarp();
         if (wr >= 0) {
           const acc_t inv = inv_s[slot];
+          const acc_t inv_acc = inv * unscale;
           const acc_t corr = proj_s[slot] != acc_t(0) ? corr_s[slot] : acc_t(0);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             const int64_t d = d0 + n0 + cb + e;
             if (d < D) {
               const acc_t wv = to_acc(w[wr * D + d]);
-              const acc_t val = my[r * 16 + cb + e] * inv - corr * wv * inv * inv;
+              const acc_t val = my[r * 16 + cb + e] * inv_acc - corr * wv * inv * inv;
               gw[wr * D + d] = Conv<io_t>::from(val);
             }
           }
@@ -643,17 +692,18 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
   using L = BwdLayout<Tr>;
   using io_t = typename Tr::io_t;
   using acc_t = typename Tr::acc_t;
+  using prod_t = typename L::prod_t;
   constexpr int BM = L::BM, BN = L::BN, NT = L::NT, TPR = L::TPR, TPS = L::TPS;
   constexpr int LDK = L::LDK, LDB = L::LDB, LDS = L::LDS, LDD = L::LDD, DC = L::DC;
 
   extern __shared__ __align__(128) unsigned char smem[];
   io_t* Xs = reinterpret_cast<io_t*>(smem);
   io_t* Ws = Xs + 2 * BM * LDK;
-  io_t* Bs = reinterpret_cast<io_t*>(smem);
+  prod_t* Bs = reinterpret_cast<prod_t*>(smem);
   acc_t* stg = reinterpret_cast<acc_t*>(smem);
   acc_t* Ss = reinterpret_cast<acc_t*>(smem + L::kSsOff);
-  io_t* dch = reinterpret_cast<io_t*>(smem + L::kDchOff);
-  io_t* dcl = reinterpret_cast<io_t*>(smem + L::kDclOff);
+  prod_t* dch = reinterpret_cast<prod_t*>(smem + L::kDchOff);
+  prod_t* dcl = reinterpret_cast<prod_t*>(smem + L::kDclOff);
   int64_t* wrow_s = reinterpret_cast<int64_t*>(smem + L::kWrowOff);
   acc_t* inv_s = reinterpret_cast<acc_t*>(smem + L::kInvOff);
   acc_t* ascale_s = reinterpret_cast<acc_t*>(smem + L::kAuxOff);
@@ -680,10 +730,11 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
   const NonTargetParams<acc_t> np{p.non_target, static_cast<acc_t>(p.curricular_t), static_cast<acc_t>(p.filter)};
   rsm->grs[tid] = acc_t(0);  // private per-thread accumulators
   rsm->gtl[tid] = acc_t(0);
+  compute_dcos_scale<Tr, NT>(p, rsm, sq_s);  // ends with a __syncthreads
 
   WarpMma<Tr, L::S_FM, L::S_FN> sw;
   const int s_m0 = (warp / L::S_WARPS_N) * 16 * L::S_FM, s_n0 = (warp % L::S_WARPS_N) * 16 * L::S_FN;
-  WarpMma<Tr, L::P_FM, L::P_FN> dx;  // rows = x rows, columns = d0 + ...
+  WarpMma<typename Tr::Prod, L::P_FM, L::P_FN> dx;  // rows = x rows, columns = d0 + ...
   const int x_m0 = (warp / L::P_WARPS_N) * 16 * L::P_FM, x_n0 = (warp % L::P_WARPS_N) * (DC / L::P_WARPS_N);
   dx.zero();
 
@@ -732,6 +783,7 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
 
   // Partial dX of this split (every element of the row tile x D chunk is written, zeros included).
   acc_t* pdx = static_cast<acc_t*>(p.part_dx);
+  const acc_t unscale = acc_t(1) / rsm->dscale;  // exact: a power of two
   acc_t* my = stg + warp * 256;
   const int r = lane >> 1, cb = (lane & 1) * 8;
 #pragma unroll
@@ -748,7 +800,7 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             const int64_t d = d0 + n0 + cb + e;
-            if (d < D) pdx[base + d] = my[r * 16 + cb + e];
+            if (d < D) pdx[base + d] = my[r * 16 + cb + e] * unscale;
           }
         }
         __syncwarp();

@@ -53,7 +53,7 @@ struct FusedLseParams {
   int non_target = 0;       // 0 plain, 1 CurricularFace
   double filter = 2.0;      // inter-class filter threshold (2 = off)
   bool vec = false;         // 16-byte global loads allowed (D * elem % 16 == 0 and 16-byte aligned bases)
-  bool split_dcos = true;   // bf16/fp16 backward: dcos as hi + lo 16-bit pair (fp32-accurate) vs one rounding
+  bool split_dcos = true;   // fp16 backward: dcos as hi + lo fp16 pair (fp32-accurate) vs one rounding
   int splits = 1;           // class splits (forward and backward-dX grids)
   int dchunks = 1;          // backward D chunks
 
