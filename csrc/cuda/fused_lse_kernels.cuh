@@ -155,6 +155,66 @@ struct BwdLayout {
   static_assert(DC % 64 == 0, "D chunk");
 };
 
+// The shared-memory map of both backward kernels (offsets in BwdLayout).  The S stages, the product stages
+// and the final staging alias one region: each is used only after the previous one is done.
+template <class Tr>
+struct BwdSmem {
+  using L = BwdLayout<Tr>;
+  using io_t = typename Tr::io_t;
+  using acc_t = typename Tr::acc_t;
+  using prod_t = typename L::prod_t;
+  io_t* Xs;      // S stages: x rows, then W rows
+  io_t* Ws;
+  prod_t* Bs;    // product stages
+  acc_t* stg;    // final accumulator staging, 256 values per warp
+  acc_t* Ss;     // S tile
+  prod_t* dch;   // dcos tile (hi) and its lo half
+  prod_t* dcl;
+  int64_t* wrow_s;  // slot -> W row
+  acc_t* inv_s;     // slot -> 1 / n
+  acc_t* aux_s;     // dW: corr per slot;            dX: A factor per slot
+  acc_t* aux2_s;    // dW: projection flag per slot; dX: B scale per slot
+  RowSmem<acc_t, L::BM>* rsm;
+  acc_t* sq_s;      // per-thread scratch (sums of squares)
+
+  __device__ __forceinline__ explicit BwdSmem(unsigned char* base)
+      : Xs(reinterpret_cast<io_t*>(base)),
+        Ws(reinterpret_cast<io_t*>(base) + 2 * L::BM * L::LDK),
+        Bs(reinterpret_cast<prod_t*>(base)),
+        stg(reinterpret_cast<acc_t*>(base)),
+        Ss(reinterpret_cast<acc_t*>(base + L::kSsOff)),
+        dch(reinterpret_cast<prod_t*>(base + L::kDchOff)),
+        dcl(reinterpret_cast<prod_t*>(base + L::kDclOff)),
+        wrow_s(reinterpret_cast<int64_t*>(base + L::kWrowOff)),
+        inv_s(reinterpret_cast<acc_t*>(base + L::kInvOff)),
+        aux_s(reinterpret_cast<acc_t*>(base + L::kAuxOff)),
+        aux2_s(reinterpret_cast<acc_t*>(base + L::kAux2Off)),
+        rsm(reinterpret_cast<RowSmem<acc_t, L::BM>*>(base + L::kRowOff)),
+        sq_s(reinterpret_cast<acc_t*>(base + L::kSqOff)) {}
+};
+
+// Hand a warp's (16*FM) x (16*FN) accumulator tile, one 16 x 16 fragment at a time through the warp's
+// 256-value staging slot `my`, to emit(row, col, vals): the lane's row of the fragment (row m0 + ..), its 8
+// consecutive columns starting at col (n0 + ..) and their values.  Fragments at columns >= n_fill are skipped.
+template <int FM, int FN, class Warp, class acc_t, class Emit>
+__device__ __forceinline__ void drain_accumulator(const Warp& acc, acc_t* my, int m0, int n0, int n_fill, Emit emit) {
+  const int lane = threadIdx.x & 31;
+  const int r = lane >> 1, cb = (lane & 1) * 8;
+#pragma unroll
+  for (int fm = 0; fm < FM; ++fm) {
+#pragma unroll
+    for (int fn = 0; fn < FN; ++fn) {
+      const int nf = n0 + fn * 16;
+      if (nf < n_fill) {
+        acc.store_frag(my, 16, fm, fn);
+        __syncwarp();
+        emit(m0 + fm * 16 + r, nf + cb, my + r * 16 + cb);
+        __syncwarp();
+      }
+    }
+  }
+}
+
 // Per-row scalars the epilogues need (one row per thread group).
 template <class acc_t>
 struct RowInfo {
@@ -568,23 +628,17 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
   constexpr int LDK = L::LDK, LDB = L::LDB, LDS = L::LDS, LDD = L::LDD, DC = L::DC;
 
   extern __shared__ __align__(128) unsigned char smem[];
-  io_t* Xs = reinterpret_cast<io_t*>(smem);
-  io_t* Ws = Xs + 2 * BM * LDK;
-  prod_t* Bs = reinterpret_cast<prod_t*>(smem);  // product stages (alias the S stages)
-  acc_t* stg = reinterpret_cast<acc_t*>(smem);  // final staging (aliases both)
-  acc_t* Ss = reinterpret_cast<acc_t*>(smem + L::kSsOff);
-  prod_t* dch = reinterpret_cast<prod_t*>(smem + L::kDchOff);
-  prod_t* dcl = reinterpret_cast<prod_t*>(smem + L::kDclOff);
-  int64_t* wrow_s = reinterpret_cast<int64_t*>(smem + L::kWrowOff);
-  acc_t* inv_s = reinterpret_cast<acc_t*>(smem + L::kInvOff);
-  acc_t* corr_s = reinterpret_cast<acc_t*>(smem + L::kAuxOff);
-  acc_t* proj_s = reinterpret_cast<acc_t*>(smem + L::kAux2Off);
-  RowSmem<acc_t, BM>* rsm = reinterpret_cast<RowSmem<acc_t, BM>*>(smem + L::kRowOff);
-  acc_t* sq_s = reinterpret_cast<acc_t*>(smem + L::kSqOff);
+  const BwdSmem<Tr> sm(smem);
+  io_t *Xs = sm.Xs, *Ws = sm.Ws;
+  prod_t *Bs = sm.Bs, *dch = sm.dch, *dcl = sm.dcl;
+  acc_t *Ss = sm.Ss, *inv_s = sm.inv_s, *sq_s = sm.sq_s;
+  acc_t* corr_s = sm.aux_s;
+  acc_t* proj_s = sm.aux2_s;
+  const int64_t* wrow_s = sm.wrow_s;
+  RowSmem<acc_t, BM>* rsm = sm.rsm;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
-  const int lane = tid & 31;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * p.cpt_bwd;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * DC;
   const int64_t D = p.D;
@@ -594,7 +648,7 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
   const io_t* x = static_cast<const io_t*>(p.x);
   const io_t* w = static_cast<const io_t*>(p.weight);
 
-  setup_slots<BN, NT>(wrow_s, p, col0, p.cpt_bwd);
+  setup_slots<BN, NT>(sm.wrow_s, p, col0, p.cpt_bwd);
   if (tid < BN) corr_s[tid] = acc_t(0);
   compute_dcos_scale<Tr, NT>(p, rsm, sq_s);  // ends with a __syncthreads
 
@@ -654,36 +708,22 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
   // grad_weight = acc / (S n) - corr * w / n^2 (projection term only when ||w|| > eps).
   io_t* gw = static_cast<io_t*>(p.grad_weight);
   const acc_t unscale = acc_t(1) / rsm->dscale;  // exact: a power of two
-  acc_t* my = stg + warp * 256;
-  const int r = lane >> 1, cb = (lane & 1) * 8;
-#pragma unroll
-  for (int fm = 0; fm < L::P_FM; ++fm) {
-    const int slot = w_m0 + fm * 16 + r;
+  drain_accumulator<L::P_FM, L::P_FN>(dw, sm.stg + warp * 256, w_m0, w_n0, n_fill,
+                                      [&](int slot, int col, const acc_t* vals) {
     const int64_t wr = wrow_s[slot];
+    if (wr < 0) return;
+    const acc_t inv = inv_s[slot];
+    const acc_t inv_acc = inv * unscale;
+    const acc_t corr = proj_s[slot] != acc_t(0) ? corr_s[slot] : acc_t(0);
 #pragma unroll
-    for (int fn = 0; fn < L::P_FN; ++fn) {
-      const int n0 = w_n0 + fn * 16;
-      if (n0 < n_fill) {
-        dw.store_frag(my, 16, fm, fn);
-        __syncwarp();
-        if (wr >= 0) {
-          const acc_t inv = inv_s[slot];
-          const acc_t inv_acc = inv * unscale;
-          const acc_t corr = proj_s[slot] != acc_t(0) ? corr_s[slot] : acc_t(0);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const int64_t d = d0 + n0 + cb + e;
-            if (d < D) {
-              const acc_t wv = to_acc(w[wr * D + d]);
-              const acc_t val = my[r * 16 + cb + e] * inv_acc - corr * wv * inv * inv;
-              gw[wr * D + d] = Conv<io_t>::from(val);
-            }
-          }
-        }
-        __syncwarp();
+    for (int e = 0; e < 8; ++e) {
+      const int64_t d = d0 + col + e;
+      if (d < D) {
+        const acc_t wv = to_acc(w[wr * D + d]);
+        gw[wr * D + d] = Conv<io_t>::from(vals[e] * inv_acc - corr * wv * inv * inv);
       }
     }
-  }
+  });
 }
 
 // dX partial (and row-gradient partials) for one row tile, one class split and one D chunk.
@@ -697,23 +737,17 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
   constexpr int LDK = L::LDK, LDB = L::LDB, LDS = L::LDS, LDD = L::LDD, DC = L::DC;
 
   extern __shared__ __align__(128) unsigned char smem[];
-  io_t* Xs = reinterpret_cast<io_t*>(smem);
-  io_t* Ws = Xs + 2 * BM * LDK;
-  prod_t* Bs = reinterpret_cast<prod_t*>(smem);
-  acc_t* stg = reinterpret_cast<acc_t*>(smem);
-  acc_t* Ss = reinterpret_cast<acc_t*>(smem + L::kSsOff);
-  prod_t* dch = reinterpret_cast<prod_t*>(smem + L::kDchOff);
-  prod_t* dcl = reinterpret_cast<prod_t*>(smem + L::kDclOff);
-  int64_t* wrow_s = reinterpret_cast<int64_t*>(smem + L::kWrowOff);
-  acc_t* inv_s = reinterpret_cast<acc_t*>(smem + L::kInvOff);
-  acc_t* ascale_s = reinterpret_cast<acc_t*>(smem + L::kAuxOff);
-  acc_t* bscale_s = reinterpret_cast<acc_t*>(smem + L::kAux2Off);
-  RowSmem<acc_t, BM>* rsm = reinterpret_cast<RowSmem<acc_t, BM>*>(smem + L::kRowOff);
-  acc_t* sq_s = reinterpret_cast<acc_t*>(smem + L::kSqOff);
+  const BwdSmem<Tr> sm(smem);
+  io_t *Xs = sm.Xs, *Ws = sm.Ws;
+  prod_t *Bs = sm.Bs, *dch = sm.dch, *dcl = sm.dcl;
+  acc_t *Ss = sm.Ss, *inv_s = sm.inv_s, *sq_s = sm.sq_s;
+  acc_t* ascale_s = sm.aux_s;
+  acc_t* bscale_s = sm.aux2_s;
+  int64_t* wrow_s = sm.wrow_s;
+  RowSmem<acc_t, BM>* rsm = sm.rsm;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
-  const int lane = tid & 31;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int split_id = blockIdx.y;
   const int64_t d0 = static_cast<int64_t>(blockIdx.z) * DC;
@@ -784,29 +818,17 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
   // Partial dX of this split (every element of the row tile x D chunk is written, zeros included).
   acc_t* pdx = static_cast<acc_t*>(p.part_dx);
   const acc_t unscale = acc_t(1) / rsm->dscale;  // exact: a power of two
-  acc_t* my = stg + warp * 256;
-  const int r = lane >> 1, cb = (lane & 1) * 8;
+  drain_accumulator<L::P_FM, L::P_FN>(dx, sm.stg + warp * 256, x_m0, x_n0, n_fill,
+                                      [&](int row, int col, const acc_t* vals) {
+    const int64_t i = i0 + row;
+    if (i >= p.B) return;
+    const int64_t base = (static_cast<int64_t>(split_id) * p.B + i) * D;
 #pragma unroll
-  for (int fm = 0; fm < L::P_FM; ++fm) {
-    const int64_t i = i0 + x_m0 + fm * 16 + r;
-#pragma unroll
-    for (int fn = 0; fn < L::P_FN; ++fn) {
-      const int n0 = x_n0 + fn * 16;
-      if (n0 < n_fill) {
-        dx.store_frag(my, 16, fm, fn);
-        __syncwarp();
-        if (i < p.B) {
-          const int64_t base = (static_cast<int64_t>(split_id) * p.B + i) * D;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const int64_t d = d0 + n0 + cb + e;
-            if (d < D) pdx[base + d] = my[r * 16 + cb + e] * unscale;
-          }
-        }
-        __syncwarp();
-      }
+    for (int e = 0; e < 8; ++e) {
+      const int64_t d = d0 + col + e;
+      if (d < D) pdx[base + d] = vals[e] * unscale;
     }
-  }
+  });
 
   // Row-gradient partials: sum the TPR threads of a row (fixed butterfly), D chunk 0 writes.
   acc_t grs = rsm->grs[tid], gtl = rsm->gtl[tid];
