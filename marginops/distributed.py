@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops, reference
+from .functional import make_stats
 from ._validation import REDUCTIONS, check_backend_fits, check_label_values
 from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype
 
@@ -301,7 +302,11 @@ class DistributedMarginLoss(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, return_stats: bool = False):
+        """The loss over the global batch (the same value on every rank).  return_stats: also return
+        ``MarginStats`` of the global batch (rows in rank order: this rank's rows are
+        ``[sum(sizes[:rank]), sum(sizes[:rank + 1]))``), identical on every rank; ``predicted`` is the global
+        class of the highest raw cosine over every shard's columns (the sampled ones under Partial FC)."""
         group, world, rank = self.process_group, self.world_size, self.rank
         weight = self.weight
         device = weight.device
@@ -383,8 +388,9 @@ class DistributedMarginLoss(nn.Module):
         self.weight_index = class_index
         filtering = self.interclass_filtering_threshold
         filter_threshold = filtering if filtering > 0 else FILTER_OFF
+        argmax_local = None
         if have_rows and (class_index is None or class_index.numel() > 0):
-            lse_local, _ = ops.fused_lse(
+            lse_local, argmax_local = ops.fused_lse(
                 backend,
                 x_hat.to(weight.dtype),
                 weight,
@@ -410,7 +416,31 @@ class DistributedMarginLoss(nn.Module):
         if extra is not None:
             loss = loss + shared[1]
         loss = torch.where(valid, loss, zero)
-        return reference.reduce_loss(loss, valid, self.reduction).to(weight.dtype)
+        reduced = reference.reduce_loss(loss, valid, self.reduction).to(weight.dtype)
+        if not return_stats:
+            return reduced
+        with torch.no_grad():
+            predicted = self._global_prediction(x_hat, argmax_local, class_index)
+            stats = make_stats(lse.detach(), torch.where(valid, cos_target, zero), predicted, labels, valid)
+        return reduced, stats
+
+    def _global_prediction(self, x_hat, argmax_local, class_index):
+        """Global class of each row's highest raw cosine: every rank scores its own best column (the op's
+        arg-max), one all-gather, then the best over ranks (ties to the lower class, as the op does)."""
+        B, k = x_hat.shape[0], self.margin.subcenters
+        best = torch.full((B,), float("-inf"), dtype=x_hat.dtype, device=x_hat.device)
+        cls = torch.zeros((B,), dtype=torch.long, device=x_hat.device)
+        if argmax_local is not None:
+            local = argmax_local if class_index is None else class_index[argmax_local]
+            w_rows = (local[:, None] * k + torch.arange(k, device=local.device)).reshape(-1)
+            w = self.weight.detach().index_select(0, w_rows).to(x_hat.dtype).reshape(B, k, -1)
+            cos = (x_hat[:, None, :] * w).sum(2) / torch.linalg.vector_norm(w, dim=2).clamp_min(NORM_EPS)
+            best, cls = cos.max(dim=1).values, local + self.class_start
+        sizes = [B] * self.world_size
+        best_all = _gather_rows(best, sizes, self.process_group).reshape(self.world_size, B)
+        cls_all = _gather_rows(cls, sizes, self.process_group).reshape(self.world_size, B)
+        winner = best_all.argmax(dim=0)  # first maximum: the lower rank, so the lower class; NaN wins
+        return cls_all.gather(0, winner[None, :]).squeeze(0)
 
     def _target_cosines(self, x_hat, local_labels, rows_mask, subcenters):
         """c_iy for the rows in rows_mask (labels local to the shard, max over sub-centers), 0 elsewhere."""

@@ -333,6 +333,27 @@ def case_insightface_partial_fc_v2(rank, world, backend):
           atol=1e-9)
 
 
+def case_return_stats_equal_single_process(rank, world, backend):
+    """return_stats: global-batch lse, target cosine, prediction (incl. a row whose best class sits on another
+    rank than its label, and ties) and accuracy equal the single-process head's."""
+    sizes = [5, 3, 4][:world]
+    classes = 17
+    emb, weight, labels = problem(31, sum(sizes), 8, classes, ignore=(2,))
+    weight[9] = weight[4]  # an exact tie between classes on (with 2-3 ranks) different shards: lower class wins
+    emb[6] = weight[4] / weight[4].norm()
+    margin = marginops.CosFace(s=16.0, m=0.2)
+    module = make_module(margin, weight, backend)
+    lo, hi = offsets(sizes, rank)
+    loss, stats = module(emb[lo:hi], labels[lo:hi], return_stats=True)
+    ref_loss, ref = marginops.margin_cross_entropy(emb, weight, labels, margin, backend="reference", return_stats=True)
+    close("loss", loss, ref_loss)
+    close("lse", stats.lse, ref.lse)
+    close("cos_target", stats.cos_target, ref.cos_target)
+    assert torch.equal(stats.predicted, ref.predicted), f"{stats.predicted.tolist()} vs {ref.predicted.tolist()}"
+    assert int(stats.predicted[6]) == 4
+    close("accuracy", stats.accuracy, ref.accuracy)
+
+
 def case_bad_input_raises_on_every_rank(rank, world, backend):
     sizes = [3] * world
     emb, weight, labels = problem(22, sum(sizes), 5, 10)

@@ -255,6 +255,22 @@ def test_low_precision_within_reference_error(tk, dtype, k, nt, filt, ci, det):
         assert_within_reference_error(name, got[i].float(), truth[i], same[i].float(), slack)
 
 
+@pytest.mark.parametrize("dtype,factor", [(torch.bfloat16, 2.0**20), (torch.float16, 2.0**8)], ids=["bf16", "fp16"])
+def test_large_upstream_gradient(tk, dtype, factor):
+    """Loss-scaled gradients: dc = g·p·s·φ' reaches 1e7 (bf16 case), past fp16's range; the fp16 product operands
+    stay finite (and accurate) because dc is rescaled by a power of two first."""
+    case = make_case(B=37, D=61, C=101, dtype=dtype, seed=8)
+    case["grad_lse"] = case["grad_lse"] * factor
+    t = 0.25
+    got = triton_run(tk, case, t, 1, 0.3, 1)
+    truth = reference_run(case, t, 1, 0.3, 1)
+    same = reference_run(case, t, 1, 0.3, 1, dtype=dtype)
+    for i, name in enumerate(NAMES):
+        if name != "argmax":
+            slack = 1e-4 * truth[i].abs().max().item()
+            assert_within_reference_error(name, got[i].float(), truth[i], same[i].float(), slack)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 def test_tf32_switch(tk):

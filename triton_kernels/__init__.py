@@ -16,10 +16,11 @@ first imported.
 tensor-core dot products.  Off by default so that float32 results match the float32 reference to fp32
 rounding; read at each call (so it is baked in when a graph is compiled).
 
-``FAST_GRAD_DOTS`` (default False, or ``MARGINOPS_TRITON_FAST_GRAD=1``): for bf16/fp16 inputs, form the
-backward's dX and dW products from one low-precision copy of the gradient operand instead of a hi + lo pair.
-That removes one of the backward's GEMMs per kernel, at the price of ~0.3% errors in grad_x / grad_weight
-(beyond the DESIGN.md §4 tolerance, which is why it is off by default).
+``FAST_GRAD_DOTS`` (default False, or ``MARGINOPS_TRITON_FAST_GRAD=1``): for fp16 inputs, form the
+backward's dX and dW products from one fp16 copy of the gradient operand instead of a hi + lo pair.  That
+halves the products' tensor-core work and lets D = 512 run in one d-chunk, at errors near the DESIGN.md §4
+bound (which is why it is off by default).  bf16 inputs always work this way, on fp16 operands: their 11-bit
+mantissa keeps the gradient within the bound with one rounding (one bf16 rounding gave ~0.3% errors).
 
 Only relative imports inside this package: ``triton_kernels`` on PyPI is a different project.
 """

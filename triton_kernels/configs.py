@@ -13,10 +13,12 @@ was available when they were written); each was compiled offline for sm_90a and 
 
 * forward: 128x128 / 8 warps / 3-4 stages, 64x256 / 8, 64x128 / 4 and 128x64 / 4: 255 registers, no spills
   (wgmma, cp.async pipelined K loop).  128x256 spilled ~800 B and is not a candidate.
-* backward, bf16/fp16 with the hi+lo gradient split (default): BLOCK_DV = 256 (64x256 accumulator).  With
+* backward, fp16 with the hi+lo gradient split (default): BLOCK_DV = 256 (64x256 accumulator).  With
   BLOCK_DV = 512 the two chained dots per tile spilled ~4.5 KB, so D = 512 runs as 2 d-chunks.
-* backward with ``FAST_GRAD_DOTS`` (no split): BLOCK_DV = 512 (D <= 512 in one chunk), 64x64 / 8 warps:
-  ~80 B of spills; 64x128 and 128x64 spilled ~600-900 B and are only candidates at BLOCK_DV <= 256.
+* backward without the split (bf16, which always uses one fp16 product; fp16 with ``FAST_GRAD_DOTS``):
+  BLOCK_DV = 512 (D <= 512 in one chunk), 64x64 / 8 warps: ~80 B of spills (measured for bf16 operands
+  before bf16 moved to fp16 ones; same sizes); 64x128 and 128x64 spilled ~600-900 B and are only candidates
+  at BLOCK_DV <= 256.
 * float32 (D=128): IEEE fp32 dots (the default) do not use tensor cores and lower to FMA with large register
   footprints: forward 64x64 / 4 warps and backward 64-wide d-chunks are the spill-free choices.  With TF32
   (``ALLOW_TF32``) the dots use wgmma and the half-precision-like tables apply.

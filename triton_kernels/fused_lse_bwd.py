@@ -8,10 +8,17 @@ Per (row i, column j) the tile is recomputed exactly as in the forward (same hel
     grad_w_r  = (sum_i dc_ir x_i) / n_r - (sum_i dc_ir cos_r(i)) w_r / n_r^2   (2nd term only if ||w_r|| > eps)
 All sums accumulate in fp32 (fp64 for fp64 inputs).  The dX product takes dc / n_r (1/n_r folded in before
 any cast) against the raw W tile, the dW product dc against x (scaled by 1/n_r afterwards, in fp32), so both
-GEMM operands other than dc come straight from memory.  For bf16/fp16 inputs dc is split into hi + lo halves
-of the input dtype and both are multiplied (``_split``, SPLIT): one rounding of dc to bf16 gave errors of
-~0.3% in grad_x / grad_weight, above the DESIGN.md §4 bound; the split keeps ~16 bits for 2x the (cheap
-half of the) update GEMM.  ``FAST_GRAD_DOTS`` turns it off.
+GEMM operands other than dc come straight from memory.
+
+Precision of the 16-bit products.  One rounding of dc to bf16 gave errors of ~0.3% in grad_x / grad_weight,
+above the DESIGN.md §4 bound.  So both products run on **fp16** operands for bf16 and fp16 inputs (``prod_ty`` in the kernels):
+for bf16 inputs x and W convert to fp16 with their bf16 precision intact and dc keeps 11 mantissa bits, within
+the bound with one rounding (as the CUDA kernels, measured in tests/test_cuda_emulated.py); fp16 inputs must
+match a reference 8x more precise and split dc into hi + lo halves, both multiplied (``_split``, SPLIT; ~16
+bits for 2x the product GEMMs; ``FAST_GRAD_DOTS`` turns it off).  fp16's range: dc is multiplied by the power
+of two ``dscale`` (launch.py: from max |g * s|, so that |dc * dscale| < 2^15 whatever the upstream gradient)
+and the accumulators are divided by it; the dX operand dc / n_r additionally saturates at +-65504
+(``_to_dot_dtype``).
 
 Two modes (the op's ``deterministic`` flag):
 
@@ -113,7 +120,7 @@ def _bwd_dw_kernel(
     x_ptr, w_ptr, ci_ptr, labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr,
     dw_ptr, dx_acc_ptr, gtl_acc_ptr, grs_acc_ptr,
     B, N, D,
-    t_ptr, filt_ptr,
+    t_ptr, filt_ptr, ds_ptr,
     SUBC: tl.constexpr, NON_TARGET: tl.constexpr, HAS_CI: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FUSE_DX: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_DV: tl.constexpr,
@@ -121,8 +128,10 @@ def _bwd_dw_kernel(
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     in_ty: tl.constexpr = w_ptr.dtype.element_ty
+    prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
+    dscale = tl.load(ds_ptr)  # power of two applied to dc in the products (1 for 32/64-bit inputs)
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
     # the d-chunks of one class tile are neighbours in launch order: they share the W rows in L2
@@ -150,13 +159,14 @@ def _bwd_dw_kernel(
                                  curricular_t, filter_threshold, NON_TARGET, BLOCK_N)
         dcs = tl.where(sub == s_own, dc, 0.0)
         proj += tl.sum(dcs * c, axis=0)
-        xv = _load_k(x_ptr + rows_ld[:, None] * D + dcols[None, :], dcols, D, EVEN_DV)
-        hi, lo = _split(dcs, in_ty, SPLIT, UPCAST)
+        xv = _load_k(x_ptr + rows_ld[:, None] * D + dcols[None, :], dcols, D, EVEN_DV).to(prod_ty)
+        hi, lo = _split(dcs * dscale, prod_ty, SPLIT, UPCAST)
         dacc = _mma_split(tl.trans(hi), tl.trans(lo), xv, dacc, SPLIT, DOT_PREC, UPCAST)
         if FUSE_DX:
-            hi, lo = _split(dcs * inv_own[None, :], in_ty, SPLIT, UPCAST)
-            w_own_t = _load_k(w_own_ptrs, dcols, D, EVEN_DV)
+            hi, lo = _split(dcs * (inv_own * dscale)[None, :], prod_ty, SPLIT, UPCAST)
+            w_own_t = _load_k(w_own_ptrs, dcols, D, EVEN_DV).to(prod_ty)
             dxc = _mma_split(hi, lo, w_own_t, tl.zeros((BLOCK_M, BLOCK_DV), acc_ty), SPLIT, DOT_PREC, UPCAST)
+            dxc = dxc / dscale
             tl.atomic_add(dx_acc_ptr + rows_ld[:, None] * D + dcols[None, :], dxc,
                           mask=(rows < B)[:, None] & (dcols < D)[None, :])
             if (s_own == 0) & (pid_d == 0):
@@ -165,7 +175,7 @@ def _bwd_dw_kernel(
 
     w_own = _load_k(w_own_ptrs, dcols, D, EVEN_DV).to(acc_ty)
     coef = tl.where(has_proj, proj * inv_own * inv_own, 0.0)
-    dw = dacc * inv_own[:, None] - coef[:, None] * w_own
+    dw = dacc * (inv_own / dscale)[:, None] - coef[:, None] * w_own
     tl.store(dw_ptr + r_own[:, None] * D + dcols[None, :], _cast(dw, dw_ptr.dtype.element_ty, UPCAST),
              mask=col_mask[:, None] & (dcols < D)[None, :])
 
@@ -175,7 +185,7 @@ def _bwd_dx_kernel(
     x_ptr, w_ptr, ci_ptr, labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr,
     dx_part_ptr, gtl_part_ptr, grs_part_ptr,
     B, N, D, SPLITS,
-    t_ptr, filt_ptr,
+    t_ptr, filt_ptr, ds_ptr,
     SUBC: tl.constexpr, NON_TARGET: tl.constexpr, HAS_CI: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_DV: tl.constexpr,
@@ -183,8 +193,10 @@ def _bwd_dx_kernel(
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     in_ty: tl.constexpr = w_ptr.dtype.element_ty
+    prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
+    dscale = tl.load(ds_ptr)  # power of two applied to dc in the products (1 for 32/64-bit inputs)
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
     pid_m = pid // n_dv
@@ -213,17 +225,17 @@ def _bwd_dx_kernel(
         grs_acc += grs
         # dc / n_r of the selected row, in fp32, before the cast to the dot dtype (W stays raw in shared
         # memory: scaling the W tile instead would hold BLOCK_N x BLOCK_DV values in registers)
-        dcn = dc * inv_sel
+        dcn = dc * (inv_sel * dscale)
         for s in tl.static_range(SUBC):
-            wv = _load_k(w_ptr + (base_r + s)[:, None] * D + dcols[None, :], dcols, D, EVEN_DV)
+            wv = _load_k(w_ptr + (base_r + s)[:, None] * D + dcols[None, :], dcols, D, EVEN_DV).to(prod_ty)
             if SUBC == 1:
-                hi, lo = _split(dcn, in_ty, SPLIT, UPCAST)
+                hi, lo = _split(dcn, prod_ty, SPLIT, UPCAST)
             else:
-                hi, lo = _split(tl.where(sub == s, dcn, 0.0), in_ty, SPLIT, UPCAST)
+                hi, lo = _split(tl.where(sub == s, dcn, 0.0), prod_ty, SPLIT, UPCAST)
             dacc = _mma_split(hi, lo, wv, dacc, SPLIT, DOT_PREC, UPCAST)
 
     prow = pid_s.to(tl.int64) * B + rows
-    tl.store(dx_part_ptr + prow[:, None] * D + dcols[None, :], dacc,
+    tl.store(dx_part_ptr + prow[:, None] * D + dcols[None, :], dacc / dscale,
              mask=row_mask[:, None] & (dcols < D)[None, :])
     if pid_d == 0:
         tl.store(gtl_part_ptr + prow, gtl_acc, mask=row_mask)

@@ -36,10 +36,25 @@ def _allow_tf32() -> bool:
 
 
 def _split_grad_dots(dtype: torch.dtype) -> bool:
-    """bf16/fp16: multiply the gradient operand as hi + lo halves (see fused_lse_bwd._split) unless
-    ``FAST_GRAD_DOTS`` / MARGINOPS_TRITON_FAST_GRAD=1 asks for one low-precision product."""
+    """fp16: multiply the gradient operand as hi + lo halves (see fused_lse_bwd._split) unless
+    ``FAST_GRAD_DOTS`` / MARGINOPS_TRITON_FAST_GRAD=1 asks for one fp16 product.  bf16 inputs always run
+    their products on fp16 operands with one rounding (accurate enough, see the kernels' docstring)."""
     pkg = sys.modules.get(__package__) if __package__ else None
-    return dtype in (torch.bfloat16, torch.float16) and not bool(getattr(pkg, "FAST_GRAD_DOTS", False))
+    return dtype == torch.float16 and not bool(getattr(pkg, "FAST_GRAD_DOTS", False))
+
+
+def _grad_scale(grad_lse: Tensor, row_scale: Tensor, curricular_t: float, non_target: int, dtype: torch.dtype):
+    """(1,) tensor: the power of two S that dc = g p s dphi is multiplied by before it becomes an fp16 product
+    operand, with |S dc| < 2^15 since |dc| <= max |g s| * max |dphi|; 1 for 32/64-bit inputs.  Stays on the
+    device (no host sync)."""
+    acc = row_scale.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return torch.ones((1,), dtype=acc, device=row_scale.device)
+    bound = (grad_lse * row_scale).abs().nan_to_num(0.0, 0.0, 0.0).amax().reshape(1)
+    bound = bound * ((abs(curricular_t) + 2.0) if non_target == 1 else 1.0)
+    _, exponent = torch.frexp(bound)  # bound < 2^exponent
+    scale = torch.ldexp(torch.ones_like(bound), (15 - exponent).clamp(-100, 100))
+    return torch.where(bound > 0, scale, torch.ones_like(bound))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -209,6 +224,7 @@ def fused_lse_backward(
     g = grad_lse.to(acc).contiguous()
     lse = lse.to(acc).contiguous()
     t_buf, f_buf = _scalars(curricular_t, filter_threshold, acc, dev)
+    ds_buf = _grad_scale(g, row_scale, curricular_t, non_target, x.dtype)
     ci = class_index if class_index is not None else labels
     has_ci = class_index is not None
     split = _split_grad_dots(x.dtype)
@@ -227,7 +243,7 @@ def fused_lse_backward(
         wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32, tune=False))[dw_grid](
             x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
             grad_w, dx_acc, gtl, grs,
-            B, N, D, t_buf, f_buf, FUSE_DX=True, **common,
+            B, N, D, t_buf, f_buf, ds_buf, FUSE_DX=True, **common,
         )
         if x.dtype == acc:
             return dx_acc, grad_w, gtl, grs
@@ -245,7 +261,7 @@ def fused_lse_backward(
     wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32))[dw_grid](
         x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
         grad_w, dx_part, gtl_part, grs_part,  # the last three are unused with FUSE_DX=False
-        B, N, D, t_buf, f_buf, FUSE_DX=False, **common,
+        B, N, D, t_buf, f_buf, ds_buf, FUSE_DX=False, **common,
     )
 
     def dx_grid(meta):
@@ -254,7 +270,7 @@ def fused_lse_backward(
     wrap_triton(configs.kernel("dx", D, x.dtype, split, tf32))[dx_grid](
         x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
         dx_part, gtl_part, grs_part,
-        B, N, D, splits, t_buf, f_buf, **common,
+        B, N, D, splits, t_buf, f_buf, ds_buf, **common,
     )
 
     grad_x = torch.empty_like(x)

@@ -528,7 +528,7 @@ __device__ __forceinline__ void bwd_tile_epilogue(typename Tr::acc_t* Ss, const 
   acc_t* srow = Ss + erow * LDS;
   prod_t* hrow = dch + erow * LDD;
   prod_t* lrow = dcl + erow * LDD;
-  const acc_t dscale = rsm->dscale;
+  const acc_t dscale = Tr::kScaleDcos ? rsm->dscale : acc_t(1);
   for (int q = esub; q * k < BN; q += TPR) {
     const int s0 = q * k;
     const int nsub = (BN - s0) < k ? (BN - s0) : k;
@@ -707,7 +707,7 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
 
   // grad_weight = acc / (S n) - corr * w / n^2 (projection term only when ||w|| > eps).
   io_t* gw = static_cast<io_t*>(p.grad_weight);
-  const acc_t unscale = acc_t(1) / rsm->dscale;  // exact: a power of two
+  const acc_t unscale = Tr::kScaleDcos ? acc_t(1) / rsm->dscale : acc_t(1);  // exact: a power of two
   drain_accumulator<L::P_FM, L::P_FN>(dw, sm.stg + warp * 256, w_m0, w_n0, n_fill,
                                       [&](int slot, int col, const acc_t* vals) {
     const int64_t wr = wrow_s[slot];
@@ -817,7 +817,7 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
 
   // Partial dX of this split (every element of the row tile x D chunk is written, zeros included).
   acc_t* pdx = static_cast<acc_t*>(p.part_dx);
-  const acc_t unscale = acc_t(1) / rsm->dscale;  // exact: a power of two
+  const acc_t unscale = Tr::kScaleDcos ? acc_t(1) / rsm->dscale : acc_t(1);  // exact: a power of two
   drain_accumulator<L::P_FM, L::P_FN>(dx, sm.stg + warp * 256, x_m0, x_n0, n_fill,
                                       [&](int row, int col, const acc_t* vals) {
     const int64_t i = i0 + row;
