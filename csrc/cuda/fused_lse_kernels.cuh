@@ -818,11 +818,12 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
   // Partial dX of this split (every element of the row tile x D chunk is written, zeros included).
   acc_t* pdx = static_cast<acc_t*>(p.part_dx);
   const acc_t unscale = Tr::kScaleDcos ? acc_t(1) / rsm->dscale : acc_t(1);  // exact: a power of two
+  const int64_t B = p.B;  // a copy: capturing the kernel parameter p by reference would copy it to local memory
   drain_accumulator<L::P_FM, L::P_FN>(dx, sm.stg + warp * 256, x_m0, x_n0, n_fill,
                                       [&](int row, int col, const acc_t* vals) {
     const int64_t i = i0 + row;
-    if (i >= p.B) return;
-    const int64_t base = (static_cast<int64_t>(split_id) * p.B + i) * D;
+    if (i >= B) return;
+    const int64_t base = (static_cast<int64_t>(split_id) * B + i) * D;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int64_t d = d0 + col + e;
