@@ -271,6 +271,32 @@ def test_large_upstream_gradient(tk, dtype, factor):
             assert_within_reference_error(name, got[i].float(), truth[i], same[i].float(), slack)
 
 
+@pytest.mark.parametrize("k", [1, 3], ids=["k1", "k3"])
+@pytest.mark.parametrize("det", [True, False], ids=["det", "atomic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_small_norm_rows_and_tiny_row_gradients(tk, dtype, det, k):
+    """W rows of norm ~0.1 (1/n ~ 10: the dX operand dc/n must not leave fp16's range) and half the rows with an
+    upstream gradient 1e-6 of the others (their grad_x must keep its own precision): the §4 rule on every
+    output, and separately on the tiny rows' grad_x."""
+    case = make_case(B=37, D=61, C=101 if k == 1 else 41, k=k, dtype=dtype, seed=10)
+    case["weight"] = (case["weight"].double() * 0.01).to(dtype)
+    grad = case["grad_lse"].clone()
+    grad[1::2] *= 1e-6
+    case["grad_lse"] = grad
+    t = 0.25
+    got = triton_run(tk, case, t, 1, FILTER_OFF, k, deterministic=det)
+    truth = reference_run(case, t, 1, FILTER_OFF, k)
+    same = reference_run(case, t, 1, FILTER_OFF, k, dtype=dtype)
+    for i, name in enumerate(NAMES):
+        if name != "argmax":
+            slack = 1e-4 * truth[i].abs().max().item()
+            assert_within_reference_error(name, got[i].float(), truth[i], same[i].float(), slack)
+    tiny = slice(1, None, 2)
+    gx, gx_truth, gx_same = got[2][tiny].float(), truth[2][tiny], same[2][tiny].float()
+    assert_within_reference_error("grad_x (tiny-gradient rows)", gx, gx_truth, gx_same,
+                                  1e-4 * gx_truth.abs().max().item())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 def test_tf32_switch(tk):

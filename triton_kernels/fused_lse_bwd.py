@@ -6,19 +6,20 @@ Per (row i, column j) the tile is recomputed exactly as in the forward (same hel
     dc = dz * row_scale_i * dphi   (assigned to the subcenter row r = sub_ij that achieved the max)
     grad_x_i  = sum_j dc_ij w_r / n_r
     grad_w_r  = (sum_i dc_ir x_i) / n_r - (sum_i dc_ir cos_r(i)) w_r / n_r^2   (2nd term only if ||w_r|| > eps)
-All sums accumulate in fp32 (fp64 for fp64 inputs).  The dX product takes dc / n_r (1/n_r folded in before
-any cast) against the raw W tile, the dW product dc against x (scaled by 1/n_r afterwards, in fp32), so both
-GEMM operands other than dc come straight from memory.
+All sums accumulate in fp32 (fp64 for fp64 inputs).  The dX product takes dc / n_r against the W tile, the
+dW product dc against x (scaled by 1/n_r afterwards, in fp32).
 
-Precision of the 16-bit products.  One rounding of dc to bf16 gave errors of ~0.3% in grad_x / grad_weight,
-above the DESIGN.md §4 bound.  So both products run on **fp16** operands for bf16 and fp16 inputs (``prod_ty`` in the kernels):
-for bf16 inputs x and W convert to fp16 with their bf16 precision intact and dc keeps 11 mantissa bits, within
-the bound with one rounding (as the CUDA kernels, measured in tests/test_cuda_emulated.py); fp16 inputs must
-match a reference 8x more precise and split dc into hi + lo halves, both multiplied (``_split``, SPLIT; ~16
-bits for 2x the product GEMMs; ``FAST_GRAD_DOTS`` turns it off).  fp16's range: dc is multiplied by the power
-of two ``dscale`` (launch.py: from max |g * s|, so that |dc * dscale| < 2^15 whatever the upstream gradient)
-and the accumulators are divided by it; the dX operand dc / n_r additionally saturates at +-65504
-(``_to_dot_dtype``).
+Precision and range of the 16-bit products.  One rounding of dc to bf16 gave errors of ~0.3% in grad_x /
+grad_weight, above the DESIGN.md §4 bound.  So both products run on **fp16** operands for bf16 and fp16 inputs
+(``prod_ty`` in the kernels): for bf16 inputs x and W convert to fp16 with their bf16 precision intact and dc
+keeps 11 mantissa bits, within the bound with one rounding (as the CUDA kernels, measured in
+tests/test_cuda_emulated.py); fp16 inputs must match a reference 8x more precise and split dc into hi + lo
+halves, both multiplied (``_split``, SPLIT; ~16 bits for 2x the product GEMMs; ``FAST_GRAD_DOTS`` turns it
+off).  fp16's range: in the dW product dc is multiplied by the power of two ``dscale`` (launch.py: from
+max |g * s|, so that |dc * dscale| < 2^15 whatever the upstream gradient) and the accumulator divided by it.
+The dX products scale per row instead (``xs``: a row's dX depends on its own g only, so a tiny upstream
+gradient keeps its precision) and split 1/n_r = f 2^k into the gradient operand (f) and the W rows (2^k,
+exact), so that a tiny-norm W row cannot overflow either operand.  Nothing saturates: NaN and inf propagate.
 
 Two modes (the op's ``deterministic`` flag):
 
@@ -72,22 +73,39 @@ def _bwd_tile(c, col0, col_mask, lab, tgt, rscale, thr, lse, g, curricular_t, fi
 
 
 @triton.jit
-def _to_dot_dtype(v, in_ty: tl.constexpr, FIX: tl.constexpr):
-    """Cast an fp32 (fp64) operand to the dot dtype.  fp16 saturates at +-65504 instead of overflowing to
-    inf: a zero-norm W row (1/n = 1e12) then still contributes 0 * finite = 0.  (Only a W row of norm below
-    ~1e-3 with a large gradient would be clipped: such rows are subnormal in fp16 anyway.)"""
-    if in_ty == tl.float16:
-        v = tl.minimum(tl.maximum(v, -65504.0), 65504.0)
-    return _cast(v, in_ty, FIX)
+def _pow2_split(v):
+    """v (fp32, >= 0) = f * 2^k with f in [0.5, 1): returns (f, 2^k), both exact (v = 0 gives f = 0)."""
+    e = (v.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    p2 = ((e + 1) << 23).to(tl.float32, bitcast=True)
+    return v / p2, p2
+
+
+@triton.jit
+def _pow2_scale(bound):
+    """The power of two S = 2^(15 - e) with bound < 2^e, so that |S * v| < 2^15 for |v| <= bound: fp16 operands
+    keep their full precision without overflow.  Exponent clamped to [-100, 100] (bound 0, inf or NaN)."""
+    e = (bound.to(tl.int32, bitcast=True) >> 23) & 0xFF  # bound < 2^(e - 126)
+    k = tl.minimum(tl.maximum(141 - e, -100), 100)
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rows_to_prod(w, p2, in_ty: tl.constexpr, prod_ty: tl.constexpr):
+    """W rows (BLOCK_N, BLOCK_DV) times their power of two p2 (BLOCK_N,), as product operands.  With
+    p2 = 2^k from 1/n = f 2^k, |w 2^k| <= 2 |w / n|: fp16 holds any row, tiny norms included."""
+    if prod_ty == in_ty and in_ty != tl.float16:
+        return w  # 32/64-bit inputs: no rescaling
+    return (w.to(tl.float32) * p2[:, None]).to(prod_ty)
 
 
 @triton.jit
 def _split(v, in_ty: tl.constexpr, SPLIT: tl.constexpr, FIX: tl.constexpr):
     """v (fp32) as hi + lo in the dot dtype, so that hi @ b + lo @ b keeps ~16 mantissa bits of v instead of
-    8 (bf16) / 11 (fp16).  Without SPLIT, lo is unused."""
-    hi = _to_dot_dtype(v, in_ty, FIX)
+    8 (bf16) / 11 (fp16).  Without SPLIT, lo is unused.  The callers scale v into the dot dtype's range
+    (no saturation here: a NaN or inf gradient propagates)."""
+    hi = _cast(v, in_ty, FIX)
     if SPLIT:
-        lo = _to_dot_dtype(v - hi.to(v.dtype), in_ty, FIX)
+        lo = _cast(v - hi.to(v.dtype), in_ty, FIX)
     else:
         lo = hi
     return hi, lo
@@ -129,9 +147,11 @@ def _bwd_dw_kernel(
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     in_ty: tl.constexpr = w_ptr.dtype.element_ty
     prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
+    SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
-    dscale = tl.load(ds_ptr)  # power of two applied to dc in the products (1 for 32/64-bit inputs)
+    dscale = tl.load(ds_ptr)  # power of two applied to dc in the dW product (1 for 32/64-bit inputs)
+    dphi_max = tl.abs(curricular_t) + 2.0 if NON_TARGET == 1 else 1.0
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
     # the d-chunks of one class tile are neighbours in launch order: they share the W rows in L2
@@ -163,10 +183,17 @@ def _bwd_dw_kernel(
         hi, lo = _split(dcs * dscale, prod_ty, SPLIT, UPCAST)
         dacc = _mma_split(tl.trans(hi), tl.trans(lo), xv, dacc, SPLIT, DOT_PREC, UPCAST)
         if FUSE_DX:
-            hi, lo = _split(dcs * (inv_own * dscale)[None, :], prod_ty, SPLIT, UPCAST)
-            w_own_t = _load_k(w_own_ptrs, dcols, D, EVEN_DV).to(prod_ty)
+            w_own_t = _load_k(w_own_ptrs, dcols, D, EVEN_DV)
+            if SCALE16:  # 1/n = f 2^k: f into the gradient operand, 2^k into W; a power of two per row
+                f_own, p2_own = _pow2_split(inv_own)
+                xs = _pow2_scale(tl.abs(g * rscale) * dphi_max)
+                hi, lo = _split(dcs * f_own[None, :] * xs[:, None], prod_ty, SPLIT, UPCAST)
+                w_own_t = _rows_to_prod(w_own_t, p2_own, in_ty, prod_ty)
+            else:
+                xs = tl.full((BLOCK_M,), 1.0, acc_ty)
+                hi, lo = _split(dcs * inv_own[None, :], prod_ty, SPLIT, UPCAST)
             dxc = _mma_split(hi, lo, w_own_t, tl.zeros((BLOCK_M, BLOCK_DV), acc_ty), SPLIT, DOT_PREC, UPCAST)
-            dxc = dxc / dscale
+            dxc = dxc / xs[:, None]
             tl.atomic_add(dx_acc_ptr + rows_ld[:, None] * D + dcols[None, :], dxc,
                           mask=(rows < B)[:, None] & (dcols < D)[None, :])
             if (s_own == 0) & (pid_d == 0):
@@ -194,9 +221,11 @@ def _bwd_dx_kernel(
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     in_ty: tl.constexpr = w_ptr.dtype.element_ty
     prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
+    SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
-    dscale = tl.load(ds_ptr)  # power of two applied to dc in the products (1 for 32/64-bit inputs)
+    dscale = tl.load(ds_ptr)  # power of two applied to dc in the dW product (1 for 32/64-bit inputs)
+    dphi_max = tl.abs(curricular_t) + 2.0 if NON_TARGET == 1 else 1.0
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
     pid_m = pid // n_dv
@@ -212,6 +241,9 @@ def _bwd_dx_kernel(
     dacc = tl.zeros((BLOCK_M, BLOCK_DV), acc_ty)
     gtl_acc = tl.zeros((BLOCK_M,), acc_ty)
     grs_acc = tl.zeros((BLOCK_M,), acc_ty)
+    # per-row power of two for the fp16 gradient operand: dX row i only depends on g_i, so a row with a tiny
+    # upstream gradient keeps its precision whatever the other rows' gradients are
+    xs = _pow2_scale(tl.abs(g * rscale) * dphi_max) if SCALE16 else tl.full((BLOCK_M,), 1.0, acc_ty)
     t_lo, t_hi = _split_tiles(N, pid_s, SPLITS, BLOCK_N)
     for t in range(t_lo, t_hi):
         col0 = t * BLOCK_N
@@ -223,19 +255,26 @@ def _bwd_dx_kernel(
                                  curricular_t, filter_threshold, NON_TARGET, BLOCK_N)
         gtl_acc += gtl
         grs_acc += grs
-        # dc / n_r of the selected row, in fp32, before the cast to the dot dtype (W stays raw in shared
-        # memory: scaling the W tile instead would hold BLOCK_N x BLOCK_DV values in registers)
-        dcn = dc * (inv_sel * dscale)
         for s in tl.static_range(SUBC):
-            wv = _load_k(w_ptr + (base_r + s)[:, None] * D + dcols[None, :], dcols, D, EVEN_DV).to(prod_ty)
+            wv = _load_k(w_ptr + (base_r + s)[:, None] * D + dcols[None, :], dcols, D, EVEN_DV)
+            mine = sub == s
+            if SCALE16:
+                # 1/n_r = f 2^k: f goes into the gradient operand, 2^k into the W rows (exact; they pass through
+                # registers anyway for the fp16 conversion), so neither operand can leave fp16's range
+                inv_s = tl.max(tl.where(mine, inv_sel, 0.0), axis=0)  # 1/n of row base_r + s (0: unselected)
+                f_s, p2_s = _pow2_split(inv_s)
+                dcn = dc * xs[:, None] * f_s[None, :]
+                wv = _rows_to_prod(wv, p2_s, in_ty, prod_ty)
+            else:
+                dcn = dc * inv_sel  # dc / n_r of the selected row, W stays raw
             if SUBC == 1:
                 hi, lo = _split(dcn, prod_ty, SPLIT, UPCAST)
             else:
-                hi, lo = _split(tl.where(sub == s, dcn, 0.0), prod_ty, SPLIT, UPCAST)
+                hi, lo = _split(tl.where(mine, dcn, 0.0), prod_ty, SPLIT, UPCAST)
             dacc = _mma_split(hi, lo, wv, dacc, SPLIT, DOT_PREC, UPCAST)
 
     prow = pid_s.to(tl.int64) * B + rows
-    tl.store(dx_part_ptr + prow[:, None] * D + dcols[None, :], dacc / dscale,
+    tl.store(dx_part_ptr + prow[:, None] * D + dcols[None, :], dacc / xs[:, None],
              mask=row_mask[:, None] & (dcols < D)[None, :])
     if pid_d == 0:
         tl.store(gtl_part_ptr + prow, gtl_acc, mask=row_mask)
