@@ -17,7 +17,7 @@ from pathlib import Path
 import cuda_emulator
 import pytest
 import torch
-from helpers import child_env
+from helpers import assert_within_reference_error, child_env
 from op_cases import (
     F32_SLACK,
     TINY_SHAPES,
@@ -37,6 +37,7 @@ from op_cases import (
     check_zero_norm_weight_rows,
     float64_grid,
     run_op,
+    run_reference,
 )
 
 pytestmark = pytest.mark.emulator
@@ -117,6 +118,26 @@ def test_large_upstream_gradient(ops, dtype, factor):
     case = Case(B=37, D=64, C=200, non_target=1, filter_threshold=0.2)
     case.grad = case.grad * factor
     check_within_rule(ops, case.on(dtype), slack_rel=1e-5, argmax_tol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3], ids=["k1", "k3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_small_norm_rows_and_tiny_row_gradients(ops, dtype, k):
+    """W rows of norm ~0.1 (the dX operand must not leave fp16's range) and half the rows with an upstream
+    gradient 1e-9 of the others (their grad_x keeps its own precision): the §4 rule on every output, and on
+    the tiny rows' grad_x alone."""
+    case = Case(B=37, D=64, C=120 if k == 1 else 40, k=k, non_target=1, filter_threshold=0.2)
+    case.weight = case.weight * 0.01
+    case.grad = case.grad.clone()
+    case.grad[1::2] *= 1e-9
+    low = case.on(dtype)
+    ours = run_op(ops, low)
+    assert_within_rule(ours, low, slack_rel=1e-5)
+    tiny = torch.zeros(case.x.shape[0], dtype=torch.bool)
+    tiny[1::2] = True
+    truth, same = run_reference(low.on_exact()), run_reference(low)
+    assert_within_reference_error("grad_x (tiny-gradient rows)", ours[2][tiny], truth[2][tiny], same[2][tiny],
+                                  slack=1e-5 * float(truth[2][tiny].abs().max()))
 
 
 # ------------------------------------------------------------------------------------------------------------

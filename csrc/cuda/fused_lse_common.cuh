@@ -67,8 +67,10 @@ __device__ __forceinline__ T neg_inf() {
 //   io_t  : element type of x / weight / grad_x / grad_weight, and of the S-product shared-memory tiles
 //   acc_t : accumulation type (fp32, or fp64 for fp64 inputs)
 //   Prod  : traits of the backward's dW / dX products (operand type Prod::io_t).  bf16 inputs use fp16
-//           operands there: dcos keeps 11 mantissa bits instead of 8 (x and the rescaled W rows convert
-//           exactly), which is accurate enough without a hi + lo split (tests/test_cuda_emulated.py)
+//           operands there: dcos keeps 11 mantissa bits instead of 8, and x and the rescaled W rows convert
+//           with their bf16 precision (only entries below 2^-14 of the row's scale lose bits, as fp16
+//           subnormals: negligible for the sums), accurate enough without a hi + lo split
+//           (tests/test_cuda_emulated.py measures it)
 //   kTC   : tensor cores through WMMA (else the SIMT warp tile below)
 //   kTf32 : WMMA tf32 fragments (operands rounded to tf32 when loaded from shared memory)
 //   kSplit: backward dcos may be stored as a hi + lo pair of Prod::io_t (fp16 inputs)

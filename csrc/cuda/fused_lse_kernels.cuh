@@ -34,14 +34,16 @@
 //
 // Precision of dcos for bf16 / fp16 inputs.  The dW / dX products run on tensor cores, so dcos must
 // be a 16-bit operand; both products use fp16 operands (Tr::Prod), also for bf16 inputs, where x and
-// the rescaled W rows (below) convert to fp16 exactly and dcos keeps 11 mantissa bits instead of bf16's 8:
+// the rescaled W rows (below) convert to fp16 with their bf16 precision (bar fp16 subnormals, entries below
+// 2^-14 of the row's scale: negligible) and dcos keeps 11 mantissa bits instead of bf16's 8:
 // within the DESIGN.md §4 bound with one rounding (tests/test_cuda_emulated.py measures it), so bf16 pays
 // one MMA per product step.  fp16 inputs have a reference 8x more precise to match: there dcos is stored as
 // hi + lo (hi = round(v), lo = round(v - hi)) and both halves are multiplied (fp32-accurate, twice the
 // tensor-core work of the two products); MARGINOPS_CUDA_FAST_BWD=1 keeps only hi.
-// fp16 range: dcos is multiplied by S = 2^(15 - e), 2^e > max_i |g_i * s_i| * max dphi (kScaleDcos, computed
-// by every backward CTA from grad_lse and row_scale; the products are divided by S in fp32), so
-// |S * dcos| < 2^15 for any upstream gradient.  The dX operand A = dcos / n_r could still overflow for
+// fp16 range: dcos is multiplied by S = 2^(15 - e), 2^e > |g * s| * max dphi (kScaleDcos; the products are
+// divided by S in fp32), so |S * dcos| < 2^15 for any upstream gradient: in dW with one S from the largest
+// |g_i s_i| (computed by every dW CTA), in dX with each row's own (a row's dX depends on its g only, so a
+// row with a tiny upstream gradient keeps its precision).  The dX operand A = dcos / n_r could still overflow for
 // tiny-norm rows (1/n up to 1e12), so it uses A = dcos * f_r and B = w_r * 2^e_r with 1/n_r = f_r * 2^e_r,
 // f_r in [0.5, 1): exact scaling, |B| <= 2 |w_r / n_r|.
 
@@ -92,7 +94,8 @@ struct RowSmem {
   int64_t label[BM];
   acc_t tl[BM], rs[BM], thr[BM], g[BM], lse[BM];
   acc_t grs[BM * 8], gtl[BM * 8];  // dX kernel: private per-thread accumulators (thread tid owns [tid])
-  acc_t dscale;                    // power of two applied to dcos in the products (kScaleDcos), else 1
+  acc_t dscale;                    // dW kernel: power of two applied to dcos in the product (kScaleDcos)
+  acc_t xscale[BM];                // dX kernel: the same per row (a row's dX depends on its own g only)
 };
 
 template <class acc_t, int BM>
@@ -475,10 +478,28 @@ __device__ __forceinline__ void store_dcos(typename Tr::Prod::io_t* hi, typename
   }
 }
 
-// The power of two S that dcos is multiplied by before it becomes an fp16 product operand (kScaleDcos;
-// 1 otherwise): |dcos| = |g * p * s * dphi| <= max_i |g_i s_i| * max dphi < 2^e, S = 2^(15 - e).  Every
-// backward CTA computes it from all rows (a few loads per row, order-independent: deterministic) and
-// leaves it in rsm->dscale.  Uses scratch[0 .. NT).  Ends with a __syncthreads.
+// The power of two S = 2^(15 - e) with bound < 2^e: |S * v| < 2^15 for |v| <= bound, so fp16 product operands
+// keep their precision and cannot overflow.  1 for a bound of 0, inf or NaN (NaN / inf then propagate).
+template <class acc_t>
+__device__ __forceinline__ acc_t fp16_operand_scale(acc_t bound) {
+  if (!(bound > acc_t(0) && bound < static_cast<acc_t>(INFINITY))) return acc_t(1);
+  int e = 0;
+  frexp(bound, &e);  // bound < 2^e
+  e = 15 - e;
+  return ldexp(acc_t(1), e < -100 ? -100 : (e > 100 ? 100 : e));
+}
+
+// max |dphi| of the non-target epilogue (CurricularFace: t + 2c with |c| <= 1).
+template <class acc_t>
+__device__ __forceinline__ acc_t max_dphi(const FusedLseParams& p) {
+  return p.non_target == kCurricular ? fabs(static_cast<acc_t>(p.curricular_t)) + acc_t(2) : acc_t(1);
+}
+
+// dW kernel: the power of two S that dcos is multiplied by before it becomes an fp16 product operand
+// (kScaleDcos; 1 otherwise), from |dcos| = |g * p * s * dphi| <= max_i |g_i s_i| * max dphi.  The rows are
+// the product's K dimension, so one S for all of them: every dW CTA computes it from all rows (a few loads
+// per row, order-independent: deterministic) into rsm->dscale.  Uses scratch[0 .. NT).  Ends with a
+// __syncthreads.
 template <class Tr, int NT, class RowSmemT>
 __device__ __forceinline__ void compute_dcos_scale(const FusedLseParams& p, RowSmemT* rsm,
                                                    typename Tr::acc_t* scratch) {
@@ -494,25 +515,27 @@ __device__ __forceinline__ void compute_dcos_scale(const FusedLseParams& p, RowS
     __syncthreads();
     if (threadIdx.x == 0) {
       for (int t = 1; t < NT; ++t) m = fmax(m, scratch[t]);
-      const acc_t t_abs = fabs(static_cast<acc_t>(p.curricular_t));
-      m *= p.non_target == kCurricular ? t_abs + acc_t(2) : acc_t(1);  // max |dphi|
-      int e = 0;
-      acc_t scale = acc_t(1);
-      if (m > acc_t(0) && m < static_cast<acc_t>(INFINITY)) {
-        frexp(m, &e);  // m < 2^e
-        e = 15 - e;
-        scale = ldexp(acc_t(1), e < -100 ? -100 : (e > 100 ? 100 : e));
-      }
-      rsm->dscale = scale;
+      rsm->dscale = fp16_operand_scale(m * max_dphi<acc_t>(p));
     }
   }
   __syncthreads();
 }
 
+// dX kernel: per-row scales of the row tile into rsm->xscale, by the thread that loaded the row in
+// load_row_smem (same mapping: no barrier needed between the two).
+template <class Tr, int BM, class RowSmemT>
+__device__ __forceinline__ void compute_row_scales(const FusedLseParams& p, RowSmemT* rsm) {
+  using acc_t = typename Tr::acc_t;
+  for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    rsm->xscale[r] = Tr::kScaleDcos ? fp16_operand_scale(fabs(rsm->g[r] * rsm->rs[r]) * max_dphi<acc_t>(p))
+                                    : acc_t(1);
+  }
+}
+
 // dcos of one (row tile, class tile) from the recomputed raw dot products Ss.  Every slot of the
 // tile is written (zeros where nothing flows), so the MMA that follows can read the whole tile.
 //   FOR_DX = false (dW kernel): dcos tile = dc * S; Ss[row][slot] <- dc * cos (for the Jacobian term).
-//   FOR_DX = true  (dX kernel): dcos tile = dc * a_scale[slot] * S (a_scale: 1/n, or its fp16 fraction);
+//   FOR_DX = true  (dX kernel): dcos tile = dc * a_scale[slot] * S_row (a_scale: 1/n, or its fp16 fraction);
 //                               grs += dz * phi, gtl += g * p at the target column.
 template <class Tr, int BM, int BN, int TPR, int LDS, int LDD, bool FOR_DX>
 __device__ __forceinline__ void bwd_tile_epilogue(typename Tr::acc_t* Ss, const typename Tr::acc_t* inv_s,
@@ -528,7 +551,7 @@ __device__ __forceinline__ void bwd_tile_epilogue(typename Tr::acc_t* Ss, const 
   acc_t* srow = Ss + erow * LDS;
   prod_t* hrow = dch + erow * LDD;
   prod_t* lrow = dcl + erow * LDD;
-  const acc_t dscale = Tr::kScaleDcos ? rsm->dscale : acc_t(1);
+  const acc_t dscale = !Tr::kScaleDcos ? acc_t(1) : (FOR_DX ? rsm->xscale[erow] : rsm->dscale);
   for (int q = esub; q * k < BN; q += TPR) {
     const int s0 = q * k;
     const int nsub = (BN - s0) < k ? (BN - s0) : k;
@@ -762,9 +785,9 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
   const bool erow_ok = ei < p.B;
   load_row_smem<acc_t, BM>(rsm, p, i0);  // read after the first __syncthreads of the tile loop
   const NonTargetParams<acc_t> np{p.non_target, static_cast<acc_t>(p.curricular_t), static_cast<acc_t>(p.filter)};
+  compute_row_scales<Tr, BM>(p, rsm);     // read after the first __syncthreads of the tile loop
   rsm->grs[tid] = acc_t(0);  // private per-thread accumulators
   rsm->gtl[tid] = acc_t(0);
-  compute_dcos_scale<Tr, NT>(p, rsm, sq_s);  // ends with a __syncthreads
 
   WarpMma<Tr, L::S_FM, L::S_FN> sw;
   const int s_m0 = (warp / L::S_WARPS_N) * 16 * L::S_FM, s_n0 = (warp % L::S_WARPS_N) * 16 * L::S_FN;
@@ -817,12 +840,12 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
 
   // Partial dX of this split (every element of the row tile x D chunk is written, zeros included).
   acc_t* pdx = static_cast<acc_t*>(p.part_dx);
-  const acc_t unscale = Tr::kScaleDcos ? acc_t(1) / rsm->dscale : acc_t(1);  // exact: a power of two
   const int64_t B = p.B;  // a copy: capturing the kernel parameter p by reference would copy it to local memory
   drain_accumulator<L::P_FM, L::P_FN>(dx, sm.stg + warp * 256, x_m0, x_n0, n_fill,
                                       [&](int row, int col, const acc_t* vals) {
     const int64_t i = i0 + row;
     if (i >= B) return;
+    const acc_t unscale = Tr::kScaleDcos ? acc_t(1) / rsm->xscale[row] : acc_t(1);  // exact: a power of two
     const int64_t base = (static_cast<int64_t>(split_id) * B + i) * D;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {

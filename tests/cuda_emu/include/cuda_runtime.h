@@ -14,6 +14,13 @@
 //     reads the tile can be seen.
 //   * a launch checks the dynamic shared memory against the opt-in limit and the attribute the
 //     kernel set (more than 48 KiB needs cudaFuncSetAttribute, as on a device).
+// What it does not model (a GPU run still has to show these): the tensor cores' accumulation order and
+// rounding (here exact products summed in k order in fp32, round to nearest), FMA contraction (nvcc
+// contracts a*b+c by default, g++ -O2 does not: last-bit differences), cp.async copies landing early
+// (here always at the wait: a missing barrier before a stage is reused shows only under ThreadSanitizer),
+// races between CTAs (blocks run one after another), warp convergence of WMMA / shuffle calls and their
+// masks, __syncthreads after some threads exited (counted as arrived; undefined on hardware), register
+// limits and __launch_bounds__, and CUDA-graph capture (the op's capture-status query always says "none").
 #pragma once
 
 #include <math.h>
