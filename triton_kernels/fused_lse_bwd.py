@@ -212,7 +212,7 @@ def _bwd_dx_kernel(
     x_ptr, w_ptr, ci_ptr, labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr,
     dx_part_ptr, gtl_part_ptr, grs_part_ptr,
     B, N, D, SPLITS,
-    t_ptr, filt_ptr, ds_ptr,
+    t_ptr, filt_ptr,
     SUBC: tl.constexpr, NON_TARGET: tl.constexpr, HAS_CI: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_DV: tl.constexpr,
@@ -224,7 +224,6 @@ def _bwd_dx_kernel(
     SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
-    dscale = tl.load(ds_ptr)  # power of two applied to dc in the dW product (1 for 32/64-bit inputs)
     dphi_max = tl.abs(curricular_t) + 2.0 if NON_TARGET == 1 else 1.0
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)

@@ -270,7 +270,7 @@ def fused_lse_backward(
     wrap_triton(configs.kernel("dx", D, x.dtype, split, tf32))[dx_grid](
         x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
         dx_part, gtl_part, grs_part,
-        B, N, D, splits, t_buf, f_buf, ds_buf, **common,
+        B, N, D, splits, t_buf, f_buf, **common,
     )
 
     grad_x = torch.empty_like(x)
