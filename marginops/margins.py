@@ -22,6 +22,8 @@ SIN_EPS = 1e-12
 # Non-target modes understood by the kernels (csrc/margin_math.h, triton_kernels).
 NON_TARGET_PLAIN = 0
 NON_TARGET_CURRICULAR = 1
+# Every non-target mode the op defines (tests/test_op_suite.py runs each one on every backend).
+NON_TARGET_MODES = (NON_TARGET_PLAIN, NON_TARGET_CURRICULAR)
 # filter_threshold value that turns inter-class filtering off (cosines never exceed 1).
 FILTER_OFF = 2.0
 
