@@ -37,14 +37,54 @@ def _setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _make_backward(backward_op):
+def _double_backward_message(backend: str) -> str:
+    return (
+        f"marginops: the fused op's backward (backend={backend!r}) is not differentiable, so higher-order gradients "
+        "(torch.autograd.grad(..., create_graph=True) followed by a backward through the result, e.g. a gradient "
+        "penalty) would be wrong; use backend='reference' (plain PyTorch, twice differentiable) for them"
+    )
+
+
+def _once_differentiable(grads: tuple, message: str) -> tuple:
+    """``grads`` behind a node that raises ``message`` when a second backward reaches it (as
+    torch.autograd.function.once_differentiable does, but also when only the saved inputs, not the
+    incoming gradient, require grad: a gradient penalty's case)."""
+    present = [g for g in grads if g is not None]
+    err_fn = torch._C._functions.DelayedError(message.encode(), len(present))
+
+    def leaf(g):
+        g = g.detach()
+        g.requires_grad_(True)
+        return g
+
+    wrapped = iter(err_fn(*[leaf(g) for g in present]))
+    return tuple(None if g is None else next(wrapped) for g in grads)
+
+
+def _make_backward(backward_op, backend: str):
+    """The op's autograd backward; backend "cpp" (the C++ op: "cpu" or "cuda" by the tensors' device) or "triton"."""
+
     def backward(ctx, grad_lse, _grad_argmax):
         x, weight, labels, target_logit, row_scale, threshold, class_index, lse = ctx.saved_tensors
         if grad_lse is None:
             grad_lse = torch.zeros_like(lse)
-        grad_x, grad_weight, grad_target, grad_scale = backward_op(
-            grad_lse.contiguous(), lse, x, weight, labels, target_logit, row_scale, threshold, class_index, *ctx.params
+        # create_graph=True runs this with grad mode on: the kernels' gradients are not differentiable, so
+        # anything that differentiates them again must fail loudly rather than miss their contribution
+        higher_order = (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and any(t is not None and t.requires_grad for t in (grad_lse, x, weight, target_logit, row_scale))
         )
+        with torch.no_grad():
+            grads = backward_op(
+                grad_lse.contiguous(), lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
+                *ctx.params,
+            )
+        if higher_order:
+            grads = _once_differentiable(
+                tuple(grads), _double_backward_message(x.device.type if backend == "cpp" else backend)
+            )
+        grad_x, grad_weight, grad_target, grad_scale = grads
         return grad_x, grad_weight, None, grad_target, grad_scale, None, None, None, None, None, None, None
 
     return backward
@@ -70,7 +110,7 @@ def _register_cpp_op() -> None:
     torch.library.register_fake("marginops::fused_lse_backward")(_fake_backward)
     torch.library.register_autograd(
         "marginops::fused_lse",
-        _make_backward(torch.ops.marginops.fused_lse_backward),
+        _make_backward(torch.ops.marginops.fused_lse_backward, "cpp"),
         setup_context=_setup_context,
     )
     _registered.add("cpp")
@@ -121,7 +161,7 @@ def _ensure_triton_op() -> bool:
         backward = torch.library.triton_op("marginops::triton_fused_lse_backward", mutates_args=())(
             kernels.fused_lse_backward
         )
-        forward.register_autograd(_make_backward(backward), setup_context=_setup_context)
+        forward.register_autograd(_make_backward(backward, "triton"), setup_context=_setup_context)
         _registered.add("triton")
     return True
 
