@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops, reference
-from .functional import make_stats
+from . import ops
+from .loss_assembly import make_stats, reduce_loss
 from ._validation import REDUCTIONS, check_backend_fits, check_label_values
 from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype
 
@@ -416,7 +416,7 @@ class DistributedMarginLoss(nn.Module):
         if extra is not None:
             loss = loss + shared[1]
         loss = torch.where(valid, loss, zero)
-        reduced = reference.reduce_loss(loss, valid, self.reduction).to(weight.dtype)
+        reduced = reduce_loss(loss, valid, self.reduction).to(weight.dtype)
         if not return_stats:
             return reduced
         with torch.no_grad():

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import Union
 
 import torch
 
-from . import ops, reference
+from . import ops
 from ._validation import check_loss_inputs
+from .loss_assembly import MarginStats, make_stats, reduce_loss, row_losses
 from .margins import FILTER_OFF, Margin, pre_pass
 
-
-class MarginStats(NamedTuple):
-    """Training signals computed by the fused op, without a (B, C) tensor (all detached)."""
-
-    lse: torch.Tensor  # (B,) log-sum-exp of the row's logits
-    cos_target: torch.Tensor  # (B,) cosine to the labelled class (0 for ignored rows)
-    predicted: torch.Tensor  # (B,) class of the highest raw cosine
-    accuracy: torch.Tensor  # () share of counted rows whose predicted class is the label
+__all__ = ["MarginStats", "make_stats", "margin_cross_entropy"]
 
 
 def margin_cross_entropy(
@@ -48,6 +42,8 @@ def margin_cross_entropy(
     )
     backend = ops.resolve_backend(backend, embeddings.device)
     if backend == "reference":
+        from . import reference  # the oracle, only for the reference backend
+
         return reference.margin_cross_entropy(
             embeddings, weight, labels, margin, reduction=reduction, ignore_index=ignore_index,
             interclass_filtering_threshold=interclass_filtering_threshold, return_stats=return_stats,
@@ -71,8 +67,8 @@ def margin_cross_entropy(
         margin.subcenters,
         deterministic,
     )
-    loss = reference.row_losses(lse, pre, valid)
-    reduced = reference.reduce_loss(loss, valid, reduction).to(embeddings.dtype)
+    loss = row_losses(lse, pre, valid)
+    reduced = reduce_loss(loss, valid, reduction).to(embeddings.dtype)
     if not return_stats:
         return reduced
     return reduced, make_stats(lse, pre.cos_target, predicted, labels, valid)
@@ -91,13 +87,3 @@ class _DenseGradLast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
-
-
-def make_stats(lse, cos_target, predicted, labels, valid) -> MarginStats:
-    correct = (predicted == labels) & valid
-    return MarginStats(
-        lse=lse.detach(),
-        cos_target=torch.where(valid, cos_target.detach(), torch.zeros_like(cos_target)),
-        predicted=predicted,
-        accuracy=correct.sum() / valid.sum(),
-    )

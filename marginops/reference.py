@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .loss_assembly import make_stats, reduce_loss, row_losses
 from .margins import NORM_EPS, Margin, accumulation_dtype, pre_pass
 
 
@@ -54,26 +55,7 @@ def margin_cross_entropy(
     reduced = reduce_loss(row_losses(lse, pre, valid), valid, reduction).to(embeddings.dtype)
     if not return_stats:
         return reduced
-    from .functional import make_stats
-
     return reduced, make_stats(lse, pre.cos_target, cos.detach().argmax(dim=1), labels, valid)
-
-
-def row_losses(lse: torch.Tensor, pre, valid: torch.Tensor) -> torch.Tensor:
-    """lse − z_iy (+ the margin's per-row extra term), 0 for ignored rows."""
-    loss = lse - pre.target_logit
-    if pre.extra_loss is not None:
-        loss = loss + pre.extra_loss
-    return torch.where(valid, loss, torch.zeros_like(loss))
-
-
-def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    # mean over counted rows; all rows ignored gives nan, as F.cross_entropy does
-    return loss.sum() / valid.sum()
 
 
 def fused_lse(

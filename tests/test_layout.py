@@ -1,0 +1,107 @@
+"""Module layout of the marginops package, checked on the source (AST), not by importing it.
+
+* ``reference`` is the oracle only: production code imports it solely inside the reference backend's
+  dispatch branch (``if backend == "reference":`` in ops.py and functional.py); the package's
+  ``__init__`` re-exports it as the public ``marginops.reference``.
+* loss assembly (row losses, reduction, MarginStats) lives in ``loss_assembly``, which imports nothing
+  from marginops, so functional, distributed and reference share it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import marginops
+from marginops import functional, loss_assembly
+
+PACKAGE = Path(marginops.__file__).resolve().parent
+
+
+def _module_name(path: Path) -> str:
+    parts = ("marginops",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package_of(path: Path) -> str:
+    name = _module_name(path)
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def _imports(path: Path):
+    """(imported module names, enclosing ast.If nodes) for every import statement in ``path``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+
+    def visit(node, ifs):
+        if isinstance(node, ast.Import):
+            out.append(([alias.name for alias in node.names], ifs, node.lineno))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = _package_of(path).split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # "from pkg import sub" may import the submodule pkg.sub: count both
+            out.append(([module] + [f"{module}.{alias.name}" for alias in node.names], ifs, node.lineno))
+        for field, value in ast.iter_fields(node):
+            children = value if isinstance(value, list) else [value]
+            inner = ifs + (node,) if isinstance(node, ast.If) and field == "body" else ifs
+            for child in children:
+                if isinstance(child, ast.AST):
+                    visit(child, inner)
+
+    visit(tree, ())
+    return out
+
+
+def _is_reference_branch(node: ast.If) -> bool:
+    test = node.test
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "backend"
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], ast.Eq)
+        and isinstance(test.comparators[0], ast.Constant)
+        and test.comparators[0].value == "reference"
+    )
+
+
+def _sources():
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "reference.py")
+
+
+def test_only_the_reference_backend_imports_the_oracle():
+    offenders = []
+    for path in _sources():
+        if path == PACKAGE / "__init__.py":
+            continue  # the public re-export marginops.reference
+        for modules, ifs, line in _imports(path):
+            if "marginops.reference" in modules and not any(_is_reference_branch(node) for node in ifs):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{line}")
+    assert not offenders, "marginops.reference imported outside the reference backend's dispatch: " + ", ".join(
+        offenders
+    )
+
+
+def test_reference_imports_no_production_module():
+    allowed = {"marginops.margins", "marginops.loss_assembly"}
+    for modules, _, line in _imports(PACKAGE / "reference.py"):
+        ours = [m for m in modules if m == "marginops" or m.startswith("marginops.")]
+        assert all(m in allowed or m.rpartition(".")[0] in allowed for m in ours), (
+            f"reference.py:{line} imports {modules}; the oracle may use only {sorted(allowed)}"
+        )
+
+
+def test_loss_assembly_depends_on_nothing_in_marginops():
+    for modules, _, line in _imports(PACKAGE / "loss_assembly.py"):
+        assert not any(m == "marginops" or m.startswith("marginops.") for m in modules), (
+            f"loss_assembly.py:{line} imports {modules}"
+        )
+
+
+def test_margin_stats_reexported():
+    assert marginops.MarginStats is functional.MarginStats is loss_assembly.MarginStats
+    assert functional.make_stats is loss_assembly.make_stats
