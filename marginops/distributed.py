@@ -17,6 +17,13 @@ classes, starting where rank r − 1's end) and keeps only those rows of W.  One
 Margins that draw random numbers (ElasticFace) equal single-process training when their generator is in
 the same state on every rank (seed it identically); otherwise each row simply uses its owner's draw.
 
+Rank handshake.  Every forward's first collective (a fixed-size all-gather of the batch sizes) also carries
+a fingerprint of this rank's head: embedding_size, num_classes, the margin's class and parameters (with
+CurricularFace's t), sub-centers, the weight's dtype, sample_rate, reduction, ignore_index and the filtering
+threshold.  Ranks that disagree (built with different arguments, or after loading different checkpoints or
+assigning different margins) raise the same ValueError on every rank, naming each difference and every
+rank's value, before any collective whose size depends on the configuration (where gloo would abort).
+
 Autograd.  The loss is *replicated*: every rank computes the same function of the collectives' outputs and
 calls ``backward`` with the same upstream gradient.  So the backward of the all-reduce / all-gather above
 needs no communication (each rank's contribution gets its own copy of the gradient, or its slice of it),
@@ -37,6 +44,8 @@ themselves (no copy of W[index]); unsampled rows get exactly zero gradient.
 from __future__ import annotations
 
 import dataclasses
+import math
+import zlib
 from typing import Optional
 
 import torch
@@ -86,6 +95,107 @@ def _gather_rows(local: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     if all(s == rows for s in sizes):
         return out
     return torch.cat([out[r * rows: r * rows + sizes[r]] for r in range(world)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rank handshake: every rank must have built the head the same way
+
+# A fixed-length float64 fingerprint of the head's configuration, gathered with the batch sizes in one
+# all-gather of fixed size: ranks that disagree must never reach a collective whose sizes differ (gloo
+# aborts the process on that), and every rank must raise the same error.
+_HANDSHAKE_MAGIC = 0x6D6F6873  # "mohs"; a rank running another layout shows up as a mismatch of this slot
+_MARGIN_PARAM_SLOTS = 8
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HEAD_FIELDS = (
+    "handshake layout", "embedding_size", "num_classes", "sub-centers (margin.subcenters)", "weight dtype",
+    "sample_rate", "margin", "reduction", "ignore_index", "interclass_filtering_threshold",
+)
+_FINGERPRINT_SIZE = len(_HEAD_FIELDS) + _MARGIN_PARAM_SLOTS + 1
+
+
+def _crc(text: str) -> float:
+    return float(zlib.crc32(text.encode()))
+
+
+def _margin_classes() -> dict:
+    found, todo = {}, [Margin]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            found[sub.__name__] = sub
+            todo.append(sub)
+    return found
+
+
+def _margin_code(margin: Margin) -> float:
+    names = sorted(_margin_classes())
+    name = type(margin).__name__
+    return float(names.index(name)) if name in names else 1000.0 + _crc(type(margin).__qualname__)
+
+
+def _margin_name(code: float) -> str:
+    names = sorted(_margin_classes())
+    return names[int(code)] if code < len(names) else f"a custom margin class (fingerprint {int(code - 1000)})"
+
+
+def _margin_params(margin: Margin) -> list:
+    """(name, value) of the spec's numeric, boolean and string fields (not generators)."""
+    out = []
+    for field in dataclasses.fields(margin) if dataclasses.is_dataclass(margin) else ():
+        value = getattr(margin, field.name)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (bool, int, float)):
+            out.append((field.name, float(value), value))
+        elif isinstance(value, str):
+            out.append((field.name, _crc(value), value))
+    return out
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _handshake_problem(fingerprints: list, param_names: list) -> Optional[str]:
+    """The differences between the ranks' fingerprints (rows of floats), or None; the same text on every rank
+    (``param_names``: the margin's (field, is a string), the same on every rank when the margin classes agree)."""
+    first = fingerprints[0]
+    differ = [i for i in range(_FINGERPRINT_SIZE) if any(not _same(fp[i], first[i]) for fp in fingerprints)]
+    if not differ:
+        return None
+    margin_slot = _HEAD_FIELDS.index("margin")
+    if margin_slot in differ:  # other margin classes: their parameters are not comparable
+        differ = [i for i in differ if i < len(_HEAD_FIELDS)]
+
+    def show(i, value):
+        if i == _HEAD_FIELDS.index("weight dtype"):
+            return str(_DTYPES[int(value)]) if 0 <= value < len(_DTYPES) else f"dtype code {value:g}"
+        if i == margin_slot:
+            return _margin_name(value)
+        if i == _HEAD_FIELDS.index("reduction"):
+            return repr(REDUCTIONS[int(value)]) if 0 <= value < len(REDUCTIONS) else f"code {value:g}"
+        if i == 0:
+            return f"{int(value):#x}"
+        j = i - len(_HEAD_FIELDS)
+        if 0 <= j < len(param_names) and param_names[j][1]:
+            return f"a string with crc32 {int(value)}"
+        return f"{value:.17g}"
+
+    lines = []
+    for i in differ:
+        if i < len(_HEAD_FIELDS):
+            name = _HEAD_FIELDS[i]
+        elif i < len(_HEAD_FIELDS) + _MARGIN_PARAM_SLOTS:
+            j = i - len(_HEAD_FIELDS)
+            name = f"margin.{param_names[j][0]}" if j < len(param_names) else f"margin parameter #{j}"
+        else:
+            name = "further margin parameters"
+        values = ", ".join(f"rank {r}: {show(i, fp[i])}" for r, fp in enumerate(fingerprints))
+        lines.append(f"{name} ({values})")
+    return (
+        "DistributedMarginLoss: the ranks built the head differently; every rank must construct it with the same "
+        "margin, embedding_size, num_classes, sample_rate and dtype. Differences: " + "; ".join(lines)
+    )
 
 
 class _GatherEmbeddings(torch.autograd.Function):
@@ -280,6 +390,22 @@ class DistributedMarginLoss(nn.Module):
                     f"({self.weight.device}) must be on one device")
         return None
 
+    def _fingerprint(self) -> list:
+        """This rank's configuration as _FINGERPRINT_SIZE floats (see _HEAD_FIELDS), compared across ranks."""
+        margin = self.current_margin()
+        dtype = self.weight.dtype
+        head = [
+            float(_HANDSHAKE_MAGIC), float(self.embedding_size), float(self.num_classes), float(margin.subcenters),
+            float(_DTYPES.index(dtype)) if dtype in _DTYPES else 100.0 + _crc(str(dtype)), self.sample_rate,
+            _margin_code(margin), float(REDUCTIONS.index(self.reduction)), float(self.ignore_index),
+            float(self.interclass_filtering_threshold),
+        ]
+        params = _margin_params(margin)
+        values = [v for _, v, _ in params[:_MARGIN_PARAM_SLOTS]]
+        values += [0.0] * (_MARGIN_PARAM_SLOTS - len(values))
+        rest = _crc(repr([(name, raw) for name, _, raw in params[_MARGIN_PARAM_SLOTS:]]))
+        return head + values + [rest]
+
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
@@ -313,17 +439,24 @@ class DistributedMarginLoss(nn.Module):
         if isinstance(local_labels, torch.Tensor) and local_labels.dim() == 2 and local_labels.shape[1] == 1:
             local_labels = local_labels.reshape(-1)
 
-        # 1. sizes, with a validity flag, so that one rank's bad input raises on every rank (no hang)
+        # 1. sizes, with a validity flag, so that one rank's bad input raises on every rank (no hang), and the
+        # handshake: every rank's configuration fingerprint, in the same fixed-size all-gather (every forward,
+        # so also after load_state_dict or a reassigned margin); a mismatch raises the same error everywhere
         problem = self._local_problem(local_embeddings, local_labels)
         rows = local_embeddings.shape[0] if problem is None else 0
-        info = torch.tensor([[rows, int(problem is None)]], dtype=torch.int64, device=device)
+        info = torch.tensor([[rows, int(problem is None)] + self._fingerprint()], dtype=torch.float64, device=device)
         infos = _gather_rows(info, [1] * world, group).tolist()
+        mismatch = _handshake_problem(
+            [row[2:] for row in infos], [(n, isinstance(raw, str)) for n, _, raw in _margin_params(self.margin)]
+        )
+        if mismatch is not None:
+            raise ValueError(mismatch)
         if problem is not None:
             raise ValueError(problem)
-        if not all(ok for _, ok in infos):
-            bad = [r for r, (_, ok) in enumerate(infos) if not ok]
+        if not all(row[1] for row in infos):
+            bad = [r for r, row in enumerate(infos) if not row[1]]
             raise ValueError(f"DistributedMarginLoss: rank(s) {bad} passed invalid inputs (see the error there)")
-        sizes = [n for n, _ in infos]
+        sizes = [int(row[0]) for row in infos]
         if sum(sizes) == 0:
             raise ValueError("DistributedMarginLoss: the global batch is empty (0 rows on every rank)")
         check_backend_fits(self.backend, local_embeddings.to(weight.dtype))

@@ -13,6 +13,7 @@ import json
 import os
 import time
 import traceback
+import zlib
 
 import pytest
 import torch
@@ -372,6 +373,56 @@ def case_bad_input_raises_on_every_rank(rank, world, backend):
     assert torch.isfinite(loss)
 
 
+def case_handshake_mismatch_raises_on_every_rank(rank, world, backend):
+    """Ranks built differently: the same ValueError everywhere (before: gloo SIGABRT for embedding_size, a
+    finite loss for num_classes or the margin)."""
+    sizes = [3] * world
+    last = rank == world - 1
+    variants = [  # (what the last rank changes, kwargs for DistributedMarginLoss, the name in the message)
+        ("embedding_size", dict(margin=marginops.ArcFace(s=8.0), embedding_size=6 if last else 5, num_classes=10),
+         "embedding_size"),
+        ("num_classes", dict(margin=marginops.ArcFace(s=8.0), embedding_size=5, num_classes=11 if last else 10),
+         "num_classes"),
+        ("margin class", dict(margin=marginops.SubCenterArcFace(s=8.0, k=2) if last else marginops.ArcFace(s=8.0),
+                              embedding_size=5, num_classes=10), "SubCenterArcFace"),
+        ("margin parameter", dict(margin=marginops.ArcFace(s=8.0, m=0.3 if last else 0.5), embedding_size=5,
+                                  num_classes=10), "margin.m"),
+        ("sample_rate", dict(margin=marginops.ArcFace(s=8.0), embedding_size=5, num_classes=10,
+                             sample_rate=0.5 if last else 1.0), "sample_rate"),
+    ]
+    messages = []
+    for what, kwargs, name in variants:
+        module = mdist.DistributedMarginLoss(backend=backend, **kwargs).double()
+        emb, _, labels = problem(30, sum(sizes), module.embedding_size, 10)
+        lo, hi = offsets(sizes, rank)
+        with pytest_raises(ValueError, name) as raised:
+            module(emb[lo:hi], labels[lo:hi])
+        assert "built the head differently" in str(raised.value), (what, str(raised.value))
+        messages.append(str(raised.value))
+    # dtype: float32 on the last rank
+    module = mdist.DistributedMarginLoss(marginops.CosFace(s=8.0), 5, 10, backend=backend)
+    module = module.float() if last else module.double()
+    emb, _, labels = problem(31, sum(sizes), 5, 10)
+    lo, hi = offsets(sizes, rank)
+    with pytest_raises(ValueError, "weight dtype") as raised:
+        module(emb[lo:hi], labels[lo:hi])
+    messages.append(str(raised.value))
+    # every rank got the same text: gather their hashes
+    digest = torch.tensor([zlib.crc32("\n".join(messages).encode())], dtype=torch.int64)
+    digests = [torch.zeros_like(digest) for _ in range(world)]
+    dist.all_gather(digests, digest)
+    assert all(int(d) == int(digest) for d in digests), "ranks raised different messages"
+    # still in step afterwards, and the compat PartialFC_V2 shakes hands too
+    emb, weight, labels = problem(32, sum(sizes), 5, 10)
+    good = make_module(marginops.ArcFace(s=8.0), weight, backend)
+    assert torch.isfinite(good(emb[lo:hi], labels[lo:hi]))
+    head = insightface.PartialFC_V2(
+        insightface.CombinedMarginLoss(8.0, 1.0, 0.5 if last else 0.4, 0.0), 5, 10, backend=backend
+    ).double()
+    with pytest_raises(ValueError, "margin.m2"):
+        head(emb[lo:hi], labels[lo:hi])
+
+
 class pytest_raises:  # noqa: N801  (pytest.raises without needing pytest's assertion machinery in workers)
     def __init__(self, exc, match):
         self.exc, self.match = exc, match
@@ -384,6 +435,7 @@ class pytest_raises:  # noqa: N801  (pytest.raises without needing pytest's asse
             raise AssertionError(f"expected {self.exc.__name__} matching {self.match!r}, nothing raised")
         if not issubclass(exc_type, self.exc) or self.match not in str(exc):
             return False
+        self.value = exc
         return True
 
 
