@@ -1,6 +1,6 @@
 // Margin math shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
 // Only the non-target epilogue lives here: target logits come from the Python pre-pass
-// (DESIGN.md section 2), so a new target-only margin never touches a kernel.
+// (docs/DESIGN.md §3), so a new target-only margin never touches a kernel.
 #pragma once
 
 #include <cmath>

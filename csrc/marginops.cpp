@@ -1,4 +1,4 @@
-// Schemas of the fused op (DESIGN.md section 2; contract in marginops/ops.py).
+// Schemas of the fused op (docs/DESIGN.md §2; contract in marginops/ops.py).
 // Only the schemas live here: the CPU kernels (csrc/cpu, same extension) and the CUDA kernels
 // (csrc/cuda, a second extension loaded after this one) register with TORCH_LIBRARY_IMPL, and
 // marginops/ops.py registers the fake impls and autograd from Python.

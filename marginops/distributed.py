@@ -8,7 +8,7 @@ classes, starting where rank r − 1's end) and keeps only those rows of W.  One
    label it owns; one all-reduce (sum, no gradient) gives every rank all of them, so CurricularFace's
    threshold cos(θ_iy + m) and EMA ``t``, and margins that look across rows (ElasticFace+), see the
    whole batch, identically everywhere;
-2. the owner computes the row's target logit z_iy (the margin, DESIGN.md §2 pre-pass, from its own cosine
+2. the owner computes the row's target logit z_iy (the margin, docs/DESIGN.md §3 pre-pass, from its own cosine
    with gradient) and any per-row extra loss term (MagFace); a second all-reduce shares them;
 3. the fused op runs on the local shard (the target column only on the owner, ``labels = -1`` elsewhere)
    and returns the shard's log-sum-exp per row; one all-gather of those gives the global log-sum-exp;

@@ -1,9 +1,9 @@
-"""Margin specs (DESIGN.md §1) and the pre-pass that turns one of them into the fused op's inputs.
+"""Margin specs (docs/DESIGN.md §1) and the pre-pass that turns one of them into the fused op's inputs.
 
 Every margin here changes only the target logit (a function of the one cosine c_iy per row) and,
 for CurricularFace, the non-target logits through a per-row threshold and a scalar t.  The pre-pass
 computes those in plain PyTorch (O(B·D)), so autograd differentiates the margins and the kernels
-stay margin-agnostic (DESIGN.md §2).
+stay margin-agnostic (docs/DESIGN.md §3).
 """
 
 from __future__ import annotations

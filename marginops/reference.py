@@ -3,8 +3,8 @@
 It materializes the (B, C) logits, so it is simple and slow and memory-hungry by design; run it in
 float64 to get the truth the kernels are compared against.  Two entry points:
 
-* ``margin_cross_entropy`` — the loss of DESIGN.md §1 straight from the formulas;
-* ``fused_lse`` — the semantics of the fused op alone (DESIGN.md §2), differentiable by autograd,
+* ``margin_cross_entropy`` — the loss of docs/DESIGN.md §1 straight from the formulas;
+* ``fused_lse`` — the semantics of the fused op alone (docs/DESIGN.md §2), differentiable by autograd,
   used to check each backend's forward and backward at the op level.
 """
 
@@ -29,7 +29,7 @@ def margin_cross_entropy(
     interclass_filtering_threshold: float = 0.0,
     return_stats: bool = False,
 ):
-    """Loss per DESIGN.md §1 with every logit materialized.  Inputs are assumed validated.
+    """Loss per docs/DESIGN.md §1 with every logit materialized.  Inputs are assumed validated.
 
     With return_stats, also the functional's MarginStats (lse, target cosine, prediction, accuracy).
     """

@@ -93,8 +93,8 @@ def assert_close(name, actual, expected, rtol, atol):
 
 
 def assert_within_reference_error(name, actual, truth, same_dtype_reference, slack):
-    """DESIGN.md §4: error vs the float64 truth ≤ 2 × the same-dtype reference's error + slack.  Where the truth
-    is NaN or ±inf the result must be the same; a NaN where the truth is finite always fails."""
+    """docs/DESIGN.md §4: error vs the float64 truth ≤ 2 × the same-dtype reference's error + slack.  Where the
+    truth is NaN or ±inf the result must be the same; a NaN where the truth is finite always fails."""
     actual, truth, ref = (t.detach().cpu().double() for t in (actual, truth, same_dtype_reference))
     assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
     finite = torch.isfinite(truth)

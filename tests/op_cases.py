@@ -2,7 +2,7 @@
 
 test_fused_op.py (C++ CPU kernels) and test_cuda_op.py (CUDA kernels) build their inputs with ``Case``, run the
 op with ``run_op`` and compare with ``marginops.reference.fused_lse`` run on the CPU (``run_reference``): in
-float64 to tight tolerances (``assert_matches_float64``), in lower precision by the DESIGN.md §4 rule
+float64 to tight tolerances (``assert_matches_float64``), in lower precision by the docs/DESIGN.md §4 rule
 (``assert_within_rule``: error vs the float64 truth ≤ 2 × the error of the reference run in the same dtype,
 plus slack).  The ``check_*`` functions are test bodies both kernel files run, on their own device.
 test_triton_op.py shares the output names and the bitwise check.
@@ -136,7 +136,7 @@ def assert_argmax_near_max(argmax, case, tol):
 
 
 def assert_within_rule(ours, case, slack_rel, weight_rows=None, truth=None, slack_abs=1e-30):
-    """DESIGN.md §4 rule: error vs ``truth`` ≤ 2 × the error of the reference run in the case's dtype + slack
+    """docs/DESIGN.md §4 rule: error vs ``truth`` ≤ 2 × the error of the reference run in the case's dtype + slack
     (slack_rel × the output's largest magnitude + slack_abs).  truth: float64 outputs, by default the reference
     on the same (rounded) inputs.  weight_rows: restrict the grad_weight comparison to these rows."""
     if truth is None:
@@ -174,9 +174,10 @@ def float64_grid(shapes, ids):
 
 # Case keyword arguments of the float32 / low-precision tests: the default ragged shape, subcenters with a
 # class_index, curricular + filter, many class chunks (CPU) / splits (CUDA).
-# Slack (relative to the output's largest magnitude) of the float32 kernels under the §4 rule.  The row gradient
-# g·exp(target_logit − lse) takes lse from the kernel's forward: one float32 ulp of an lse near 30 (2e-6) becomes
-# that relative error in the gradient, which the reference (softmax of materialized logits) does not have.
+# Slack (relative to the output's largest magnitude) of the float32 kernels under the docs/DESIGN.md §4 rule.
+# The row gradient g·exp(target_logit − lse) takes lse from the kernel's forward: one float32 ulp of an lse near
+# 30 (2e-6) becomes that relative error in the gradient, which the reference (softmax of materialized logits)
+# does not have.
 F32_SLACK = 4e-6
 
 PRECISION_CONFIGS = [
@@ -286,7 +287,7 @@ def check_common_bad_inputs(ops, case, device, unsupported_dtype, other_float_dt
 # test bodies of the CUDA kernels, shared by test_cuda_op.py (on a GPU) and test_cuda_emulated.py (CPU emulator)
 # ------------------------------------------------------------------------------------------------------------
 def check_within_rule(ops, case, slack_rel, argmax_tol):
-    """The DESIGN.md §4 rule for every output, argmax within argmax_tol of a float64 maximum."""
+    """The docs/DESIGN.md §4 rule for every output, argmax within argmax_tol of a float64 maximum."""
     ours = run_op(ops, case)
     assert_within_rule(ours, case, slack_rel=slack_rel)
     assert_argmax_near_max(ours[1], case, tol=argmax_tol)

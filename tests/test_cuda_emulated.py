@@ -79,7 +79,7 @@ def test_tiny_problems(ops):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# float32 (SIMT), bf16 / fp16 (WMMA) by the DESIGN.md §4 rule; tf32 and the fast backward
+# float32 (SIMT), bf16 / fp16 (WMMA) by the docs/DESIGN.md §4 rule; tf32 and the fast backward
 # ------------------------------------------------------------------------------------------------------------
 CONFIGS = [
     dict(B=37, D=61, C=300),
@@ -124,8 +124,8 @@ def test_large_upstream_gradient(ops, dtype, factor):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_small_norm_rows_and_tiny_row_gradients(ops, dtype, k):
     """W rows of norm ~0.1 (the dX operand must not leave fp16's range) and half the rows with an upstream
-    gradient 1e-9 of the others (their grad_x keeps its own precision): the §4 rule on every output, and on
-    the tiny rows' grad_x alone."""
+    gradient 1e-9 of the others (their grad_x keeps its own precision): the docs/DESIGN.md §4 rule on every output,
+    and on the tiny rows' grad_x alone."""
     case = Case(B=37, D=64, C=120 if k == 1 else 40, k=k, non_target=1, filter_threshold=0.2)
     case.weight = case.weight * 0.01
     case.grad = case.grad.clone()

@@ -2,7 +2,7 @@
 
 Everything is compared with ``marginops.reference.fused_lse`` (logits materialized, autograd for the backward,
 run on the CPU): float64 to tight tolerances (the fp64 SIMT path), float32 (exact SIMT path) and bf16 / fp16
-(tensor cores) by the DESIGN.md §4 rule: error vs the float64 truth <= 2 x the error of the reference run in the
+(tensor cores) by the docs/DESIGN.md §4 rule: error vs the float64 truth <= 2 x the error of the reference run in the
 same dtype, plus a small slack.  Shapes cross partial row tiles (B=37, 150), odd feature counts (D=61: the
 scalar-load path; D=64: 16-byte cp.async), several D chunks (D=300 in fp64, D=600 otherwise), many class splits
 (N=20000) and subcenters k=1/3/64.  One test plants columns beyond row*D = 2^31 in a 4.3 GB bf16 weight.
@@ -93,7 +93,7 @@ def test_tf32_opt_in(ops, monkeypatch, config):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# bf16 / fp16 (tensor cores): the DESIGN.md §4 rule
+# bf16 / fp16 (tensor cores): the docs/DESIGN.md §4 rule
 # ------------------------------------------------------------------------------------------------------------
 LOW_CONFIGS = [*PRECISION_CONFIGS, dict(B=150, D=64, C=700), dict(B=70, D=600, C=700, non_target=1)]
 LOW_IDS = ["ragged", "k3_class_index", "curricular_filter", "many_splits", "row_tiles_vec", "d_chunks"]

@@ -1,7 +1,7 @@
 """Op-level tests of the C++ CPU kernels (csrc/cpu) behind torch.ops.marginops.fused_lse / fused_lse_backward.
 
 Everything is compared with ``marginops.reference.fused_lse`` (logits materialized, autograd for the backward):
-in float64 to tight tolerances, in float32 by the DESIGN.md §4 rule (error vs the float64 truth ≤ 2 × the error
+in float64 to tight tolerances, in float32 by the docs/DESIGN.md §4 rule (error vs the float64 truth ≤ 2 × the error
 of the reference run in float32, plus slack). Shapes are ragged (B=37, D=61, N=1001: partial chunks and partial
 vectors) or wide (N=20000: many chunks), small enough for 2 cores. The extension is loaded through
 ``marginops._build.load_cpu()`` (first use compiles it).

@@ -172,7 +172,7 @@ def test_psi_formulas_against_acos_definitions():
 
 
 def test_reference_matches_hand_computed_logits():
-    """The oracle itself against a loop over rows written straight from DESIGN.md §1 (CurricularFace)."""
+    """The oracle itself against a loop over rows written straight from docs/DESIGN.md §1 (CurricularFace)."""
     emb, weight, labels = make_problem(5, 7, 13)
     s, m, t = 10.0, 0.5, 0.25
     loss = marginops.reference.margin_cross_entropy(emb, weight, labels, marginops.CurricularFace(s, m, t), reduction="none")

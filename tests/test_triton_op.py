@@ -4,7 +4,7 @@ Without a GPU everything runs on CPU tensors under Triton's interpreter (TRITON_
 Triton is first imported; tests/conftest.py does the same).  Shapes are small and ragged (B=37, D=61,
 N≈100-300) so that every kernel crosses partial row tiles, class tiles, K chunks, d-chunks and class splits
 while the whole file stays within about a minute on 2 cores.  With a GPU the same tests run natively, plus
-bf16/fp16 checks (DESIGN.md §4 rule: error vs the float64 truth ≤ 2 × the error of the reference run in the
+bf16/fp16 checks (docs/DESIGN.md §4 rule: error vs the float64 truth ≤ 2 × the error of the reference run in the
 same dtype + slack), a TF32 check and a 64-bit offset check.
 
 The launchers are loaded through ``marginops.ops.triton_kernels()`` (which finds ``triton_kernels/`` beside
@@ -238,7 +238,7 @@ if HAS_CUDA:  # natively the whole grid is cheap
 
 @pytest.mark.parametrize("dtype,k,nt,filt,ci,det", LOW_PRECISION)
 def test_low_precision_within_reference_error(tk, dtype, k, nt, filt, ci, det):
-    """DESIGN.md §4: error vs the float64 truth (on the rounded inputs) ≤ 2 × the error of the reference run
+    """docs/DESIGN.md §4: error vs the float64 truth (on the rounded inputs) ≤ 2 × the error of the reference run
     with the same low-precision inputs, + slack."""
     shape = dict(B=67, D=128, C=1001) if HAS_CUDA else dict(B=37, D=61, C=101 if k == 1 else 41)
     case = make_case(k=k, dtype=dtype, class_index=ci, seed=6, **shape)
@@ -276,8 +276,8 @@ def test_large_upstream_gradient(tk, dtype, factor):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_small_norm_rows_and_tiny_row_gradients(tk, dtype, det, k):
     """W rows of norm ~0.1 (1/n ~ 10: the dX operand dc/n must not leave fp16's range) and half the rows with an
-    upstream gradient 1e-9 of the others (their grad_x must keep its own precision): the §4 rule on every
-    output, and separately on the tiny rows' grad_x."""
+    upstream gradient 1e-9 of the others (their grad_x must keep its own precision): the docs/DESIGN.md §4 rule on
+    every output, and separately on the tiny rows' grad_x."""
     case = make_case(B=37, D=61, C=101 if k == 1 else 41, k=k, dtype=dtype, seed=10)
     case["weight"] = (case["weight"].double() * 0.01).to(dtype)
     grad = case["grad_lse"].clone()

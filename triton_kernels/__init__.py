@@ -18,7 +18,7 @@ rounding; read at each call (so it is baked in when a graph is compiled).
 
 ``FAST_GRAD_DOTS`` (default False, or ``MARGINOPS_TRITON_FAST_GRAD=1``): for fp16 inputs, form the
 backward's dX and dW products from one fp16 copy of the gradient operand instead of a hi + lo pair.  That
-halves the products' tensor-core work and lets D = 512 run in one d-chunk, at errors near the DESIGN.md §4
+halves the products' tensor-core work and lets D = 512 run in one d-chunk, at errors near the docs/DESIGN.md §4
 bound (which is why it is off by default).  bf16 inputs always work this way, on fp16 operands: their 11-bit
 mantissa keeps the gradient within the bound with one rounding (one bf16 rounding gave ~0.3% errors).
 

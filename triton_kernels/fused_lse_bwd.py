@@ -10,7 +10,7 @@ All sums accumulate in fp32 (fp64 for fp64 inputs).  The dX product takes dc / n
 dW product dc against x (scaled by 1/n_r afterwards, in fp32).
 
 Precision and range of the 16-bit products.  One rounding of dc to bf16 gave errors of ~0.3% in grad_x /
-grad_weight, above the DESIGN.md §4 bound.  So both products run on **fp16** operands for bf16 and fp16 inputs
+grad_weight, above the docs/DESIGN.md §4 bound.  So both products run on **fp16** operands for bf16 and fp16 inputs
 (``prod_ty`` in the kernels): for bf16 inputs x and W convert to fp16 with their bf16 precision intact and dc
 keeps 11 mantissa bits, within the bound with one rounding (as the CUDA kernels, measured in
 tests/test_cuda_emulated.py); fp16 inputs must match a reference 8x more precise and split dc into hi + lo

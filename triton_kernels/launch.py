@@ -1,4 +1,4 @@
-"""Launchers of the Triton backend: one Python function per op schema (contract: marginops/ops.py, DESIGN.md §2).
+"""Launchers of the Triton backend: one Python function per op schema (contract: marginops/ops.py, docs/DESIGN.md §2).
 
 They are written to be registered with ``torch.library.triton_op`` so that ``torch.compile`` traces them:
 outputs and scratch buffers come from ``torch.empty``/``torch.zeros``/``torch.full``, kernels are launched
