@@ -2,12 +2,61 @@
 
 from __future__ import annotations
 
-import torch
+import math
 
-from .margins import Margin
+import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+# every integer dtype: labels are widened to int64 before any comparison (uint8 cannot hold -100)
+LABEL_DTYPES = (
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64,
+)
+
+
+def label_dtype_problem(labels: torch.Tensor, name: str = "labels") -> "str | None":
+    if labels.dtype in LABEL_DTYPES:
+        return None
+    accepted = ", ".join(str(d).replace("torch.", "") for d in LABEL_DTYPES)
+    return f"{name} must be an integer tensor ({accepted}), got {_describe(labels)}"
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False, why: str = "") -> None:
+    """ValueError unless ``value`` is a finite real number in the interval [low, high] (open ends as asked)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if (low, high) == (-math.inf, math.inf):
+            interval = "a finite number"
+        else:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            interval = interval.replace("3.14159", "pi").replace("1.5708", "pi/2")
+        raise ValueError(f"{name} must be {interval}, got {value!r}{'; ' + why if why else ''}")
+
+
+def check_finite_fields(spec) -> None:
+    """ValueError for a NaN or infinite number in any field of a margin spec (a dataclass)."""
+    import dataclasses
+
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(spec).__name__}.{field.name} must be finite, got {value!r}")
+
+
+def check_module_options(*, backend: str, reduction: str, ignore_index, interclass_filtering_threshold) -> None:
+    """The options every loss module takes, checked in __init__ rather than at the first forward."""
+    from .ops import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_number("interclass_filtering_threshold", interclass_filtering_threshold, why="<= 0 turns filtering off")
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -25,6 +74,7 @@ def check_loss_inputs(
     backend: str,
 ) -> None:
     """Raise ValueError/TypeError for anything the kernels must never see."""
+    from .margins import Margin
     from .ops import BACKENDS
 
     if not isinstance(margin, Margin):
@@ -58,8 +108,9 @@ def check_loss_inputs(
         )
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has {embeddings.shape[0]} rows")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"labels must be an integer tensor (int64 or int32), got {_describe(labels)}")
+    problem = label_dtype_problem(labels)
+    if problem is not None:
+        raise TypeError(problem)
     if not (embeddings.device == weight.device == labels.device):
         raise ValueError(
             f"embeddings ({embeddings.device}), weight ({weight.device}) and labels ({labels.device}) must be on one device"
@@ -95,6 +146,7 @@ def check_backend_fits(backend: str, embeddings: torch.Tensor) -> None:
 
 
 def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    labels = labels.long()  # compared as int64: in uint8, ignore_index -100 would read as 156
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         where = bad.nonzero().flatten()[:5].tolist()

@@ -14,6 +14,8 @@ from typing import Optional, Union
 
 import torch
 
+from ._validation import check_finite_fields, check_number
+
 # F.normalize's eps: rows are divided by max(‖v‖, NORM_EPS).
 NORM_EPS = 1e-12
 # sin θ is written sqrt(max(1 − c², SIN_EPS)) so that its gradient is finite at c = ±1.
@@ -103,6 +105,22 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
+# Ranges of the margins (checked at construction; every published recipe lies well inside them):
+# an additive angular margin m in [0, pi) (cos(θ + m) past θ = π − m is handled by ArcFace's fallback,
+# beyond π the margin wraps around), a norm-adaptive angular margin (MagFace, AdaFace) in [0, pi/2), an
+# additive cosine margin in [-1, 1] (negative margins are a published variant; |m| > 1 moves every target
+# logit past every non-target one).
+_ANGULAR = (0.0, math.pi)
+
+
+def _check_angular(name: str, value: float) -> None:
+    check_number(name, value, *_ANGULAR, high_open=True, why="an additive angular margin in radians")
+
+
+def _check_cosine(name: str, value: float) -> None:
+    check_number(name, value, -1.0, 1.0, why="an additive cosine margin")
+
+
 @dataclass(frozen=True)
 class NormFace(Margin):
     """z_iy = s·c, z_ij = s·c (normalized softmax, no margin)."""
@@ -125,6 +143,7 @@ class CosFace(Margin):
 
     def __post_init__(self):
         _check_positive("CosFace.s", self.s)
+        _check_cosine("CosFace.m", self.m)
 
     def psi(self, c):
         return c - self.m
@@ -144,6 +163,7 @@ class ArcFace(Margin):
 
     def __post_init__(self):
         _check_positive("ArcFace.s", self.s)
+        check_finite_fields(self)
         if not 0.0 <= self.m < math.pi:
             raise ValueError(f"ArcFace.m must be in [0, pi), got {self.m!r}")
 
@@ -168,6 +188,8 @@ class CombinedMargin(Margin):
     def __post_init__(self):
         _check_positive("CombinedMargin.s", self.s)
         _check_positive("CombinedMargin.m1", self.m1)
+        _check_angular("CombinedMargin.m2", self.m2)
+        _check_cosine("CombinedMargin.m3", self.m3)
 
     def psi(self, c):
         if self.m1 == 1.0:
@@ -217,6 +239,7 @@ class CurricularFace(Margin):
 
     def __post_init__(self):
         _check_positive("CurricularFace.s", self.s)
+        check_finite_fields(self)
         if not 0.0 <= self.m < math.pi:
             raise ValueError(f"CurricularFace.m must be in [0, pi), got {self.m!r}")
 
@@ -246,6 +269,7 @@ class SubCenterArcFace(Margin):
 
     def __post_init__(self):
         _check_positive("SubCenterArcFace.s", self.s)
+        _check_angular("SubCenterArcFace.m", self.m)
         if not (isinstance(self.k, int) and self.k >= 1):
             raise ValueError(f"SubCenterArcFace.k must be an integer >= 1, got {self.k!r}")
 
@@ -275,6 +299,13 @@ class AdaFace(Margin):
 
     def __post_init__(self):
         _check_positive("AdaFace.s", self.s)
+        check_number("AdaFace.m", self.m, 0.0, math.pi / 2, high_open=True, why="the angular margin in radians")
+        check_number("AdaFace.h", self.h, 0.0, 1.0)
+        check_number("AdaFace.t_alpha", self.t_alpha, 0.0, 1.0)
+        for name in ("batch_mean", "batch_std"):  # tensors (the module's EMA buffers) are not checked here
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                check_number(f"AdaFace.{name}", value, 0.0)
 
     def margin_scaler(self, x_norm: torch.Tensor) -> torch.Tensor:
         z = x_norm.detach().clamp(0.001, 100.0)
@@ -310,6 +341,7 @@ class ElasticFace(Margin):
             raise ValueError(f"ElasticFace.kind must be 'arc' or 'cos', got {self.kind!r}")
         if not (math.isfinite(self.std) and self.std >= 0):
             raise ValueError(f"ElasticFace.std must be >= 0, got {self.std!r}")
+        (_check_angular if self.kind == "arc" else _check_cosine)("ElasticFace.m", self.m)
 
     def row_margins(self, c: torch.Tensor) -> torch.Tensor:
         if not self.sample:
@@ -346,8 +378,12 @@ class MagFace(Margin):
 
     def __post_init__(self):
         _check_positive("MagFace.s", self.s)
+        check_finite_fields(self)
         if not 0 < self.l_a < self.u_a:
             raise ValueError(f"MagFace needs 0 < l_a < u_a, got l_a={self.l_a}, u_a={self.u_a}")
+        check_number("MagFace.u_m", self.u_m, 0.0, math.pi / 2, high_open=True, why="the largest margin, radians")
+        check_number("MagFace.l_m", self.l_m, 0.0, self.u_m, why="the smallest margin, radians, at most u_m")
+        check_number("MagFace.lambda_g", self.lambda_g, 0.0)
 
     def _a(self, x_norm):
         return x_norm.clamp(self.l_a, self.u_a)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import margins
-from ._validation import check_loss_inputs
+from ._validation import check_loss_inputs, check_module_options, check_number
 from .functional import margin_cross_entropy
 from .pair_losses import ContrastiveLoss, TripletLoss
 
@@ -30,6 +30,10 @@ class MarginLoss(nn.Module):
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size}, {num_classes}")
+        check_module_options(
+            backend=backend, reduction=reduction, ignore_index=ignore_index,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+        )
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.backend = backend
@@ -50,6 +54,8 @@ class MarginLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
         """The loss (and with return_stats, MarginStats: per-row lse, target cosine, prediction, accuracy)."""
         if self.training:
+            # validate first: a call that raises must not advance the state (SphereFace's λ, EMAs)
+            self._check(embeddings, labels)
             self.update_state(embeddings, labels)
         return margin_cross_entropy(
             embeddings,
@@ -137,6 +143,8 @@ class SphereFaceLoss(MarginLoss):
     ):
         super().__init__(embedding_size, num_classes, **kwargs)
         margins.SphereFace(m, 0.0, scale)  # validates m and scale
+        for name, value in (("base", base), ("gamma", gamma), ("power", power), ("lambda_min", lambda_min)):
+            check_number(f"SphereFaceLoss.{name}", value, 0.0)
         self.m, self.scale = m, scale
         self.base, self.gamma, self.power, self.lambda_min = base, gamma, power, lambda_min
         self.iteration = 0
@@ -172,12 +180,12 @@ class CurricularFaceLoss(MarginLoss):
     ):
         super().__init__(embedding_size, num_classes, **kwargs)
         margins.CurricularFace(s, m)  # validates
+        check_number("CurricularFaceLoss.alpha", alpha, 0.0, 1.0, why="the EMA rate of t")
         self.s, self.m, self.alpha = s, m, alpha
         self.register_buffer("t", torch.zeros(()))
 
     @torch.no_grad()
-    def update_state(self, embeddings, labels):
-        self._check(embeddings, labels)
+    def update_state(self, embeddings, labels):  # inputs validated by forward
         labels = labels.long()
         valid = labels != self.ignore_index
         if not bool(valid.any()):
@@ -219,15 +227,16 @@ class AdaFaceLoss(MarginLoss):
         self.register_buffer("batch_std", torch.tensor(100.0))
 
     @torch.no_grad()
-    def update_state(self, embeddings, labels):
-        self._check(embeddings, labels)
-        norms = torch.linalg.vector_norm(embeddings.float(), dim=1).clamp(0.001, 100.0)
+    def update_state(self, embeddings, labels):  # inputs validated by forward
+        # in the accumulation dtype (float64 for float64 inputs), as the pre-pass computes the norms
+        acc = margins.accumulation_dtype(embeddings.dtype)
+        norms = torch.linalg.vector_norm(embeddings.to(acc), dim=1).clamp(0.001, 100.0)
         norms = norms[labels.long() != self.ignore_index]
         if norms.numel() == 0:
             return
-        self.batch_mean.mul_(1.0 - self.t_alpha).add_(self.t_alpha * norms.mean())
+        self.batch_mean.mul_(1.0 - self.t_alpha).add_((self.t_alpha * norms.mean()).to(self.batch_mean.dtype))
         if norms.numel() > 1:  # an unbiased std needs two rows
-            self.batch_std.mul_(1.0 - self.t_alpha).add_(self.t_alpha * norms.std())
+            self.batch_std.mul_(1.0 - self.t_alpha).add_((self.t_alpha * norms.std()).to(self.batch_std.dtype))
 
     def margin(self):
         return margins.AdaFace(self.s, self.m, self.h, self.t_alpha, self.batch_mean, self.batch_std)

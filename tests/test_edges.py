@@ -80,3 +80,183 @@ def test_double_backward_on_the_reference_backend_is_correct():
         e = e.view_as(w)
         fd.view(-1)[idx] = (penalty(w + e) - penalty(w - e)) / (2 * eps)
     torch.testing.assert_close(grad_w, fd, rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a call that raises leaves the module's state as it was
+
+
+def _bad_calls(module, D=8, C=10):
+    x, _, y = _problem(B=4, C=C, D=D)
+    bad_label = y.clone()
+    bad_label[1] = C
+    return [
+        (x, bad_label, ValueError),  # label out of range
+        (x[:, : D - 1], y, ValueError),  # wrong embedding size
+        (x.float(), y, TypeError),  # dtype other than the weight's
+    ]
+
+
+def _state(module):
+    state = {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    state["_extra"] = getattr(module, "iteration", None)
+    return state
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mnn.SphereFaceLoss(8, 10, backend="reference"),
+        lambda: mnn.CurricularFaceLoss(8, 10, s=16.0, backend="reference"),
+        lambda: mnn.AdaFaceLoss(8, 10, s=16.0, backend="reference"),
+    ],
+    ids=["sphereface", "curricularface", "adaface"],
+)
+def test_failed_training_calls_do_not_advance_state(make):
+    module = make().double().train()
+    before = _state(module)
+    lambda_before = module.lambda_ if isinstance(module, mnn.SphereFaceLoss) else None
+    for x, y, exc in _bad_calls(module):
+        with pytest.raises(exc):
+            module(x, y)
+    after = _state(module)
+    assert before.keys() == after.keys()
+    for key in before:
+        if isinstance(before[key], torch.Tensor):
+            assert torch.equal(before[key], after[key]), key
+        else:
+            assert before[key] == after[key], key
+    if lambda_before is not None:
+        assert module.iteration == 0 and module.lambda_ == lambda_before == 1000.0
+    # and a good call still advances it
+    x, _, y = _problem()
+    module(x, y)
+    if isinstance(module, mnn.SphereFaceLoss):
+        assert module.iteration == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# out-of-range margins and options rejected at construction
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: marginops.SubCenterArcFace(m=4), "SubCenterArcFace.m"),
+        (lambda: marginops.CombinedMargin(m2=4), "CombinedMargin.m2"),
+        (lambda: marginops.CombinedMargin(m3=NAN), "CombinedMargin.m3"),
+        (lambda: marginops.ElasticFace(m=4), "ElasticFace.m"),
+        (lambda: marginops.ElasticFace(kind="cos", m=2.0), "ElasticFace.m"),
+        (lambda: marginops.MagFace(u_m=4), "MagFace.u_m"),
+        (lambda: marginops.MagFace(l_m=-1), "MagFace.l_m"),
+        (lambda: marginops.MagFace(l_m=0.9, u_m=0.8), "MagFace.l_m"),
+        (lambda: marginops.MagFace(lambda_g=INF), "MagFace.lambda_g"),
+        (lambda: marginops.CosFace(m=NAN), "CosFace.m"),
+        (lambda: marginops.CosFace(m=INF), "CosFace.m"),
+        (lambda: marginops.AdaFace(m=NAN), "AdaFace.m"),
+        (lambda: marginops.AdaFace(h=NAN), "AdaFace.h"),
+        (lambda: marginops.AdaFace(batch_std=INF), "AdaFace.batch_std"),
+        (lambda: marginops.ArcFace(m=NAN), "ArcFace.m"),
+        (lambda: marginops.CurricularFace(t=NAN), "CurricularFace.t"),
+        (lambda: mnn.CurricularFaceLoss(8, 10, alpha=2.0), "CurricularFaceLoss.alpha"),
+        (lambda: mnn.CurricularFaceLoss(8, 10, alpha=NAN), "CurricularFaceLoss.alpha"),
+        (lambda: mnn.SphereFaceLoss(8, 10, gamma=NAN), "SphereFaceLoss.gamma"),
+        (lambda: mnn.MagFaceLoss(8, 10, u_m=4), "MagFace.u_m"),
+        (lambda: mnn.AdaFaceLoss(8, 10, t_alpha=1.5), "AdaFace.t_alpha"),
+        (lambda: mnn.ArcFaceLoss(8, 10, backend="gpu"), "backend"),
+        (lambda: mnn.ArcFaceLoss(8, 10, reduction="avg"), "reduction"),
+        (lambda: mnn.CosFaceLoss(8, 10, interclass_filtering_threshold=NAN), "interclass_filtering_threshold"),
+    ],
+)
+def test_out_of_range_parameters_rejected_at_construction(build, name):
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        build()
+
+
+def test_published_recipes_accepted():
+    marginops.ArcFace(s=64.0, m=0.5)
+    marginops.CosFace(s=64.0, m=0.35)
+    marginops.CosFace(s=64.0, m=0.4)
+    marginops.CosFace(s=30.0, m=-0.2)  # negative margins are a published variant
+    marginops.CombinedMargin(s=64.0, m1=1.0, m2=0.3, m3=0.2)
+    marginops.CombinedMargin(s=64.0, m1=0.9, m2=0.4, m3=0.15)
+    marginops.SubCenterArcFace(s=64.0, m=0.5, k=3)
+    marginops.MagFace(s=64.0, l_a=10, u_a=110, l_m=0.45, u_m=0.8, lambda_g=35)
+    marginops.AdaFace(s=64.0, m=0.4, h=0.333, t_alpha=0.01)
+    marginops.ElasticFace(s=64.0, m=0.5, std=0.05, kind="arc")
+    marginops.ElasticFace(s=64.0, m=0.35, std=0.05, kind="cos")
+    marginops.CurricularFace(s=64.0, m=0.5)
+    marginops.SphereFace(m=4)
+    pml.ArcFaceLoss(10, 8, margin=28.6, scale=64)
+    pml.CosFaceLoss(10, 8, margin=0.35, scale=64)
+    mnn.CurricularFaceLoss(8, 10, alpha=0.01)
+    mnn.CosFaceLoss(8, 10, interclass_filtering_threshold=0.3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# labels of every integer dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_uint8_labels_out_of_range_get_the_clear_message(backend):
+    x, w, _ = _problem(B=4, C=10)
+    for bad in (156, 200, 255, 10):
+        y = torch.tensor([1, bad, 3, 4], dtype=torch.uint8)
+        with pytest.raises(ValueError, match=rf"labels out of range.*= {bad}"):
+            marginops.margin_cross_entropy(x, w, y, marginops.ArcFace(), backend=backend)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64],
+)
+def test_every_integer_label_dtype_gives_the_int64_loss(dtype):
+    x, w, y = _problem(B=5, C=10)
+    expected = marginops.margin_cross_entropy(x, w, y, marginops.ArcFace(s=16.0), backend="cpu")
+    actual = marginops.margin_cross_entropy(x, w, y.to(dtype), marginops.ArcFace(s=16.0), backend="cpu")
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_int8_labels_with_ignore_index():
+    x, w, y = _problem(B=5, C=10)
+    y8 = y.to(torch.int8)
+    y8[2] = -100
+    y64 = y.clone()
+    y64[2] = -100
+    margin = marginops.CosFace(s=16.0)
+    torch.testing.assert_close(
+        marginops.margin_cross_entropy(x, w, y8, margin, backend="reference"),
+        marginops.margin_cross_entropy(x, w, y64, margin, backend="reference"),
+        rtol=0, atol=0,
+    )
+
+
+def test_float_labels_message_lists_every_accepted_dtype():
+    x, w, y = _problem()
+    with pytest.raises(TypeError) as raised:
+        marginops.margin_cross_entropy(x, w, y.float(), marginops.ArcFace(), backend="reference")
+    for name in ("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64"):
+        assert name in str(raised.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AdaFace's norm statistics in float64 for float64 inputs
+
+
+def test_adaface_statistics_in_float64():
+    module = mnn.AdaFaceLoss(8, 10, s=16.0, backend="reference").double().train()
+    x, _, y = _problem(B=6)
+    x = x * torch.linspace(0.5, 30.0, 6, dtype=torch.float64)[:, None]
+    mean, std = torch.tensor(20.0, dtype=torch.float64), torch.tensor(100.0, dtype=torch.float64)
+    for step in range(3):
+        xs = x * (1.0 + 0.1 * step)
+        module(xs, y)
+        norms = torch.linalg.vector_norm(xs, dim=1).clamp(0.001, 100.0)
+        mean = mean * (1 - 0.01) + 0.01 * norms.mean()
+        std = std * (1 - 0.01) + 0.01 * norms.std()
+        assert module.batch_mean.dtype == torch.float64
+        torch.testing.assert_close(module.batch_mean, mean, rtol=1e-15, atol=0)
+        torch.testing.assert_close(module.batch_std, std, rtol=1e-15, atol=0)
