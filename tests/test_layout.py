@@ -28,12 +28,15 @@ def _package_of(path: Path) -> str:
     return name if path.name == "__init__.py" else name.rpartition(".")[0]
 
 
-def _imports(path: Path):
-    """(imported module names, enclosing ast.If nodes) for every import statement in ``path``."""
+def _imports(path: Path, import_time_only: bool = False):
+    """(imported module names, enclosing ast.If nodes, line) for every import statement in ``path``; with
+    ``import_time_only`` only those that run when the module is imported (not inside a function)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     out = []
 
     def visit(node, ifs):
+        if import_time_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return
         if isinstance(node, ast.Import):
             out.append(([alias.name for alias in node.names], ifs, node.lineno))
         elif isinstance(node, ast.ImportFrom):
@@ -86,13 +89,42 @@ def test_only_the_reference_backend_imports_the_oracle():
     )
 
 
-def test_reference_imports_no_production_module():
-    allowed = {"marginops.margins", "marginops.loss_assembly"}
-    for modules, _, line in _imports(PACKAGE / "reference.py"):
-        ours = [m for m in modules if m == "marginops" or m.startswith("marginops.")]
-        assert all(m in allowed or m.rpartition(".")[0] in allowed for m in ours), (
-            f"reference.py:{line} imports {modules}; the oracle may use only {sorted(allowed)}"
-        )
+def _module_graph(import_time_only: bool):
+    """marginops module -> the marginops modules it imports (all imports, or those that run at import time)."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        edges = set()
+        for modules, _, _ in _imports(path, import_time_only):
+            base, *submodules = modules
+            named = [m for m in submodules if m in paths]
+            edges.update(named or ([base] if base in paths else []))
+        graph[name] = edges
+    return graph
+
+
+ENTRY_POINTS = {"marginops", "marginops.functional", "marginops.distributed", "marginops.nn", "marginops.ops"}
+
+
+def test_reference_imports_no_entry_point():
+    """The oracle uses the math (margin specs, non-target modes, loss assembly), never the production entry points
+    (the old layout imported functional.make_stats from inside reference.margin_cross_entropy)."""
+    deps = _module_graph(import_time_only=False)["marginops.reference"]
+    bad = sorted(m for m in deps if m in ENTRY_POINTS or m.startswith("marginops.compat"))
+    assert not bad, f"reference.py imports {bad}"
+
+
+def test_no_import_time_cycle_through_reference():
+    """Nothing that reference.py imports when it is loaded imports reference.py (or an entry point) back."""
+    graph = _module_graph(import_time_only=True)
+    seen, todo = set(), ["marginops.reference"]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    assert "marginops.reference" not in seen, "import cycle through reference.py"
+    assert not seen & ENTRY_POINTS, f"loading reference.py loads {sorted(seen & ENTRY_POINTS)}"
 
 
 def test_loss_assembly_depends_on_nothing_in_marginops():
