@@ -54,7 +54,7 @@ from torch import nn
 
 from . import ops
 from .loss_assembly import make_stats, reduce_loss
-from ._validation import REDUCTIONS, check_backend_fits, check_label_values
+from ._validation import REDUCTIONS, check_backend_fits, check_label_values, check_number, label_dtype_problem
 from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype
 
 __all__ = ["DistributedMarginLoss", "shard_range"]
@@ -320,6 +320,8 @@ class DistributedMarginLoss(nn.Module):
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_number("curricular_alpha", curricular_alpha, 0.0, 1.0, why="the EMA rate of CurricularFace's t")
+        check_number("interclass_filtering_threshold", interclass_filtering_threshold, why="<= 0 turns filtering off")
         self.margin = margin
         self.embedding_size = embedding_size
         self.num_classes = num_classes
@@ -383,8 +385,8 @@ class DistributedMarginLoss(nn.Module):
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
             return (f"local_labels must be 1-D with one entry per embedding row, got shape {tuple(labels.shape)} for "
                     f"{embeddings.shape[0]} rows on rank {self.rank}")
-        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            return f"local_labels must be an integer tensor, got {labels.dtype}"
+        if label_dtype_problem(labels) is not None:
+            return label_dtype_problem(labels, "local_labels")
         if embeddings.device != self.weight.device or labels.device != self.weight.device:
             return (f"local_embeddings ({embeddings.device}), local_labels ({labels.device}) and the weight "
                     f"({self.weight.device}) must be on one device")

@@ -548,3 +548,19 @@ def test_single_process_without_init_equals_functional():
     close("loss", loss, ref_loss)
     close("embedding grad", emb_grad, ref_emb_grad)
     close("weight grad", module.weight.grad, ref_w_grad)
+
+
+def test_single_process_labels_of_any_integer_dtype_and_options_checked():
+    emb, weight, labels = problem(24, 6, 5, 10)
+    module = make_module(marginops.CosFace(s=8.0), weight, "reference")
+    expected = module(emb, labels)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.uint16):
+        torch.testing.assert_close(module(emb, labels.to(dtype)), expected, rtol=0, atol=0)
+    bad = labels.to(torch.uint8)
+    bad[2] = 200  # read as ignore_index -100 before (uint8 wraps -100 to 156)
+    with pytest.raises(ValueError, match="labels out of range"):
+        module(emb, bad)
+    with pytest.raises(ValueError, match=r"local_labels must be an integer tensor \(int64.*uint8"):
+        module(emb, labels.float())
+    with pytest.raises(ValueError, match="curricular_alpha"):
+        mdist.DistributedMarginLoss(marginops.CurricularFace(), 5, 10, curricular_alpha=2.0)
