@@ -260,3 +260,105 @@ def test_adaface_statistics_in_float64():
         assert module.batch_mean.dtype == torch.float64
         torch.testing.assert_close(module.batch_mean, mean, rtol=1e-15, atol=0)
         torch.testing.assert_close(module.batch_std, std, rtol=1e-15, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pml drop-in: labels required (ValueError, as pml), SubCenterArcFaceLoss with get_outliers
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pml.ArcFaceLoss(10, 8),
+        lambda: pml.CosFaceLoss(10, 8),
+        lambda: pml.SphereFaceLoss(10, 8),
+        lambda: pml.SubCenterArcFaceLoss(num_classes=10, embedding_size=8),
+    ],
+    ids=["arcface", "cosface", "sphereface", "subcenter"],
+)
+def test_pml_losses_without_labels_raise_value_error(make):
+    loss_fn = make()
+    emb = torch.randn(6, 8)
+    pairs = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0, 1]), torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="labels are required"):
+        loss_fn(emb, indices_tuple=pairs)
+    with pytest.raises(ValueError, match="labels are required"):
+        loss_fn(emb)
+
+
+def _pulled(B, D, W, k, labels, gen):
+    """Embeddings near one of their class's sub-centers (W: (D, C·k))."""
+    which = torch.randint(0, k, (B,), generator=gen)
+    return torch.randn(B, D, generator=gen, dtype=torch.float64) * 0.5 + W[:, labels * k + which].t() * 2.0
+
+
+@pytest.mark.parametrize("sub_centers", [1, 3, 4])
+def test_pml_subcenter_arcface_loss_and_logits(sub_centers):
+    gen = torch.Generator().manual_seed(sub_centers)
+    C, D, B, margin, scale = 10, 12, 32, 30.0, 16.0
+    loss_fn = pml.SubCenterArcFaceLoss(
+        margin=margin, scale=scale, num_classes=C, embedding_size=D, sub_centers=sub_centers, backend="reference"
+    ).double()
+    assert tuple(loss_fn.W.shape) == (D, C * sub_centers) and loss_fn.num_classes == C
+    labels = torch.randint(0, C, (B,), generator=gen)
+    emb = _pulled(B, D, loss_fn.W.detach(), sub_centers, labels, gen)
+    loss = loss_fn(emb, labels)
+
+    # pml's definition, written out: closest sub-center per class, cos(θ + m) on the target, cross-entropy
+    cos = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(loss_fn.W.detach(), dim=0)
+    cos = cos.view(B, C, sub_centers).amax(dim=2)
+    logits = cos.clone()
+    rows = torch.arange(B)
+    logits[rows, labels] = torch.cos(torch.acos(cos[rows, labels].clamp(-1, 1)) + math.radians(margin))
+    expected = torch.nn.functional.cross_entropy(logits * scale, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss_fn.get_logits(emb), cos * scale, rtol=1e-12, atol=1e-12)
+
+    if sub_centers == 1:
+        plain = pml.ArcFaceLoss(C, D, margin=margin, scale=scale, backend="reference").double()
+        with torch.no_grad():
+            plain.W.copy_(loss_fn.W)
+        torch.testing.assert_close(plain(emb, labels), loss, rtol=1e-13, atol=0)
+
+
+def _outliers_by_loop(W, k, emb, labels, threshold):
+    """Straightforward per-class version of Sub-center ArcFace's cleaning step (pml semantics)."""
+    D, Ck = W.shape
+    C = Ck // k
+    outliers, dominant = [], torch.zeros(D, C, dtype=emb.dtype)
+    x = torch.nn.functional.normalize(emb, dim=1)
+    for c in range(C):
+        idx = [i for i in range(len(labels)) if int(labels[i]) == c]
+        if not idx:
+            continue
+        centers = torch.nn.functional.normalize(W[:, c * k:(c + 1) * k], dim=0)
+        sims = x[idx] @ centers
+        counts = [0] * k
+        for j in sims.argmax(dim=1).tolist():
+            counts[j] += 1
+        best = counts.index(max(counts))
+        dominant[:, c] = W[:, c * k + best]
+        outliers += [i for i, s in zip(idx, sims[:, best].tolist()) if s < math.cos(math.radians(threshold))]
+    return outliers, dominant
+
+
+@pytest.mark.parametrize("threshold", [75, 90, 180])
+def test_pml_subcenter_get_outliers(threshold):
+    gen = torch.Generator().manual_seed(threshold)
+    C, D, B, k = 7, 6, 40, 3
+    loss_fn = pml.SubCenterArcFaceLoss(num_classes=C, embedding_size=D, sub_centers=k).double()
+    labels = torch.randint(0, C - 1, (B,), generator=gen)  # class C-1 absent
+    emb = _pulled(B, D, loss_fn.W.detach(), k, labels, gen)
+    emb[::5] = torch.randn(len(emb[::5]), D, generator=gen, dtype=torch.float64)  # some far from every center
+    outliers, dominant = loss_fn.get_outliers(emb, labels, threshold=threshold)
+    expected_outliers, expected_dominant = _outliers_by_loop(loss_fn.W.detach(), k, emb, labels, threshold)
+    assert outliers.dtype == torch.long
+    assert outliers.tolist() == expected_outliers
+    if threshold == 180:
+        assert outliers.numel() == 0
+    else:
+        assert 0 < outliers.numel() < B
+    assert tuple(dominant.shape) == (D, C)
+    torch.testing.assert_close(dominant, expected_dominant, rtol=0, atol=0)
+    pair = loss_fn.get_outliers(emb, labels, threshold=threshold, return_dominant_centers=False)
+    assert len(pair) == 2 and pair.outliers.tolist() == expected_outliers  # pml returns the pair either way

@@ -1,4 +1,5 @@
-"""pytorch-metric-learning compatible losses: ``ArcFaceLoss``, ``CosFaceLoss``, ``SphereFaceLoss``.
+"""pytorch-metric-learning compatible losses: ``ArcFaceLoss``, ``CosFaceLoss``, ``SphereFaceLoss``,
+``SubCenterArcFaceLoss``.
 
 Same constructor signatures, units and parameter as ``pytorch_metric_learning.losses``:
 
@@ -7,6 +8,9 @@ Same constructor signatures, units and parameter as ``pytorch_metric_learning.lo
 * ``CosFaceLoss(num_classes, embedding_size, margin=0.35, scale=64)`` — target c − m;
 * ``SphereFaceLoss(num_classes, embedding_size, margin=4, scale=1)`` — A-Softmax without λ annealing:
   target ‖x‖·scale·((−1)^k cos(mθ) − 2k), non-target ‖x‖·scale·c, ``margin`` truncated to an int;
+* ``SubCenterArcFaceLoss(num_classes=..., embedding_size=..., margin=28.6, scale=64, sub_centers=3)`` —
+  ArcFace on each class's closest of ``sub_centers`` columns of ``W`` (embedding_size, num_classes·sub_centers),
+  class c owning columns c·k … c·k+k−1 as in pml; ``get_outliers`` as pml's (see there);
 
 all with the class weights in ``W`` shaped (embedding_size, num_classes), the softmax cross-entropy
 averaged over the batch (pml's default MeanReducer), ``forward(embeddings, labels, indices_tuple=None)``
@@ -34,15 +38,16 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .. import margins
+from .._validation import check_label_values, label_dtype_problem
 from ..functional import margin_cross_entropy
 
-__all__ = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss"]
+__all__ = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "SubCenterArcFaceLoss", "SubCenterOutliers"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,7 +124,9 @@ class _WeightedMarginLoss(nn.Module):
             rows = self.W.t()
         return rows
 
-    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if labels is None:  # pml: c_f.labels_required, a ValueError (its test_losses_without_labels checks it)
+            raise ValueError(f"labels are required for this loss function ({type(self).__name__} is a classification loss)")
         if ref_emb is not None or ref_labels is not None:
             raise ValueError(f"{type(self).__name__} does not support ref_emb/ref_labels (neither does pml)")
         weight = self.class_weights()
@@ -155,6 +162,7 @@ class ArcFaceLoss(_WeightedMarginLoss):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64, **kwargs):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
         self.margin = math.radians(margin)  # pml keeps the radians after init_margin
+        self.margin_spec()  # validates
 
     def margin_spec(self):
         return margins.ArcFace(s=float(self.scale), m=float(self.margin))
@@ -166,6 +174,7 @@ class CosFaceLoss(_WeightedMarginLoss):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64, **kwargs):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
         self.margin = margin
+        self.margin_spec()  # validates
 
     def margin_spec(self):
         return margins.CosFace(s=float(self.scale), m=float(self.margin))
@@ -180,3 +189,87 @@ class SphereFaceLoss(_WeightedMarginLoss):
 
     def margin_spec(self):
         return margins.SphereFace(m=self.margin, lambda_=0.0, scale=float(self.scale))
+
+
+class SubCenterOutliers(NamedTuple):
+    """What ``SubCenterArcFaceLoss.get_outliers`` returns (unpacks as pml's ``(outliers, dominant_centers)``)."""
+
+    outliers: torch.Tensor  # (n,) int64 batch indices, class by class, ascending within a class
+    dominant_centers: torch.Tensor  # (embedding_size, num_classes) the dominant sub-center column of each class
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """pml's SubCenterArcFaceLoss: ``sub_centers`` weight columns per class; each class's logit uses its closest
+    one, then ArcFace's margin (degrees) and scale.  ``W`` is (embedding_size, num_classes·sub_centers), class c
+    owning columns c·k … c·k+k−1 (pml's layout; pml checkpoints load); ``num_classes`` is the number of classes.
+
+    pml takes ``num_classes`` and ``embedding_size`` as keywords only (and drops other options); here they may
+    also be positional, and the options of the other pml losses (weight_init_func, weight_regularizer, ...)
+    apply.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64,
+                 sub_centers: int = 3, **kwargs):
+        if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
+            raise ValueError(f"sub_centers must be an integer >= 1, got {sub_centers!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}")
+        super().__init__(num_classes * sub_centers, embedding_size, margin=margin, scale=scale, **kwargs)
+        self.sub_centers = sub_centers
+        self.num_classes = num_classes  # as pml: the classes, not the columns of W
+
+    def margin_spec(self):
+        # (ArcFaceLoss.__init__ validates through this before sub_centers is set)
+        return margins.SubCenterArcFace(s=float(self.scale), m=float(self.margin), k=getattr(self, "sub_centers", 1))
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """scale · (cosine to each class's closest sub-center), (batch, num_classes), no margin (materialized)."""
+        weight = self.class_weights()
+        x = torch.nn.functional.normalize(embeddings.to(weight.dtype), dim=1)
+        cos = x @ torch.nn.functional.normalize(weight, dim=1).t()
+        return float(self.scale) * cos.view(-1, self.num_classes, self.sub_centers).amax(dim=2)
+
+    @torch.no_grad()
+    def get_outliers(self, embeddings: torch.Tensor, labels: torch.Tensor, threshold: float = 75,
+                     return_dominant_centers: bool = True) -> SubCenterOutliers:
+        """Sub-center ArcFace's cleaning step, as pml: for each class in the batch, its dominant sub-center (the one
+        most of its samples are closest to; ties to the lower index) and its outliers, the samples whose cosine
+        to the dominant sub-center is below cos(``threshold`` degrees).
+
+        Returns ``SubCenterOutliers(outliers, dominant_centers)`` (a pair, also with
+        ``return_dominant_centers=False``, as pml's code returns it): ``outliers`` the batch indices (int64), class by
+        class; ``dominant_centers`` (embedding_size, num_classes) the raw dominant columns of ``W`` in the embeddings'
+        dtype, zero for classes without samples in this batch (pml leaves those columns uninitialized).
+        """
+        del return_dominant_centers  # pml's code returns the pair either way
+        if labels is None:
+            raise ValueError("labels are required for get_outliers")
+        labels = labels.to(embeddings.device).reshape(-1)
+        if embeddings.dim() != 2 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"get_outliers needs embeddings (batch, {self.embedding_size}) and one label per row, got "
+                f"{tuple(embeddings.shape)} and {tuple(labels.shape)}"
+            )
+        problem = label_dtype_problem(labels)
+        if problem is not None:
+            raise TypeError(problem)
+        labels = labels.long()
+        check_label_values(labels, self.num_classes, ignore_index=-(1 << 62))
+        k = self.sub_centers
+        weight = self.class_weights().detach().to(embeddings.dtype)  # (C·k, D) rows, class-major
+        dominant, _ = margins.dominant_subcenters(embeddings, weight, labels, k)
+        dominant_centers = torch.zeros(self.num_classes, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        seen = dominant >= 0
+        rows = torch.arange(self.num_classes, device=weight.device)[seen] * k + dominant[seen]
+        dominant_centers[seen] = weight[rows]
+        outliers = torch.empty(0, dtype=torch.long, device=embeddings.device)
+        if labels.numel():
+            x_hat = torch.nn.functional.normalize(embeddings, dim=1)
+            centers = torch.nn.functional.normalize(dominant_centers[labels], dim=1)
+            cos = (x_hat * centers).sum(1)
+            below = torch.nonzero(cos < math.cos(math.radians(threshold))).flatten()
+            outliers = below[torch.sort(labels[below], stable=True).indices]
+        return SubCenterOutliers(outliers, dominant_centers.t())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", sub_centers={self.sub_centers}"
