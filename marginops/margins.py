@@ -325,6 +325,15 @@ class ElasticFace(Margin):
     kind "arc": z_iy = s·cos(θ + m_i); kind "cos": z_iy = s·(c − m_i).  plus=True (ElasticFace+) hands the
     drawn margins out sorted, the smallest to the row with the highest target cosine.  sample=False (the
     modules' eval mode) uses m itself.  ``generator`` seeds the draws.
+
+    plus_assignment: how ElasticFace+ pairs the sorted margins with the rows.  "rank" (default): the row
+    with the k-th highest target cosine gets the k-th smallest margin.  "official": as the official
+    ElasticFace code (fdbtrs/ElasticFace), which computes ``order = argsort(c, descending)`` and gives row i
+    ``sorted_m[order[i]]`` — a gather where the pairing needs a scatter, i.e. the inverse permutation; it
+    agrees with "rank" only when that permutation is its own inverse (e.g. for two rows).  Sorting the
+    cosines one way and the margins the other only makes sense as a rank-to-rank pairing (the further a
+    sample is from its class centre, the larger its margin), so "rank" is the default; "official"
+    reproduces the published training runs.
     """
 
     s: float = 64.0
@@ -334,9 +343,12 @@ class ElasticFace(Margin):
     plus: bool = False
     generator: Optional[torch.Generator] = None
     sample: bool = True
+    plus_assignment: str = "rank"
 
     def __post_init__(self):
         _check_positive("ElasticFace.s", self.s)
+        if self.plus_assignment not in ("rank", "official"):
+            raise ValueError(f"ElasticFace.plus_assignment must be 'rank' or 'official', got {self.plus_assignment!r}")
         if self.kind not in ("arc", "cos"):
             raise ValueError(f"ElasticFace.kind must be 'arc' or 'cos', got {self.kind!r}")
         if not (math.isfinite(self.std) and self.std >= 0):
@@ -352,8 +364,12 @@ class ElasticFace(Margin):
         if self.plus:
             with torch.no_grad():
                 order = torch.argsort(c.detach(), descending=True)
-                ordered = torch.empty_like(margins)
-                ordered[order] = torch.sort(margins).values
+                ascending = torch.sort(margins).values
+                if self.plus_assignment == "official":
+                    ordered = ascending[order]  # row i: sorted_m[order[i]], as the official code
+                else:
+                    ordered = torch.empty_like(margins)
+                    ordered[order] = ascending  # row order[k] (k-th highest cosine): k-th smallest margin
             margins = ordered
         return margins
 

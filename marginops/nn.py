@@ -243,19 +243,25 @@ class AdaFaceLoss(MarginLoss):
 
 
 class ElasticFaceLoss(MarginLoss):
-    """ElasticFace(+): per-sample margins drawn each training forward; eval mode uses the mean margin m."""
+    """ElasticFace(+): per-sample margins drawn each training forward; eval mode uses the mean margin m.
+    plus_assignment: "rank" or "official" (the official code's pairing), see marginops.ElasticFace."""
 
     def __init__(
         self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5, std: float = 0.05,
-        kind: str = "arc", plus: bool = False, generator: Optional[torch.Generator] = None, **kwargs,
+        kind: str = "arc", plus: bool = False, generator: Optional[torch.Generator] = None,
+        plus_assignment: str = "rank", **kwargs,
     ):
         super().__init__(embedding_size, num_classes, **kwargs)
-        margins.ElasticFace(s, m, std, kind, plus)  # validates
+        margins.ElasticFace(s, m, std, kind, plus, plus_assignment=plus_assignment)  # validates
         self.s, self.m, self.std, self.kind, self.plus = s, m, std, kind, plus
+        self.plus_assignment = plus_assignment
         self.generator = generator
 
     def margin(self):
-        return margins.ElasticFace(self.s, self.m, self.std, self.kind, self.plus, self.generator, sample=self.training)
+        return margins.ElasticFace(
+            self.s, self.m, self.std, self.kind, self.plus, self.generator, sample=self.training,
+            plus_assignment=self.plus_assignment,
+        )
 
 
 class MagFaceLoss(MarginLoss):

@@ -362,3 +362,34 @@ def test_pml_subcenter_get_outliers(threshold):
     torch.testing.assert_close(dominant, expected_dominant, rtol=0, atol=0)
     pair = loss_fn.get_outliers(emb, labels, threshold=threshold, return_dominant_centers=False)
     assert len(pair) == 2 and pair.outliers.tolist() == expected_outliers  # pml returns the pair either way
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ElasticFace+: the rank pairing (default) and the official code's pairing, reachable for reproductions
+
+
+def _official_elastic_plus(cos, drawn):
+    """fdbtrs/ElasticFace's ElasticFace+ assignment, written out: row i gets sorted_m[argsort_desc(cos)[i]]."""
+    order = sorted(range(len(cos)), key=lambda i: -cos[i])
+    ascending = sorted(drawn)
+    return [ascending[order[i]] for i in range(len(cos))]
+
+
+def test_elasticface_plus_assignments():
+    c = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7], dtype=torch.float64)  # argsort desc = [1, 4, 2, 3, 0], not an involution
+    std, m = 0.05, 0.5
+    gen = torch.Generator().manual_seed(3)
+    drawn = (torch.randn(5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * std + m).tolist()
+    rank = marginops.ElasticFace(m=m, std=std, plus=True, generator=gen).row_margins(c)
+    ascending = sorted(drawn)
+    by_cos_desc = sorted(range(5), key=lambda i: -float(c[i]))
+    for k, row in enumerate(by_cos_desc):  # k-th highest cosine: k-th smallest margin
+        assert float(rank[row]) == ascending[k]
+    gen.manual_seed(3)
+    official = marginops.ElasticFace(m=m, std=std, plus=True, generator=gen, plus_assignment="official").row_margins(c)
+    assert official.tolist() == _official_elastic_plus(c.tolist(), drawn)
+    assert official.tolist() != rank.tolist()
+    with pytest.raises(ValueError, match="plus_assignment"):
+        marginops.ElasticFace(plus=True, plus_assignment="paper")
+    module = mnn.ElasticFaceLoss(8, 10, plus=True, plus_assignment="official")
+    assert module.margin().plus_assignment == "official"
