@@ -178,9 +178,27 @@ def triton_usable(device: torch.device) -> Optional[str]:
     if device.type not in ("cpu", "cuda"):
         return f"Triton backend does not support device {device}"
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed (pip install 'marginops[triton]')"
+    if device.type == "cpu":
+        return _interpreter_unusable(triton.__version__)
+    return None
+
+
+def _major_minor(version: str) -> tuple:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def _interpreter_unusable(triton_version: str) -> Optional[str]:
+    """Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 turned into an error."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter does not work with numpy {numpy.__version__} "
+                "(install numpy<2.4, or triton>=3.8)")
     return None
 
 

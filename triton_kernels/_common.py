@@ -33,7 +33,8 @@ def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
         # The CPU interpreter's bf16 tl.dot returns garbage (triton 3.8); fp32 is exact for bf16 products.
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+    # out_dtype spelled out: triton 3.6 defaults it to fp32 and rejects an fp64 accumulator
+    return tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -23,11 +23,23 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
-from torch.library import wrap_triton
+from torch.library import wrap_triton as _torch_wrap_triton
 
 from . import configs
 from .fused_lse_bwd import _bwd_reduce_kernel, _cast_rows_kernel
 from .fused_lse_fwd import _lse_merge_kernel
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, except for the interpreter's kernels: older torch (2.11) accepts only
+    JITFunction/Autotuner objects, and triton 3.6's interpreter hands out InterpretedFunction ones (no graph
+    capture happens under the interpreter, so launching them directly loses nothing)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, (JITFunction, Autotuner)):
+        return _torch_wrap_triton(kernel)
+    return kernel
 
 
 def _allow_tf32() -> bool:
