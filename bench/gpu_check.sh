@@ -1,48 +1,182 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (torch, triton, pytest, ninja preinstalled; no downloads):
-# build the CUDA kernels, run the GPU tests (CUDA + Triton natively), a compute-sanitizer memcheck
-# on a small case, and the GPU benchmark.  Everything lands in $OUT (or the folder given as $1):
-# copy it into bench/results/<card>/ afterwards — the machine keeps nothing.
-# Each stage has its own time limit so the whole run stays under ~8 minutes on an H100; a stage
-# that fails is recorded in summary.txt and the next one still runs.
+# The one command for a lent GPU machine (torch, triton, pytest and ninja preinstalled; nothing is
+# downloaded; the package runs from this checkout):
+#
+#   bash bench/gpu_check.sh OUT          # the run (OUT defaults to $OUT, else bench/results/gpu-run)
+#   bash bench/gpu_check.sh --plan       # print the stages and their time limits, run nothing
+#   bash bench/gpu_check.sh --dry OUT    # no GPU needed: collect each test stage, run each bench stage
+#                                        # at a tiny CPU size, skip build and memcheck (checks the script)
+#
+# Correctness first (CUDA build, CUDA and Triton op tests, compute-sanitizer memcheck), then the
+# benchmark at the headline size (B=1024, C=1M, D=512, bf16, fwd+bwd), then larger sizes while time
+# remains.  Every stage has its own limit and the limits add up to BUDGET_S (360 s): a stage is cut to
+# what is left of the budget and skipped when less than its minimum remains.
+#
+# What comes back is two files in OUT, rewritten after every stage so that a run cut short still
+# returns everything finished so far: summary.txt (device, one line per stage with its exit code and
+# time, the tail of a failing stage) and gpu_check.tar.gz (every stage's full log and the benchmark
+# CSVs).  Unpack with: mkdir -p bench/results/<card> && tar -xzf OUT/gpu_check.tar.gz -C bench/results/<card>
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-${OUT:-bench/results/gpu-run}}"
-mkdir -p "$OUT"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-export MARGINOPS_CACHE_DIR="${MARGINOPS_CACHE_DIR:-/tmp/marginops-cache}"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
 
-stage() {  # stage NAME SECONDS COMMAND...
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name: rc=$rc ($((SECONDS - start)) s)" | tee -a "$SUMMARY"
-  tail -n 3 "$OUT/$name.log" | sed 's/^/    /' >> "$SUMMARY"
+BUDGET_S=360
+# name:limit_seconds:minimum_seconds — the order is the run order; limits sum to BUDGET_S
+STAGES=(
+  "env:20:5"
+  "build:80:60"
+  "tests_cuda:50:20"
+  "tests_triton:60:20"
+  "memcheck:30:20"
+  "bench_1m:75:40"
+  "bench_4m:45:30"
+)
+
+plan() {
+  local total=0 entry name limit minimum
+  for entry in "${STAGES[@]}"; do
+    IFS=: read -r name limit minimum <<< "$entry"
+    printf '%s %s %s\n' "$name" "$limit" "$minimum"
+    total=$((total + limit))
+  done
+  printf 'total %s budget %s\n' "$total" "$BUDGET_S"
 }
 
-{ nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/device.txt" 2>&1
-head -n 20 "$OUT/device.txt" >> "$SUMMARY"
+DRY=0
+case "${1:-}" in
+  --plan) plan; exit 0 ;;
+  --dry) DRY=1; shift ;;
+esac
+OUT="${1:-${OUT:-bench/results/gpu-run}}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+SUMMARY="$OUT/summary.txt"
+ARCHIVE="$OUT/gpu_check.tar.gz"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export MARGINOPS_CACHE_DIR="${MARGINOPS_CACHE_DIR:-$WORK/cache}"
+# correctness does not need the Triton autotuner: the first configuration of each kernel is tested
+export MARGINOPS_TRITON_AUTOTUNE=0
+PY="${PYTHON:-python}"
+START=$SECONDS
 
-stage build 240 python -m marginops.build --cuda --verbose
-# --maxfail rather than -x: on a first GPU run every failure is worth seeing
-stage tests_cuda 150 python -m pytest -q --maxfail=25 tests/test_cuda_op.py tests/test_loss.py tests/test_op_registration.py tests/test_margin_zoo.py -k "cuda" --junitxml="$OUT/tests_cuda.xml"
-# correctness does not need the autotuner: pin the first config so the tests do not compile them all
-MARGINOPS_TRITON_AUTOTUNE=0 stage tests_triton 150 python -m pytest -q --maxfail=25 tests/test_triton_op.py tests/test_loss.py tests/test_op_registration.py -k "triton" --junitxml="$OUT/tests_triton.xml"
-if command -v compute-sanitizer >/dev/null; then
-  export MARGINOPS_TEST_COMPUTE_SANITIZER=1
-  stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    python -m pytest -q tests/test_cuda_op.py -k compute_sanitizer
-  unset MARGINOPS_TEST_COMPUTE_SANITIZER
+: > "$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+pack() {  # the archive holds $WORK/results (logs, CSVs) and a copy of the summary; written atomically
+  cp "$SUMMARY" "$WORK/results/summary.txt"
+  tar -czf "$ARCHIVE.part" -C "$WORK/results" . && mv -f "$ARCHIVE.part" "$ARCHIVE"
+}
+
+mkdir -p "$WORK/results"
+note "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC') budget ${BUDGET_S}s$([ $DRY = 1 ] && echo ' (dry run)')"
+
+# -------------------------------------------------------------------------------------------------
+# Is there a GPU?  Without one (and without --dry) say so and stop: nothing here can be measured.
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2> "$WORK/results/probe.log"; then
+  if [ $DRY = 0 ]; then
+    note "no CUDA device visible to torch ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1 | tail -n 1)): nothing to run; --dry checks the script without a GPU"
+    pack
+    exit 0
+  fi
+  note "no CUDA device: dry run (tests collected, not run; benchmarks at a tiny CPU size)"
+  DEVICE=cpu
 else
-  echo "memcheck: compute-sanitizer not found" >> "$SUMMARY"
+  DEVICE=cuda
 fi
-# the issue's performance point: B=1024, D=512, C=1M, bf16, fwd+bwd, against the 3 plain matmuls and the reference
-stage bench_1m 150 python -m bench --device cuda --sizes 1024x1000000x512 --dtype bfloat16 --margins arcface \
-  --backends reference,cuda,triton,matmul --repeats 5 --out "$OUT" --no-plot
-# C = 4M, where the reference runs out of memory
-stage bench_4m 120 python -m bench --device cuda --sizes 1024x4000000x512 --dtype bfloat16 --margins arcface \
-  --backends reference,cuda,triton,matmul --repeats 3 --out "$OUT" --no-plot
-echo "done; results in $OUT" | tee -a "$SUMMARY"
+
+# The benchmark's providers: the chunked and fused paths side by side, the anchors, whichever exist.
+BACKENDS="$("$PY" - <<'EOF' 2>/dev/null || echo reference,cuda,triton,matmul
+import sys
+sys.path.insert(0, ".")
+from bench.providers import PROVIDERS
+wanted = ["reference", "insightface", "cuda", "cuda_fused", "triton", "matmul"]
+print(",".join(p for p in wanted if p in PROVIDERS))
+EOF
+)"
+
+# -------------------------------------------------------------------------------------------------
+stage_limit() {  # name -> "limit minimum"
+  local entry name limit minimum
+  for entry in "${STAGES[@]}"; do
+    IFS=: read -r name limit minimum <<< "$entry"
+    [ "$name" = "$1" ] && { echo "$limit $minimum"; return; }
+  done
+  echo "0 0"
+}
+
+stage() {  # stage NAME COMMAND...: run under min(limit, what is left of the budget)
+  local name=$1; shift
+  local limit minimum left start rc
+  read -r limit minimum <<< "$(stage_limit "$name")"
+  left=$((BUDGET_S - (SECONDS - START)))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt "$minimum" ]; then
+    note "$name: skipped (${left}s of the budget left, needs ${minimum}s)"
+    pack
+    return
+  fi
+  start=$SECONDS
+  timeout --kill-after=5 "$limit" "$@" > "$WORK/results/$name.log" 2>&1
+  rc=$?
+  local what="rc=$rc"
+  [ $rc = 124 ] || [ $rc = 137 ] && what="rc=$rc (cut at its ${limit}s limit)"
+  note "$name: $what ($((SECONDS - start)) s)"
+  # pytest's last line (counts) always; the tail of anything that failed
+  if [ $rc != 0 ]; then
+    tail -n 25 "$WORK/results/$name.log" | sed 's/^/    /' >> "$SUMMARY"
+  else
+    tail -n 1 "$WORK/results/$name.log" | sed 's/^/    /' >> "$SUMMARY"
+  fi
+  pack
+}
+
+pytest_stage() {  # pytest_stage NAME PYTEST-ARGS...: on the GPU run them, in a dry run collect them
+  local name=$1; shift
+  if [ $DRY = 1 ]; then
+    stage "$name" "$PY" -m pytest -q --collect-only -p no:cacheprovider "$@"
+  else
+    # --maxfail rather than -x: on a first GPU run every failure is worth seeing
+    stage "$name" "$PY" -m pytest -q -rfE --maxfail=25 -p no:cacheprovider "$@"
+  fi
+}
+
+bench_stage() {  # bench_stage NAME BxCxD REPEATS
+  local name=$1 size=$2 repeats=$3
+  mkdir -p "$WORK/results/$name"
+  if [ $DRY = 1 ]; then
+    size=8x300x16 repeats=1
+  fi
+  stage "$name" "$PY" -m bench --device "$DEVICE" --sizes "$size" \
+    --dtype "$([ $DRY = 1 ] && echo float32 || echo bfloat16)" --margins arcface \
+    --backends "$BACKENDS" --repeats "$repeats" --warmup 1 --min-seconds 0 --max-seconds 8 \
+    --timeout 40 --out "$WORK/results/$name" --no-plot
+}
+
+# -------------------------------------------------------------------------------------------------
+stage env bash -c "nvidia-smi 2>&1 | head -n 20; $PY -c \"import sys, torch, triton, marginops; \
+print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, \
+'| marginops', marginops.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')\""
+
+if [ $DRY = 1 ]; then
+  note "build: skipped in a dry run"
+else
+  stage build "$PY" -m marginops.build --cuda --verbose
+fi
+pytest_stage tests_cuda tests -m cuda -k "not triton and not compute_sanitizer"
+pytest_stage tests_triton tests -k triton -m "not slow"
+if [ $DRY = 1 ]; then
+  note "memcheck: skipped in a dry run"
+elif command -v compute-sanitizer > /dev/null; then
+  MARGINOPS_TEST_COMPUTE_SANITIZER=1 stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PY" -m pytest -q -p no:cacheprovider tests -k compute_sanitizer
+else
+  note "memcheck: compute-sanitizer not found"
+fi
+# the performance point of the GPU issues, then C = 4M (where the materialized reference needs ~16 GB per B×C
+# buffer) while time remains
+bench_stage bench_1m 1024x1000000x512 5
+bench_stage bench_4m 1024x4000000x512 3
+
+note "done in $((SECONDS - START)) s; unpack: mkdir -p bench/results/<card> && tar -xzf $ARCHIVE -C bench/results/<card>"
+pack
