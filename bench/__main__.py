@@ -4,9 +4,10 @@ Default (the issue's first benchmark): ArcFace, forward+backward, B=512, C=200,0
 the CPU, providers reference, cpu and matmul (the three plain GEMMs).  ``--quick`` is a small sweep
 over C (a smoke run, about a minute or two on 2 cores) that also draws the plots; ``--sweep`` runs the
 full sweep over C (CPU 10k, 50k, 200k, 1M; GPU 100k, 1M, 4M, 10M), or over B or D with
-``--sweep B`` / ``--sweep D``.  Rows are appended to ``<out>/<device>.csv`` (bench/results by default)
-and printed with the ratios the targets are stated in; ``python -m bench.plot`` and
-``python -m bench.report`` redraw the plots and the README table from the CSV.
+``--sweep B`` / ``--sweep D``.  Rows are appended to ``<out>/<device>.csv`` and printed with the ratios the
+targets are stated in.  ``<out>`` is bench/results/local by default (ignored by git: a run leaves the clone
+clean); ``--record`` appends to the committed record bench/results instead, from which ``python -m bench.plot
+--record`` and ``python -m bench.report`` redraw the committed plots and the README table.
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-limit", type=float, default=None,
                    help="CPU: memory budget of one case in GiB (default 80%% of MemAvailable); beyond it: out of memory")
     p.add_argument("--threads", type=int, default=None, help="torch threads per case (default torch's)")
-    p.add_argument("--out", default=str(results.RESULTS_DIR), help="folder for the CSV and plots")
+    p.add_argument("--out", default=None,
+                   help="folder for the CSV and plots (default bench/results/local, ignored by git)")
+    p.add_argument("--record", action="store_true",
+                   help="append to the committed record bench/results (then commit it) instead of bench/results/local")
     p.add_argument("--no-plot", action="store_true", help="do not draw plots after a sweep")
     return p
 
@@ -217,8 +221,18 @@ def _size_label(spec) -> str:
     return f"{spec['batch']}×{spec['classes']}×{spec['dim']}"
 
 
+def output_dir(args) -> Path:
+    """Where a run writes: --out, else the committed record with --record, else the ignored local folder."""
+    if args.out is not None and args.record:
+        raise SystemExit("--out and --record: pick one (--record means --out bench/results)")
+    if args.out is not None:
+        return Path(args.out)
+    return results.RESULTS_DIR if args.record else results.LOCAL_DIR
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.out = str(output_dir(args))
     import torch  # after argument parsing, so that --help is instant
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -275,6 +289,8 @@ def main(argv=None) -> int:
     path = results.append_csv(rows, Path(args.out), f"{args.device}.csv")
     print_table(table, device, results.versions(extra_versions))
     print(f"\nappended {len(rows)} rows to {path}")
+    if Path(args.out).resolve() == results.LOCAL_DIR.resolve():
+        print("(ignored by git; rerun with --record to add them to the committed bench/results)")
     distinct_x = {r["x_value"] for r in rows}
     if len(distinct_x) > 1 and not args.no_plot:
         from . import plot

@@ -133,7 +133,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the model is small, and on a shared machine more threads mostly wait)")
-    parser.add_argument("--out", default=str(results.RESULTS_DIR))
+    parser.add_argument("--out", default=str(results.LOCAL_DIR),
+                        help="folder for the curves and the plot (default bench/results/local, ignored by git; "
+                             "bench/results is the committed record)")
     parser.add_argument("--no-float64", action="store_true", help="skip the float64 runs (then no envelope: ref32 vs fused32 only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -154,8 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the model is small)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    parser.add_argument("--out", default=str(results.RESULTS_DIR / "openset.md"),
-                        help="also write the setup and the markdown table here ('' for no file)")
+    parser.add_argument("--out", default=str(results.LOCAL_DIR / "openset.md"),
+                        help="also write the setup and the markdown table here ('' for no file; default under "
+                             "bench/results/local, ignored by git; bench/results/openset.md is the committed record)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]

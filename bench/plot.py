@@ -32,8 +32,16 @@ def _group_key(row: dict) -> tuple:
     return (row["device"], rest, row["mode"], row["x_name"])
 
 
+def _shorten(slug: str, limit: int) -> str:
+    """``slug`` cut to at most ``limit`` characters at a '-' (whole words: no "…-2-threa")."""
+    if len(slug) <= limit:
+        return slug
+    cut = slug[: limit + 1].rfind("-")
+    return slug[:cut] if cut > 0 else slug[:limit]
+
+
 def file_name(device: str, rest: str, mode: str, x_name: str) -> str:
-    device_slug = _slug(device)[:40].strip("-")
+    device_slug = _shorten(_slug(device), 40)
     return f"{device_slug}_{_slug(rest)}_{_slug(mode)}_{x_name}.png"
 
 
@@ -132,9 +140,20 @@ def plot_rows(rows: list[dict], out_dir: Path, kernels: Optional[Iterable[str]] 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", default=str(results.RESULTS_DIR), help="a CSV file or a folder of them")
-    parser.add_argument("--out", default=None, help="folder for the PNGs (default: beside the CSV)")
+    parser.add_argument("--csv", default=None,
+                        help="a CSV file or a folder of them (default: bench/results/local if it has CSVs, else the "
+                             "committed bench/results; with --record bench/results)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the PNGs (default: beside --csv if given; else bench/results/local, ignored "
+                             "by git, or with --record bench/results)")
+    parser.add_argument("--record", action="store_true",
+                        help="redraw the committed plots: read bench/results and write the PNGs there (then commit)")
     args = parser.parse_args(argv)
+    if args.csv is None:  # the defaults never touch the committed record unless --record says so
+        local = results.csv_files(results.LOCAL_DIR) if results.LOCAL_DIR.is_dir() else []
+        args.csv = str(results.LOCAL_DIR if local and not args.record else results.RESULTS_DIR)
+        if args.out is None and not args.record:
+            args.out = str(results.LOCAL_DIR)
     files = results.csv_files(Path(args.csv))
     if not files:
         print(f"no CSV under {args.csv}; run python -m bench --quick first", file=sys.stderr)

@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80", "device", "versions", "timestamp"]
+# the committed record (README's tables and plots come from it); write here only on purpose (--record)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# where the tools write by default: ignored by git, so that running a benchmark leaves the clone clean
+LOCAL_DIR = RESULTS_DIR / "local"
 STATUSES = ("out of memory", "unavailable", "failed", "timeout", "skipped")
 
 # x_name of each sweep axis and the letter it has in a kernel string

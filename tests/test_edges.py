@@ -393,3 +393,66 @@ def test_elasticface_plus_assignments():
         marginops.ElasticFace(plus=True, plus_assignment="paper")
     module = mnn.ElasticFaceLoss(8, 10, plus=True, plus_assignment="official")
     assert module.margin().plus_assignment == "official"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the benchmark's default output is untracked: running the README's main command leaves the clone clean
+
+
+def _bench():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:
+        sys.path.append(str(root))
+    import bench.__main__ as runner
+    from bench import plot, results
+
+    def ignored(path) -> bool:
+        rel = Path(path).resolve().relative_to(root)
+        return subprocess.run(["git", "check-ignore", "-q", str(rel / "x.csv")], cwd=root).returncode == 0
+
+    return runner, plot, results, ignored, root
+
+
+def test_bench_default_output_is_ignored_by_git():
+    if not __import__("shutil").which("git"):
+        pytest.skip("git not installed")
+    runner, plot, results, ignored, root = _bench()
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    args = runner.build_parser().parse_args([])
+    assert ignored(runner.output_dir(args)), runner.output_dir(args)
+    assert runner.output_dir(runner.build_parser().parse_args(["--record"])) == results.RESULTS_DIR
+    assert not ignored(results.RESULTS_DIR)
+    with pytest.raises(SystemExit):
+        runner.output_dir(runner.build_parser().parse_args(["--record", "--out", "x"]))
+
+
+def test_bench_main_command_leaves_the_committed_results_alone(monkeypatch):
+    import subprocess
+
+    runner, plot, results, ignored, root = _bench()
+    committed = {p: p.read_bytes() for p in results.RESULTS_DIR.iterdir() if p.is_file()}
+    monkeypatch.setattr(runner, "run_case", lambda spec, timeout: __import__("bench.cases").cases.run(spec))
+    argv = ["--sizes", "8x300x16,8x600x16", "--backends", "reference", "--repeats", "1", "--warmup", "0",
+            "--min-seconds", "0"]
+    assert runner.main(argv) == 0
+    assert plot.main([]) == 0
+    after = {p: p.read_bytes() for p in results.RESULTS_DIR.iterdir() if p.is_file()}
+    assert after == committed
+    if (root / ".git").exists() and __import__("shutil").which("git"):
+        status = subprocess.run(["git", "status", "--porcelain", "--", "bench/results"], cwd=root,
+                                capture_output=True, text=True).stdout
+        assert status == "", status
+
+
+def test_bench_plot_names_cut_the_device_at_a_word():
+    _, plot, _, _, _ = _bench()
+    name = plot.file_name("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz, 2 cores, 2 threads", "float32-b-128-d-128",
+                          "forward+backward", "num_classes")
+    device, full = name.split("_")[0], "intel-r-xeon-r-platinum-8375c-cpu-2-90ghz-2-cores-2-threads"
+    assert len(device) <= 40 and full.startswith(device + "-"), name  # whole words only
+    assert plot.file_name("amd-epyc 2 cores 2 threads", "x", "forward", "batch").startswith("amd-epyc-2-cores-2-threads_")
