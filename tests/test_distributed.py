@@ -412,6 +412,16 @@ def case_handshake_mismatch_raises_on_every_rank(rank, world, backend):
     digests = [torch.zeros_like(digest) for _ in range(world)]
     dist.all_gather(digests, digest)
     assert all(int(d) == int(digest) for d in digests), "ranks raised different messages"
+    # after load_state_dict: the last rank resumes from a checkpoint with another CurricularFace t
+    emb, weight, labels = problem(33, sum(sizes), 5, 10)
+    module = make_module(marginops.CurricularFace(s=8.0), weight, backend)
+    assert torch.isfinite(module(emb[lo:hi], labels[lo:hi]))
+    if last:
+        state = module.state_dict()
+        state["t"] = state["t"] + 0.25
+        module.load_state_dict(state)
+    with pytest_raises(ValueError, "margin.t"):
+        module(emb[lo:hi], labels[lo:hi])
     # still in step afterwards, and the compat PartialFC_V2 shakes hands too
     emb, weight, labels = problem(32, sum(sizes), 5, 10)
     good = make_module(marginops.ArcFace(s=8.0), weight, backend)
