@@ -15,17 +15,19 @@ from typing import Optional, Union
 import torch
 
 from ._validation import check_finite_fields, check_number
+from . import non_target
+from .non_target import NonTargetMode, non_target_phi
 
 # F.normalize's eps: rows are divided by max(‖v‖, NORM_EPS).
 NORM_EPS = 1e-12
 # sin θ is written sqrt(max(1 − c², SIN_EPS)) so that its gradient is finite at c = ±1.
 SIN_EPS = 1e-12
 
-# Non-target modes understood by the kernels (csrc/margin_math.h, triton_kernels).
-NON_TARGET_PLAIN = 0
-NON_TARGET_CURRICULAR = 1
+# Non-target modes understood by the kernels; their math (phi, dphi, max |dphi|): marginops/non_target.py.
+NON_TARGET_PLAIN = int(NonTargetMode.PLAIN)
+NON_TARGET_CURRICULAR = int(NonTargetMode.CURRICULAR)
 # Every non-target mode the op defines (tests/test_op_suite.py runs each one on every backend).
-NON_TARGET_MODES = (NON_TARGET_PLAIN, NON_TARGET_CURRICULAR)
+NON_TARGET_MODES = non_target.NON_TARGET_MODES
 # filter_threshold value that turns inter-class filtering off (cosines never exceed 1).
 FILTER_OFF = 2.0
 
@@ -93,8 +95,8 @@ class Margin:
         return torch.zeros_like(c)
 
     def phi(self, cos: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """Non-target value for a (B, N) block of cosines; threshold is (B,)."""
-        return cos
+        """Non-target value for a (B, N) block of cosines; threshold is (B,) (marginops/non_target.py)."""
+        return non_target_phi(self.non_target_mode, cos, threshold, self.curricular_t)
 
     def validate(self) -> None:
         pass
@@ -253,9 +255,6 @@ class CurricularFace(Margin):
     def threshold(self, c):
         with torch.no_grad():
             return cos_theta_plus(c, self.m)
-
-    def phi(self, cos, threshold):
-        return torch.where(cos > threshold[:, None], cos * (self.t + cos), cos)
 
 
 @dataclass(frozen=True)

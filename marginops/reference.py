@@ -16,6 +16,7 @@ import torch
 
 from .loss_assembly import make_stats, reduce_loss, row_losses
 from .margins import NORM_EPS, Margin, accumulation_dtype, pre_pass
+from .non_target import non_target_phi
 
 
 def margin_cross_entropy(
@@ -83,10 +84,7 @@ def fused_lse(
     cos = cos_rows.reshape(cos_rows.shape[0], -1, k).max(dim=2).values
     if class_index is not None:
         cos = cos.index_select(1, class_index)
-    phi = cos
-    if non_target == 1:
-        phi = torch.where(cos > threshold[:, None], cos * (curricular_t + cos), cos)
-    logits = row_scale[:, None] * phi
+    logits = row_scale[:, None] * non_target_phi(non_target, cos, threshold, curricular_t)
     logits = torch.where(cos > filter_threshold, torch.zeros_like(logits), logits)
     columns = torch.arange(cos.shape[1], device=cos.device)
     target_col = columns[None, :] == labels[:, None]

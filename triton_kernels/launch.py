@@ -25,6 +25,7 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton as _torch_wrap_triton
 
+from ..non_target import non_target_max_abs_dphi
 from . import configs
 from .fused_lse_bwd import _bwd_reduce_kernel, _cast_rows_kernel
 from .fused_lse_fwd import _lse_merge_kernel
@@ -57,13 +58,13 @@ def _split_grad_dots(dtype: torch.dtype) -> bool:
 
 def _grad_scale(grad_lse: Tensor, row_scale: Tensor, curricular_t: float, non_target: int, dtype: torch.dtype):
     """(1,) tensor: the power of two S that dc = g p s dphi is multiplied by before it becomes an fp16 product
-    operand, with |S dc| < 2^15 since |dc| <= max |g s| * max |dphi|; 1 for 32/64-bit inputs.  Stays on the
-    device (no host sync)."""
+    operand, with |S dc| < 2^15 since |dc| <= max |g s| * max |dphi| (marginops/non_target.py); 1 for 32/64-bit
+    inputs.  Stays on the device (no host sync)."""
     acc = row_scale.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         return torch.ones((1,), dtype=acc, device=row_scale.device)
     bound = (grad_lse * row_scale).abs().nan_to_num(0.0, 0.0, 0.0).amax().reshape(1)
-    bound = bound * ((abs(curricular_t) + 2.0) if non_target == 1 else 1.0)
+    bound = bound * non_target_max_abs_dphi(non_target, curricular_t)
     _, exponent = torch.frexp(bound)  # bound < 2^exponent
     scale = torch.ldexp(torch.ones_like(bound), (15 - exponent).clamp(-100, 100))
     return torch.where(bound > 0, scale, torch.ones_like(bound))
