@@ -4,9 +4,14 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MARGINOPS_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+// always inlined: the CPU kernels call these with vectors wider than the default target, inside
+// functions compiled for AVX2 / AVX-512 (csrc/cpu/epilogue.cpp)
+#define MARGINOPS_HD inline __attribute__((always_inline))
 #else
 #define MARGINOPS_HD inline
 #endif
@@ -16,36 +21,63 @@ namespace marginops {
 // Same eps as F.normalize: rows are divided by max(||w||, eps).
 constexpr double kNormEps = 1e-12;
 
-// How non-target logits are formed from the cosine c.
+// ---------------------------------------------------------------------------------------------------
+// Non-target modes: how a non-target logit's value phi(c) is formed from its cosine c.  This is the one
+// C++ home of phi, dphi/dc and max |dphi/dc| (used by the CPU kernels csrc/cpu, the CUDA kernels and the
+// CUDA op's argument checks csrc/cuda); the same math lives once in Python (marginops/non_target.py, for
+// the reference and the Triton launchers) and once in Triton (triton_kernels/_common.py).  A new mode is
+// a value below (before kNumNonTargetModes), its branch in nontarget_phi_dphi and its bound in
+// nontarget_max_abs_dphi.
+
 enum NonTargetMode : int {
-  kPlain = 0,       // z = s * c
-  kCurricular = 1,  // z = s * c * (t + c) where c > threshold_i (CurricularFace), else s * c
+  kPlain = 0,       // phi = c
+  kCurricular = 1,  // phi = c * (t + c) where c > threshold_i (CurricularFace), else c
+  kNumNonTargetModes = 2,
 };
+
+// Whether `mode` is a NonTargetMode (the ops' argument checks).
+MARGINOPS_HD bool is_nontarget_mode(int64_t mode) { return mode >= 0 && mode < kNumNonTargetModes; }
 
 // Parameters of the non-target epilogue that are the same for every row.
 template <typename acc_t>
 struct NonTargetParams {
   int mode;            // NonTargetMode
-  acc_t curricular_t;  // CurricularFace's t
+  acc_t curricular_t;  // the mode's scalar: CurricularFace's t (the op's curricular_t)
   acc_t filter;        // inter-class filtering: c > filter -> logit 0, no gradient (2 = off)
 };
 
-// phi(c) for a non-target column, and d phi / d c in *dphi.  A filtered column
-// returns 0 with dphi = 0.  NaN cosines fall through to the plain branch, so NaN
-// propagates into the log-sum-exp instead of being filtered away.
+// phi(c) of a non-target column, and d phi / d c in *dphi.  Written once, branch-free, for a scalar
+// (V = T: the CUDA kernels, the CPU kernels' scalar loops) and for a vector of lanes (V a GCC/Clang
+// vector of T: the CPU kernels' SIMD loops), where a comparison gives a lane mask, ?: selects per lane
+// and scalar operands are splatted.  row_threshold: the row's threshold; modulation_t: the mode's scalar
+// (CurricularFace's t); filter: inter-class filtering (c > filter -> phi = 0, dphi = 0, whatever the
+// mode).  NaN cosines fall through to the plain branch, so NaN propagates into the log-sum-exp instead of
+// being filtered away.
+template <typename T, typename V>
+MARGINOPS_HD V nontarget_phi_dphi(V c, V row_threshold, int mode, V modulation_t, V filter, V* dphi) {
+  const V zero{};
+  const V one = zero + T(1);
+  // 0 / 1 for scalars, a lane mask (0 / -1) for vectors
+  const auto curricular = (c > row_threshold) & (mode == kCurricular ? -1 : 0);
+  const V phi = curricular ? c * (modulation_t + c) : c;
+  const V d = curricular ? modulation_t + T(2) * c : one;
+  const auto filtered = c > filter;
+  *dphi = filtered ? zero : d;
+  return filtered ? zero : phi;
+}
+
+// The scalar form with the row-independent parameters in one struct.
 template <typename acc_t>
 MARGINOPS_HD acc_t nontarget_phi(acc_t c, acc_t row_threshold, const NonTargetParams<acc_t>& p,
                                  acc_t* dphi) {
-  if (c > p.filter) {
-    *dphi = acc_t(0);
-    return acc_t(0);
-  }
-  if (p.mode == kCurricular && c > row_threshold) {
-    *dphi = p.curricular_t + acc_t(2) * c;
-    return c * (p.curricular_t + c);
-  }
-  *dphi = acc_t(1);
-  return c;
+  return nontarget_phi_dphi<acc_t>(c, row_threshold, p.mode, p.curricular_t, p.filter, dphi);
+}
+
+// max over c in [-1, 1] of |dphi / dc| (filtered columns have 0): the bound on |dcos| / |g * s| that the
+// fp16 gradient operands of the CUDA backward are scaled by.  Understating it overflows them silently.
+template <typename acc_t>
+MARGINOPS_HD acc_t nontarget_max_abs_dphi(int mode, acc_t modulation_t) {
+  return mode == kCurricular ? fabs(modulation_t) + acc_t(2) : acc_t(1);  // |t + 2c| <= |t| + 2
 }
 
 // 1 / max(||w||, eps) from the sum of squares of a row.

@@ -6,8 +6,8 @@
 // without -ffast-math, and -ffast-math would let it drop the NaN handling the contract needs. Each
 // kernel is a template on the vector width; x86 builds also compile it for AVX2 and AVX-512
 // (function target attributes) and pick the widest the CPU has at run time, so the build needs no
-// -march flag. The branch-free vector form mirrors nontarget_phi of margin_math.h, which the
-// scalar tails (and the whole row on compilers without vector extensions) call directly.
+// -march flag. The vector loops and the scalar tails (the whole row on compilers without vector
+// extensions) form phi and dphi with the same function, nontarget_phi_dphi of margin_math.h.
 #include "epilogue.h"
 
 #include <cmath>
@@ -193,10 +193,9 @@ MARGINOPS_ALWAYS_INLINE RowForward<T> forward_row(T* MARGINOPS_RESTRICT s,
   typedef typename Simd<T, kBytes>::E E;
   constexpr int W = Simd<T, kBytes>::W;
   if (n >= W) {
-    const V zero = splat<V>(0), vthr = splat<V>(threshold), vfilter = splat<V>(params.filter);
+    const V vthr = splat<V>(threshold), vfilter = splat<V>(params.filter);
     const V vt = splat<V>(params.curricular_t), vscale = splat<V>(row_scale);
     const V vtarget_logit = splat<V>(target_logit);
-    const M curricular = splat<M>(E(params.mode == kCurricular ? -1 : 0));
     const M vtarget = splat<M>(E(target));  // chunks are far below 2^31 columns
     const M step = splat<M>(E(W));
     M col = lane_iota<M>();
@@ -208,9 +207,8 @@ MARGINOPS_ALWAYS_INLINE RowForward<T> forward_row(T* MARGINOPS_RESTRICT s,
       const M better = c > best;  // strict: each lane keeps its first maximum
       best = better ? c : best;
       best_at = better ? col : best_at;
-      V phi = ((c > vthr) & curricular) ? c * (vt + c) : c;
-      phi = c > vfilter ? zero : phi;
-      V z = vscale * phi;
+      V dphi;
+      V z = vscale * nontarget_phi_dphi<T>(c, vthr, params.mode, vt, vfilter, &dphi);
       z = col == vtarget ? vtarget_logit : z;
       store(s + j, z);
       zmax = z > zmax ? z : zmax;
@@ -271,11 +269,10 @@ MARGINOPS_ALWAYS_INLINE T backward_row(T* MARGINOPS_RESTRICT s, const T* MARGINO
   typedef typename Simd<T, kBytes>::E E;
   constexpr int W = Simd<T, kBytes>::W;
   if (n >= W) {
-    const V zero = splat<V>(0), one = splat<V>(1), two = splat<V>(2);
+    const V zero = splat<V>(0);
     const V vthr = splat<V>(threshold), vfilter = splat<V>(params.filter);
     const V vt = splat<V>(params.curricular_t), vscale = splat<V>(row_scale);
     const V vgrad = splat<V>(grad), vlse = splat<V>(lse);
-    const M curricular = splat<M>(E(params.mode == kCurricular ? -1 : 0));
     const M vtarget = splat<M>(E(target));
     const M step = splat<M>(E(W));
     M col = lane_iota<M>();
@@ -283,12 +280,8 @@ MARGINOPS_ALWAYS_INLINE T backward_row(T* MARGINOPS_RESTRICT s, const T* MARGINO
     for (; j + W <= n; j += W, col += step) {
       const V vi = load<V>(inv + j);
       const V c = load<V>(s + j) * vi;
-      const M curr = (c > vthr) & curricular;
-      const M filtered = c > vfilter;
-      V phi = curr ? c * (vt + c) : c;
-      V dphi = curr ? vt + two * c : one;
-      phi = filtered ? zero : phi;
-      dphi = filtered ? zero : dphi;
+      V dphi;
+      const V phi = nontarget_phi_dphi<T>(c, vthr, params.mode, vt, vfilter, &dphi);
       const V dz = vgrad * vexp<T>(vscale * phi - vlse);
       const M keep = col != vtarget;
       const V g = keep ? dz * vscale * dphi * vi : zero;

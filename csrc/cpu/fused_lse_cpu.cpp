@@ -262,8 +262,9 @@ Checked check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels
   TORCH_CHECK(subcenters >= 1, op, "subcenters must be >= 1, got ", subcenters);
   TORCH_CHECK(weight.size(0) % subcenters == 0, op, "weight has ", weight.size(0),
               " rows, not a multiple of subcenters=", subcenters);
-  TORCH_CHECK(non_target == kPlain || non_target == kCurricular, op,
-              "non_target must be 0 (plain) or 1 (CurricularFace), got ", non_target);
+  TORCH_CHECK(is_nontarget_mode(non_target), op, "non_target must be in [0, ",
+              static_cast<int>(kNumNonTargetModes), ") (NonTargetMode of csrc/margin_math.h), got ",
+              non_target);
   const int64_t B = x.size(0);
   check_vector(labels, "labels", B, at::kLong);
   const auto acc = x.scalar_type();

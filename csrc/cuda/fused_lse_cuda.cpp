@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "fused_lse_launch.h"
+#include "margin_math.h"
 
 namespace marginops {
 namespace cuda {
@@ -106,8 +107,8 @@ Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
               kMaxSubcenters, "], got ", subcenters);
   TORCH_CHECK(weight.size(0) % subcenters == 0, "marginops.fused_lse (cuda): weight rows (", weight.size(0),
               ") must be a multiple of subcenters (", subcenters, ")");
-  TORCH_CHECK(non_target == 0 || non_target == 1, "marginops.fused_lse (cuda): non_target must be 0 or 1, got ",
-              non_target);
+  TORCH_CHECK(is_nontarget_mode(non_target), "marginops.fused_lse (cuda): non_target must be in [0, ",
+              static_cast<int>(kNumNonTargetModes), ") (NonTargetMode of csrc/margin_math.h), got ", non_target);
 
   pr.B = x.size(0);
   pr.D = x.size(1);

@@ -489,10 +489,10 @@ __device__ __forceinline__ acc_t fp16_operand_scale(acc_t bound) {
   return ldexp(acc_t(1), e < -100 ? -100 : (e > 100 ? 100 : e));
 }
 
-// max |dphi| of the non-target epilogue (CurricularFace: t + 2c with |c| <= 1).
+// max |dphi| of the non-target epilogue (margin_math.h nontarget_max_abs_dphi).
 template <class acc_t>
 __device__ __forceinline__ acc_t max_dphi(const FusedLseParams& p) {
-  return p.non_target == kCurricular ? fabs(static_cast<acc_t>(p.curricular_t)) + acc_t(2) : acc_t(1);
+  return nontarget_max_abs_dphi(p.non_target, static_cast<acc_t>(p.curricular_t));
 }
 
 // dW kernel: the power of two S that dcos is multiplied by before it becomes an fp16 product operand
