@@ -55,7 +55,7 @@ from torch import nn
 from . import ops
 from .loss_assembly import make_stats, reduce_loss
 from ._validation import REDUCTIONS, check_backend_fits, check_label_values, check_number, label_dtype_problem
-from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype
+from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype, subcenter_cosines
 
 __all__ = ["DistributedMarginLoss", "shard_range"]
 
@@ -567,9 +567,7 @@ class DistributedMarginLoss(nn.Module):
         cls = torch.zeros((B,), dtype=torch.long, device=x_hat.device)
         if argmax_local is not None:
             local = argmax_local if class_index is None else class_index[argmax_local]
-            w_rows = (local[:, None] * k + torch.arange(k, device=local.device)).reshape(-1)
-            w = self.weight.detach().index_select(0, w_rows).to(x_hat.dtype).reshape(B, k, -1)
-            cos = (x_hat[:, None, :] * w).sum(2) / torch.linalg.vector_norm(w, dim=2).clamp_min(NORM_EPS)
+            cos = subcenter_cosines(x_hat, self.weight.detach(), local, k)
             best, cls = cos.max(dim=1).values, local + self.class_start
         sizes = [B] * self.world_size
         best_all = _gather_rows(best, sizes, self.process_group).reshape(self.world_size, B)
@@ -584,8 +582,5 @@ class DistributedMarginLoss(nn.Module):
         if rows.numel() == 0:
             return out
         xs, cls = x_hat.index_select(0, rows), local_labels.index_select(0, rows)
-        k = subcenters
-        w_rows = (cls[:, None] * k + torch.arange(k, device=cls.device)).reshape(-1)
-        w = self.weight.index_select(0, w_rows).to(x_hat.dtype).reshape(rows.numel(), k, -1)
-        cos = (xs[:, None, :] * w).sum(2) / torch.linalg.vector_norm(w, dim=2).clamp_min(NORM_EPS)
+        cos = subcenter_cosines(xs, self.weight, cls, subcenters)
         return out.index_put((rows,), cos.max(dim=1).values.clamp(-1.0, 1.0))

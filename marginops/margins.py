@@ -441,6 +441,26 @@ def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(rows, weight, sparse=sparse)
 
 
+def subcenter_cosines(
+    x_hat: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor, k: int, *, sparse_grad: bool = False,
+    cast: bool = True,
+) -> torch.Tensor:
+    """(n, k) cosines between the normalized rows ``x_hat`` (n, D) and the k sub-center rows of class
+    ``classes[i]`` (rows c·k … c·k+k−1 of ``weight``, class-major; k = 1: row c), each weight row divided by
+    max(‖w‖, NORM_EPS) as the kernels do.  The one sub-center gather of the package: the pre-pass,
+    ``dominant_subcenters`` and the distributed head's target cosines and prediction use it.
+
+    sparse_grad: gather through ``gather_rows`` (sparse weight gradient); cast: convert the gathered rows to
+    ``x_hat``'s dtype before the products (otherwise they keep the weight's).
+    """
+    rows = (classes[:, None] * k + torch.arange(k, device=classes.device)).reshape(-1)
+    w = gather_rows(weight, rows) if sparse_grad else weight.index_select(0, rows)
+    if cast:
+        w = w.to(x_hat.dtype)
+    w = w.reshape(classes.shape[0], k, -1)
+    return (x_hat[:, None, :] * w).sum(2) / torch.linalg.vector_norm(w, dim=2).clamp_min(NORM_EPS)
+
+
 def pre_pass(margin: Margin, embeddings: torch.Tensor, weight: torch.Tensor, safe_labels: torch.Tensor) -> PrePass:
     """Target cosines, target logits and per-row factors, in O(B·D), differentiable.
 
@@ -453,14 +473,8 @@ def pre_pass(margin: Margin, embeddings: torch.Tensor, weight: torch.Tensor, saf
     x = embeddings.to(acc)
     x_norm = torch.linalg.vector_norm(x, dim=1)
     x_hat = x / x_norm.clamp_min(NORM_EPS)[:, None]
-    if subcenters == 1:
-        w_y = gather_rows(weight, safe_labels).to(acc)
-        cos_y = (x_hat * w_y).sum(1) / torch.linalg.vector_norm(w_y, dim=1).clamp_min(NORM_EPS)
-    else:
-        rows = safe_labels[:, None] * subcenters + torch.arange(subcenters, device=safe_labels.device)
-        w_y = gather_rows(weight, rows.reshape(-1)).to(acc).reshape(rows.shape[0], subcenters, -1)
-        cos_all = (x_hat[:, None, :] * w_y).sum(2) / torch.linalg.vector_norm(w_y, dim=2).clamp_min(NORM_EPS)
-        cos_y = cos_all.max(dim=1).values
+    cos_all = subcenter_cosines(x_hat, weight, safe_labels, subcenters, sparse_grad=True)
+    cos_y = cos_all[:, 0] if subcenters == 1 else cos_all.max(dim=1).values
     cos_y = cos_y.clamp(-1.0, 1.0)
     row_scale = margin.row_scale(x_norm)
     return PrePass(
@@ -484,9 +498,7 @@ def dominant_subcenters(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
     num_classes = weight.shape[0] // k
     labels = labels.long()
     x_hat = embeddings / torch.linalg.vector_norm(embeddings, dim=1, keepdim=True).clamp_min(NORM_EPS)
-    rows = labels[:, None] * k + torch.arange(k, device=labels.device)
-    w = weight.index_select(0, rows.reshape(-1)).reshape(labels.shape[0], k, -1)
-    cos = (x_hat[:, None, :] * w).sum(2) / torch.linalg.vector_norm(w, dim=2).clamp_min(NORM_EPS)
+    cos = subcenter_cosines(x_hat, weight, labels, k, cast=False)
     chosen = labels * k + cos.argmax(dim=1)
     counts = torch.bincount(chosen, minlength=num_classes * k).reshape(num_classes, k)
     dominant = torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full_like(counts[:, 0], -1))
