@@ -188,12 +188,13 @@ class CurricularFaceLoss(MarginLoss):
     def update_state(self, embeddings, labels):  # inputs validated by forward
         labels = labels.long()
         valid = labels != self.ignore_index
-        if not bool(valid.any()):
-            return
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         cos = margins.pre_pass(margins.NormFace(1.0), embeddings, self.weight, safe).cos_target
-        mean_cos = cos[valid].mean()
-        self.t.mul_(1.0 - self.alpha).add_(self.alpha * mean_cos.to(self.t.dtype))
+        # masked, without a data-dependent branch: no counted row leaves t as it is
+        count = valid.sum()
+        mean_cos = torch.where(valid, cos, torch.zeros_like(cos)).sum() / count.clamp_min(1)
+        updated = self.t * (1.0 - self.alpha) + self.alpha * mean_cos.to(self.t.dtype)
+        self.t.copy_(torch.where(count > 0, updated, self.t))
 
     def margin(self):
         return margins.CurricularFace(self.s, self.m, float(self.t))
@@ -231,12 +232,15 @@ class AdaFaceLoss(MarginLoss):
         # in the accumulation dtype (float64 for float64 inputs), as the pre-pass computes the norms
         acc = margins.accumulation_dtype(embeddings.dtype)
         norms = torch.linalg.vector_norm(embeddings.to(acc), dim=1).clamp(0.001, 100.0)
-        norms = norms[labels.long() != self.ignore_index]
-        if norms.numel() == 0:
-            return
-        self.batch_mean.mul_(1.0 - self.t_alpha).add_((self.t_alpha * norms.mean()).to(self.batch_mean.dtype))
-        if norms.numel() > 1:  # an unbiased std needs two rows
-            self.batch_std.mul_(1.0 - self.t_alpha).add_((self.t_alpha * norms.std()).to(self.batch_std.dtype))
+        # masked, without data-dependent branches or shapes (torch.compile(fullgraph=True) traces it):
+        # no counted row leaves both EMAs as they are, one row only the std (an unbiased std needs two)
+        valid = (labels.long() != self.ignore_index).to(acc)
+        count = valid.sum()
+        mean = (norms * valid).sum() / count.clamp_min(1.0)
+        std = (((norms - mean) ** 2 * valid).sum() / (count - 1.0).clamp_min(1.0)).sqrt()
+        for buffer, value, needed in ((self.batch_mean, mean, 1.0), (self.batch_std, std, 2.0)):
+            updated = buffer * (1.0 - self.t_alpha) + (self.t_alpha * value).to(buffer.dtype)
+            buffer.copy_(torch.where(count >= needed, updated, buffer))
 
     def margin(self):
         return margins.AdaFace(self.s, self.m, self.h, self.t_alpha, self.batch_mean, self.batch_std)

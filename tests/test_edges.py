@@ -456,3 +456,43 @@ def test_bench_plot_names_cut_the_device_at_a_word():
     device, full = name.split("_")[0], "intel-r-xeon-r-platinum-8375c-cpu-2-90ghz-2-cores-2-threads"
     assert len(device) <= 40 and full.startswith(device + "-"), name  # whole words only
     assert plot.file_name("amd-epyc 2 cores 2 threads", "x", "forward", "batch").startswith("amd-epyc-2-cores-2-threads_")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True) of the stateful modules whose state updates had data-dependent branches
+
+
+def test_adaface_module_compiles_fullgraph_train_and_eval():
+    torch._dynamo.reset()
+    x, _, y = _problem(B=8, C=20, D=16, dtype=torch.float32)
+    y[3] = -100  # an ignored row: masked out of the statistics, not a data-dependent shape
+    for mode in ("train", "eval"):
+        eager = mnn.AdaFaceLoss(16, 20, s=16.0, backend="cpu")
+        compiled_module = mnn.AdaFaceLoss(16, 20, s=16.0, backend="cpu")
+        compiled_module.load_state_dict(eager.state_dict())
+        getattr(eager, mode)()
+        getattr(compiled_module, mode)()
+        compiled = torch.compile(compiled_module, fullgraph=True)
+        for step in range(2):
+            xs = x * (1.0 + 3.0 * step)
+            torch.testing.assert_close(compiled(xs, y), eager(xs, y), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled_module.batch_mean, eager.batch_mean, rtol=1e-6, atol=0)
+            torch.testing.assert_close(compiled_module.batch_std, eager.batch_std, rtol=1e-6, atol=0)
+
+
+def test_adaface_and_curricular_statistics_skip_batches_without_counted_rows():
+    ada = mnn.AdaFaceLoss(8, 10, s=16.0, backend="reference").double().train()
+    cur = mnn.CurricularFaceLoss(8, 10, s=16.0, backend="reference").double().train()
+    x, _, y = _problem()
+    cur(x, y)
+    t, mean, std = cur.t.clone(), ada.batch_mean.clone(), ada.batch_std.clone()
+    ignored = torch.full_like(y, -100)
+    for module in (ada, cur):
+        with torch.no_grad():
+            module.update_state(x, ignored)
+    assert torch.equal(cur.t, t) and torch.equal(ada.batch_mean, mean) and torch.equal(ada.batch_std, std)
+    one = ignored.clone()
+    one[0] = 1
+    with torch.no_grad():
+        ada.update_state(x, one)  # one counted row: the mean moves, the (unbiased) std cannot
+    assert not torch.equal(ada.batch_mean, mean) and torch.equal(ada.batch_std, std)
