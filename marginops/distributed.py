@@ -353,6 +353,37 @@ class DistributedMarginLoss(nn.Module):
     def set_extra_state(self, state):
         self.sample_step = int(state.get("sample_step", 0))
 
+    def full_state_dict(self) -> dict:
+        """The whole head, for resharding: ``state_dict()`` with ``weight`` gathered from every rank (all
+        num_classes·k rows in class order), the same on every rank — a collective, call it on every rank.
+        ``load_state_dict`` takes it on any world size (and without a process group), each rank keeping its
+        own shard; the Partial FC sample sequence then depends on the new ranks (seeded by rank)."""
+        state = self.state_dict()
+        k = self.margin.subcenters
+        sizes = [shard_range(self.num_classes, self.world_size, r)[1] * k for r in range(self.world_size)]
+        with torch.no_grad():
+            state["weight"] = _gather_rows(self.weight.detach(), sizes, self.process_group).clone()
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a whole head (full_state_dict, any world size): keep this rank's shard of it
+        key, k = prefix + "weight", self.margin.subcenters
+        weight = state_dict.get(key)
+        rows = self.num_classes * k
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] != self.weight.shape[0]:
+            if weight.shape[0] == rows:
+                state_dict = dict(state_dict)
+                state_dict[key] = weight[self.class_start * k: (self.class_start + self.num_local) * k]
+            else:
+                error_msgs.append(
+                    f"{type(self).__name__}: {key} has {weight.shape[0]} rows, but this rank's shard has "
+                    f"{self.weight.shape[0]} and the whole head {rows} (num_classes {self.num_classes} x {k}): a shard "
+                    "saved on another world size? Save the whole head with full_state_dict() to reshard"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _add_t(self, margin: CurricularFace) -> None:
         # float64 so that the spec's t round-trips exactly; identical on every rank by construction
         self.register_buffer("t", torch.tensor(float(margin.t), dtype=torch.float64, device=self.weight.device))

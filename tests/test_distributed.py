@@ -433,6 +433,53 @@ def case_handshake_mismatch_raises_on_every_rank(rank, world, backend):
         head(emb[lo:hi], labels[lo:hi])
 
 
+def case_reshard_full_state_dict_to_fewer_ranks(rank, world, backend):
+    """Train a step on `world` ranks, gather the whole head, resume on world − 1 ranks (3 → 2, 2 → 1): the
+    second step equals single-process training of both steps; the same for the compat PartialFC_V2."""
+    lr, classes, dim = 0.5, 13, 6
+    fewer = world - 1
+    sub = dist.new_group(list(range(fewer)))  # every rank takes part in creating it
+    sizes_all, sizes_sub = [3] * world, [3 * world // fewer + (r < (3 * world) % fewer) for r in range(fewer)]
+    emb, weight, labels = problem(40, sum(sizes_all), dim, classes, ignore=(2,))
+    emb2, _, labels2 = problem(41, sum(sizes_all), dim, classes)
+    for kind in ("head", "partial_fc"):
+        margin = marginops.ArcFace(s=8.0, m=0.4)
+        if kind == "head":
+            def build(group):
+                return mdist.DistributedMarginLoss(margin, dim, classes, process_group=group, backend=backend).double()
+        else:
+            def build(group):
+                return insightface.PartialFC_V2(insightface.CombinedMarginLoss(8.0, 1.0, 0.4, 0.0, detach_margin=False),
+                                                dim, classes, process_group=group, backend=backend).double()
+        # single process: two SGD steps on the whole head
+        w = weight.clone().requires_grad_(True)
+        marginops.margin_cross_entropy(emb, w, labels, margin, backend="reference").backward()
+        w1 = (w - lr * w.grad).detach().requires_grad_(True)
+        ref_loss2 = marginops.margin_cross_entropy(emb2, w1, labels2, margin, backend="reference")
+        ref_loss2.backward()
+        # step 1 on every rank
+        head = build(None)
+        with torch.no_grad():
+            head.weight.copy_(weight[head.class_start: head.class_start + head.num_local])
+        lo, hi = offsets(sizes_all, rank)
+        head(emb[lo:hi], labels[lo:hi]).backward()
+        with torch.no_grad():
+            head.weight -= lr * head.weight.grad
+        full = head.full_state_dict()
+        close(f"{kind}: gathered head after step 1", full["weight"], w1)
+        # step 2 on the first world − 1 ranks, from the whole head
+        if rank < fewer:
+            resumed = build(sub)
+            resumed.load_state_dict(full)
+            assert resumed.world_size == fewer
+            lo, hi = offsets(sizes_sub, rank)
+            loss2 = resumed(emb2[lo:hi], labels2[lo:hi])
+            loss2.backward()
+            close(f"{kind}: loss after resharding", loss2, ref_loss2)
+            start, n = resumed.class_start, resumed.num_local
+            close(f"{kind}: shard weight grad after resharding", resumed.weight.grad, w1.grad[start: start + n])
+
+
 class pytest_raises:  # noqa: N801  (pytest.raises without needing pytest's assertion machinery in workers)
     def __init__(self, exc, match):
         self.exc, self.match = exc, match
@@ -574,3 +621,16 @@ def test_single_process_labels_of_any_integer_dtype_and_options_checked():
         module(emb, labels.float())
     with pytest.raises(ValueError, match="curricular_alpha"):
         mdist.DistributedMarginLoss(marginops.CurricularFace(), 5, 10, curricular_alpha=2.0)
+
+
+def test_single_process_loads_a_whole_head_and_names_a_foreign_shard():
+    emb, weight, labels = problem(25, 6, 5, 11)
+    module = make_module(marginops.CosFace(s=8.0), weight, "reference")
+    full = module.full_state_dict()
+    assert torch.equal(full["weight"], weight) and full["weight"].data_ptr() != module.weight.data_ptr()
+    other = mdist.DistributedMarginLoss(marginops.CosFace(s=8.0), 5, 11).double()
+    other.load_state_dict(full)
+    assert torch.equal(other.weight, weight)
+    shard = dict(full, weight=weight[:6])  # rank 0's shard of a 2-rank run
+    with pytest.raises(RuntimeError, match="full_state_dict"):
+        other.load_state_dict(shard)
