@@ -10,8 +10,10 @@ Everything here is a small ``@triton.jit`` function inlined into the kernels:
                         column's class, one K-loop over D that both accumulates x . w_r (``tl.dot``) and the
                         row sums of squares of W (gathered while the W tile is loaded, never a normalized copy
                         of W); then c = max_s cos_s (first s on ties, NaN wins so that it propagates).
-* ``_nontarget_phi``  — phi(c) and dphi/dc for non-target columns, mirroring ``nontarget_phi`` of
-                        csrc/margin_math.h exactly (filter first, then CurricularFace, else identity).
+* ``_nontarget_phi``  — phi(c) and dphi/dc for non-target columns, and ``_nontarget_max_abs_dphi`` their
+                        largest |dphi/dc| (what the fp16 gradient scale is computed from): the Triton home
+                        of the non-target modes (Python: marginops/non_target.py; C++: csrc/margin_math.h,
+                        ``nontarget_phi_dphi``; filter first, then CurricularFace, else identity).
 * ``_logits``         — z_ij: target column -> target_logit[i], other columns -> row_scale[i] * phi,
                         padding columns -> -inf.
 
@@ -136,23 +138,35 @@ def _row_inv_norm(w_ptr, r, D, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVE
 
 
 @triton.jit
-def _nontarget_phi(c, thr, curricular_t, filter_threshold, NON_TARGET: tl.constexpr):
-    """phi(c), dphi/dc for non-target columns (csrc/margin_math.h nontarget_phi).
+def _nontarget_phi(c, thr, modulation_t, filter_threshold, NON_TARGET: tl.constexpr):
+    """phi(c), dphi/dc for non-target columns (marginops/non_target.py; csrc/margin_math.h nontarget_phi_dphi).
 
-    c: (BLOCK_M, BLOCK_N); thr: (BLOCK_M,) CurricularFace thresholds.  Filtered (c > filter_threshold)
-    -> (0, 0); CurricularFace (NON_TARGET == 1) and c > thr -> (c (t + c), t + 2c); else (c, 1).
-    NaN cosines fall through to the plain branch, so NaN propagates.
+    c: (BLOCK_M, BLOCK_N); thr: (BLOCK_M,) per-row thresholds; modulation_t: the mode's scalar (the op's
+    curricular_t).  Filtered (c > filter_threshold) -> (0, 0); CurricularFace (NON_TARGET == 1) and c > thr
+    -> (c (t + c), t + 2c); else (c, 1).  NaN cosines fall through to the plain branch, so NaN propagates.
+    A new mode also needs its bound in ``_nontarget_max_abs_dphi``.
     """
     phi = c
     dphi = tl.full(c.shape, 1.0, c.dtype)
     if NON_TARGET == 1:
         curr = c > thr[:, None]
-        phi = tl.where(curr, c * (curricular_t + c), phi)
-        dphi = tl.where(curr, curricular_t + 2.0 * c, dphi)
+        phi = tl.where(curr, c * (modulation_t + c), phi)
+        dphi = tl.where(curr, modulation_t + 2.0 * c, dphi)
     filt = c > filter_threshold
     phi = tl.where(filt, 0.0, phi)
     dphi = tl.where(filt, 0.0, dphi)
     return phi, dphi
+
+
+@triton.jit
+def _nontarget_max_abs_dphi(modulation_t, NON_TARGET: tl.constexpr):
+    """max over c in [-1, 1] of |dphi/dc| of ``_nontarget_phi`` (marginops/non_target.py
+    non_target_max_abs_dphi): the bound the fp16 gradient operands are scaled by.  Understating it lets
+    those operands overflow silently."""
+    if NON_TARGET == 1:
+        return tl.abs(modulation_t) + 2.0  # |t + 2c| <= |t| + 2
+    else:
+        return 1.0
 
 
 @triton.jit

@@ -53,7 +53,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _cast, _class_rows, _cos_tile, _load_k, _logits, _mma, _nontarget_phi, _row_inv_norm, _split_tiles,
+    _cast, _class_rows, _cos_tile, _load_k, _logits, _mma, _nontarget_max_abs_dphi, _nontarget_phi, _row_inv_norm,
+    _split_tiles,
 )
 
 
@@ -151,7 +152,7 @@ def _bwd_dw_kernel(
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
     dscale = tl.load(ds_ptr)  # power of two applied to dc in the dW product (1 for 32/64-bit inputs)
-    dphi_max = tl.abs(curricular_t) + 2.0 if NON_TARGET == 1 else 1.0
+    dphi_max = _nontarget_max_abs_dphi(curricular_t, NON_TARGET)
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
     # the d-chunks of one class tile are neighbours in launch order: they share the W rows in L2
@@ -224,7 +225,7 @@ def _bwd_dx_kernel(
     SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
-    dphi_max = tl.abs(curricular_t) + 2.0 if NON_TARGET == 1 else 1.0
+    dphi_max = _nontarget_max_abs_dphi(curricular_t, NON_TARGET)
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
     pid_m = pid // n_dv
