@@ -15,4 +15,16 @@ TORCH_LIBRARY(marginops, m) {
       "float curricular_t, int non_target, float filter_threshold, int subcenters, "
       "bool deterministic) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_target_logit, "
       "Tensor grad_row_scale)");
+  // The fused CUDA kernels (csrc/cuda) under their own name, for backend="cuda_fused": fused_lse on CUDA
+  // tensors runs the class-chunked path unless MARGINOPS_CUDA_PATH=fused.  Same schemas as above.
+  m.def(
+      "fused_lse_cuda_fused(Tensor x, Tensor weight, Tensor labels, Tensor target_logit, Tensor row_scale, "
+      "Tensor threshold, Tensor? class_index, float curricular_t, int non_target, "
+      "float filter_threshold, int subcenters, bool deterministic) -> (Tensor lse, Tensor argmax)");
+  m.def(
+      "fused_lse_cuda_fused_backward(Tensor grad_lse, Tensor lse, Tensor x, Tensor weight, Tensor labels, "
+      "Tensor target_logit, Tensor row_scale, Tensor threshold, Tensor? class_index, "
+      "float curricular_t, int non_target, float filter_threshold, int subcenters, "
+      "bool deterministic) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_target_logit, "
+      "Tensor grad_row_scale)");
 }

@@ -135,8 +135,8 @@ def check_backend_fits(backend: str, embeddings: torch.Tensor) -> None:
                 f"backend='cpu' supports float32 and float64, got {embeddings.dtype}; use backend='reference' "
                 "or cast to float32"
             )
-    elif backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    elif backend in ("cuda", "cuda_fused") and device.type != "cuda":
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
     elif backend == "triton":
         from .ops import triton_usable
 

@@ -27,7 +27,9 @@ import torch
 
 from . import _build
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+# "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
+# per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
+BACKENDS = ("auto", "reference", "cpu", "cuda", "cuda_fused", "triton")
 
 
 def _setup_context(ctx, inputs, output):
@@ -111,6 +113,14 @@ def _register_cpp_op() -> None:
     torch.library.register_autograd(
         "marginops::fused_lse",
         _make_backward(torch.ops.marginops.fused_lse_backward, "cpp"),
+        setup_context=_setup_context,
+    )
+    # the fused CUDA kernels under their own name (backend="cuda_fused"), same schemas
+    torch.library.register_fake("marginops::fused_lse_cuda_fused")(_fake_forward)
+    torch.library.register_fake("marginops::fused_lse_cuda_fused_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "marginops::fused_lse_cuda_fused",
+        _make_backward(torch.ops.marginops.fused_lse_cuda_fused_backward, "cpp"),
         setup_context=_setup_context,
     )
     _registered.add("cpp")
@@ -268,6 +278,9 @@ def fused_lse(
     )
     if backend in ("cpu", "cuda"):
         return cpp_op(backend)(*args)
+    if backend == "cuda_fused":
+        cpp_op("cuda")
+        return torch.ops.marginops.fused_lse_cuda_fused(*args)
     if backend == "reference":
         from . import reference
 

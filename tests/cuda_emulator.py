@@ -40,7 +40,7 @@ def load(sanitize=None, verbose: bool = False):
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
     _module = cpp_extension.load(
         name="marginops_cuda_emulator" + (f"_{sanitize}" if sanitize else ""),
-        sources=[str(HERE / f) for f in ("runtime.cpp", "paths_16bit.cpp", "paths_32bit.cpp", "ops.cpp")],
+        sources=[str(HERE / f) for f in ("runtime.cpp", "paths_16bit.cpp", "paths_32bit.cpp", "chunked.cpp", "ops.cpp")],
         extra_include_paths=[str(HERE / "include"), str(REPO / "csrc" / "cuda"), str(REPO / "csrc")],
         extra_cflags=flags,
         extra_ldflags=["-pthread"] + ([f"-fsanitize={sanitize}"] if sanitize else []),
@@ -62,3 +62,17 @@ class EmulatedOps:
 
     def fused_lse_backward(self, *args):
         return self._m.fused_lse_backward(*args)
+
+
+class EmulatedChunkedOps(EmulatedOps):
+    """The same for the class-chunked path: the chunk loop (csrc/cpu/chunk_loop.h) on CPU tensors with ATen's CPU
+    matrix products, its CUDA epilogue kernels (csrc/cuda/chunked_epilogue.cuh) under the emulator."""
+
+    def fused_lse(self, *args):
+        return self._m.fused_lse_chunked(*args)
+
+    def fused_lse_backward(self, *args):
+        return self._m.fused_lse_backward_chunked(*args)
+
+    def gemm_flops(self):
+        return self._m.chunked_gemm_flops()

@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "chunked.h"
 #include "fused_lse_launch.h"
 #include "margin_math.h"
 
@@ -321,10 +322,116 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   return {grad_x, grad_weight, grad_target_logit, grad_row_scale};
 }
 
+// ---- the class-chunked path (issue 13; loop: csrc/cpu/chunk_loop.h, kernels: chunked_epilogue.cuh): the
+// default of the op on CUDA tensors; MARGINOPS_CUDA_PATH=fused (read per call) selects the fused kernels above,
+// and the ops fused_lse_cuda_fused / fused_lse_cuda_fused_backward (backend="cuda_fused") always run them.
+namespace {
+
+chunked::Problem chunked_problem(const Problem& pr, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
+                                 const at::Tensor& threshold, const std::optional<at::Tensor>& class_index,
+                                 double curricular_t, int64_t non_target, double filter_threshold) {
+  chunked::Problem P;
+  P.x = x;
+  P.weight = weight;
+  P.labels = labels;
+  P.target_logit = target_logit;
+  P.row_scale = row_scale;
+  P.threshold = threshold;
+  P.class_index = class_index;
+  P.curricular_t = curricular_t;
+  P.non_target = non_target;
+  P.filter = filter_threshold;
+  P.B = pr.B;
+  P.D = pr.D;
+  P.R = pr.R;
+  P.N = pr.N;
+  P.k = pr.k;
+  return P;
+}
+
+// MARGINOPS_CUDA_PATH=fused|chunked (default chunked)
+bool use_fused_path() {
+  const char* v = std::getenv("MARGINOPS_CUDA_PATH");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "chunked") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "fused") == 0, "marginops: MARGINOPS_CUDA_PATH must be 'fused' or 'chunked', got '", v,
+              "'");
+  return true;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fused_lse_chunked_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                          const at::Tensor& labels, const at::Tensor& target_logit,
+                                                          const at::Tensor& row_scale, const at::Tensor& threshold,
+                                                          const std::optional<at::Tensor>& class_index,
+                                                          double curricular_t, int64_t non_target,
+                                                          double filter_threshold, int64_t subcenters,
+                                                          bool deterministic) {
+  (void)deterministic;  // always deterministic (no atomics)
+  const Problem pr =
+      validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  check_class_index_values(pr, class_index, /*need_unique=*/false);
+  if (pr.B == 0) {
+    return {at::empty({0}, x.options().dtype(pr.acc)), at::empty({0}, x.options().dtype(at::kLong))};
+  }
+  return chunked_forward(chunked_problem(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
+                                         curricular_t, non_target, filter_threshold),
+                         at::cuda::getCurrentCUDAStream().stream());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_chunked_cuda(
+    const at::Tensor& grad_lse_in, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
+    const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, double curricular_t,
+    int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic) {
+  (void)deterministic;
+  const Problem pr =
+      validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
+  const at::Tensor grad_lse = grad_lse_in.contiguous();
+  check_row_vector(grad_lse, "grad_lse", pr.B, pr.acc, x.device());
+  check_row_vector(lse, "lse", pr.B, pr.acc, x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  check_class_index_values(pr, class_index, /*need_unique=*/true);
+  if (pr.B == 0) {
+    const auto acc_opts = x.options().dtype(pr.acc);
+    return {at::zeros_like(x), at::zeros_like(weight), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
+  }
+  return chunked_backward(chunked_problem(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
+                                          curricular_t, non_target, filter_threshold),
+                          grad_lse, lse, /*need_x=*/true, /*need_weight=*/true,
+                          at::cuda::getCurrentCUDAStream().stream());
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_lse_cuda_default(const at::Tensor& x, const at::Tensor& weight,
+                                                          const at::Tensor& labels, const at::Tensor& target_logit,
+                                                          const at::Tensor& row_scale, const at::Tensor& threshold,
+                                                          const std::optional<at::Tensor>& class_index,
+                                                          double curricular_t, int64_t non_target,
+                                                          double filter_threshold, int64_t subcenters,
+                                                          bool deterministic) {
+  auto run = use_fused_path() ? fused_lse_cuda : fused_lse_chunked_cuda;
+  return run(x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t, non_target,
+             filter_threshold, subcenters, deterministic);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cuda_default(
+    const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
+    const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, double curricular_t,
+    int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic) {
+  auto run = use_fused_path() ? fused_lse_backward_cuda : fused_lse_backward_chunked_cuda;
+  return run(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t,
+             non_target, filter_threshold, subcenters, deterministic);
+}
+
 }  // namespace cuda
 }  // namespace marginops
 
 TORCH_LIBRARY_IMPL(marginops, CUDA, m) {
-  m.impl("fused_lse", TORCH_FN(marginops::cuda::fused_lse_cuda));
-  m.impl("fused_lse_backward", TORCH_FN(marginops::cuda::fused_lse_backward_cuda));
+  m.impl("fused_lse", TORCH_FN(marginops::cuda::fused_lse_cuda_default));
+  m.impl("fused_lse_backward", TORCH_FN(marginops::cuda::fused_lse_backward_cuda_default));
+  m.impl("fused_lse_cuda_fused", TORCH_FN(marginops::cuda::fused_lse_cuda));
+  m.impl("fused_lse_cuda_fused_backward", TORCH_FN(marginops::cuda::fused_lse_backward_cuda));
 }
