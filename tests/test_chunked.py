@@ -45,7 +45,8 @@ def test_upstream_gradient_scale(ops, small_chunks, dtype, factor):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_small_norm_rows_and_tiny_row_gradients(ops, small_chunks, dtype, k):
     """W rows of norm ~0.1 (their 1 / n goes to the dX operand as a power of two) and half the rows with an
-    upstream gradient 1e-9 of the others: the §4 rule on every output, and on the tiny rows' grad_x alone."""
+    upstream gradient 1e-9 of the others: the docs/DESIGN.md §4 rule on every output, and on the tiny rows'
+    grad_x alone."""
     case = Case(B=37, D=64, C=120 // k, k=k, non_target=1, filter_threshold=0.2)
     case.weight = case.weight * 0.01
     case.grad = case.grad.clone()
@@ -64,7 +65,8 @@ def test_small_norm_rows_and_tiny_row_gradients(ops, small_chunks, dtype, k):
                          ids=["f64", "f32", "bf16", "fp16"])
 def test_zero_norm_rows_small_chunks(ops, small_chunks, dtype):
     """Zero weight rows (1 / n = 1e12: the largest power-of-two split) spread over several chunks: the other
-    rows' results by the §4 rule (float64: tightly), the zero rows' own gradient finite where the reference's is."""
+    rows' results by the docs/DESIGN.md §4 rule (float64: tightly), the zero rows' own gradient finite where the
+    reference's is."""
     zero = torch.tensor([0, 7, 40, 119])
     case = Case(B=21, D=32, C=120, zero_rows=tuple(zero.tolist())).on(dtype)
     ours, ref = run_op(ops, case), run_reference(case)
