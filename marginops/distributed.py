@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
+from .functional import resolve_backend_for
 from .loss_assembly import make_stats, reduce_loss
 from ._validation import REDUCTIONS, check_backend_fits, check_label_values, check_number, label_dtype_problem
 from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype, subcenter_cosines
@@ -466,6 +467,10 @@ class DistributedMarginLoss(nn.Module):
         ``MarginStats`` of the global batch (rows in rank order: this rank's rows are
         ``[sum(sizes[:rank]), sum(sizes[:rank + 1]))``), identical on every rank; ``predicted`` is the global
         class of the highest raw cosine over every shard's columns (the sampled ones under Partial FC)."""
+        if isinstance(self.weight, torch.Tensor) and torch.is_autocast_enabled(self.weight.device.type):
+            # autocast: the head runs in the weight's dtype (embeddings are cast to it) with autocast off
+            with torch.autocast(self.weight.device.type, enabled=False):
+                return self.forward(local_embeddings, local_labels, return_stats)
         group, world, rank = self.process_group, self.world_size, self.rank
         weight = self.weight
         device = weight.device
@@ -493,7 +498,7 @@ class DistributedMarginLoss(nn.Module):
         if sum(sizes) == 0:
             raise ValueError("DistributedMarginLoss: the global batch is empty (0 rows on every rank)")
         check_backend_fits(self.backend, local_embeddings.to(weight.dtype))
-        backend = ops.resolve_backend(self.backend, device)
+        backend = resolve_backend_for(self.backend, local_embeddings.to(weight.dtype))
 
         # 2. the global batch
         x_all = _GatherEmbeddings.apply(

@@ -13,6 +13,36 @@ from .margins import FILTER_OFF, Margin, pre_pass
 
 __all__ = ["MarginStats", "make_stats", "margin_cross_entropy"]
 
+# dtypes the C++ CPU kernels take (16-bit CPU inputs go to the reference backend under backend="auto")
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def autocast_active(tensor: torch.Tensor) -> bool:
+    """Whether autocast is on for ``tensor``'s device type (False for non-tensors)."""
+    return isinstance(tensor, torch.Tensor) and torch.is_autocast_enabled(tensor.device.type)
+
+
+def to_weight_dtype(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The autocast rule: floating embeddings in the weight's dtype (the loss then runs with autocast off,
+    as PyTorch's own cross_entropy runs in float32 under autocast)."""
+    if isinstance(weight, torch.Tensor) and embeddings.is_floating_point() and weight.is_floating_point():
+        return embeddings.to(weight.dtype)
+    return embeddings
+
+
+def resolve_backend_for(backend: str, embeddings: torch.Tensor) -> str:
+    """ops.resolve_backend, and with backend="auto" on the CPU, 16-bit inputs to the reference backend (the C++
+    CPU kernels take float32 and float64; one warning)."""
+    resolved = ops.resolve_backend(backend, embeddings.device)
+    if backend == "auto" and resolved == "cpu" and embeddings.dtype not in _CPU_KERNEL_DTYPES:
+        ops._warn_once(
+            f"marginops: the C++ CPU kernels take float32 and float64, not {embeddings.dtype}; backend='auto' uses "
+            "the reference backend (it materializes the (batch, classes) logits). Cast to float32, or use "
+            "torch.autocast (the loss then runs in the weight's dtype), for the fused kernels"
+        )
+        return "reference"
+    return resolved
+
 
 def margin_cross_entropy(
     embeddings: torch.Tensor,
@@ -35,12 +65,21 @@ def margin_cross_entropy(
     interclass_filtering_threshold > 0: non-target cosines above it get logit 0 and no gradient
     (insightface semantics).  backend: "auto", "reference", "cpu", "cuda" or "triton".
     return_stats: also return MarginStats (per-row lse, target cosine, prediction, batch accuracy).
+    Under torch.autocast the embeddings are cast to the weight's dtype and the loss runs with autocast off.
     """
+    if autocast_active(embeddings):
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return margin_cross_entropy(
+                to_weight_dtype(embeddings, weight), weight, labels, margin, reduction=reduction,
+                ignore_index=ignore_index, backend=backend,
+                interclass_filtering_threshold=interclass_filtering_threshold, deterministic=deterministic,
+                return_stats=return_stats,
+            )
     check_loss_inputs(
         embeddings, weight, labels, margin,
         reduction=reduction, ignore_index=ignore_index, backend=backend,
     )
-    backend = ops.resolve_backend(backend, embeddings.device)
+    backend = resolve_backend_for(backend, embeddings)
     if backend == "reference":
         from . import reference  # the oracle, only for the reference backend
 

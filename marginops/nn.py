@@ -9,7 +9,7 @@ from torch import nn
 
 from . import margins
 from ._validation import check_loss_inputs, check_module_options, check_number
-from .functional import margin_cross_entropy
+from .functional import autocast_active, margin_cross_entropy, to_weight_dtype
 from .pair_losses import ContrastiveLoss, TripletLoss
 
 
@@ -52,7 +52,11 @@ class MarginLoss(nn.Module):
         """Advance the margin's state (training mode only); stateless margins do nothing."""
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
-        """The loss (and with return_stats, MarginStats: per-row lse, target cosine, prediction, accuracy)."""
+        """The loss (and with return_stats, MarginStats: per-row lse, target cosine, prediction, accuracy).
+        Under torch.autocast: computed in the weight's dtype with autocast off (16-bit embeddings are cast up)."""
+        if autocast_active(embeddings):
+            with torch.autocast(embeddings.device.type, enabled=False):
+                return self.forward(to_weight_dtype(embeddings, self.weight), labels, return_stats)
         if self.training:
             # validate first: a call that raises must not advance the state (SphereFace's λ, EMAs)
             self._check(embeddings, labels)
