@@ -1,4 +1,7 @@
 // Schemas of the fused op (docs/DESIGN.md §2; contract in marginops/ops.py).
+// need_grad_x / need_grad_weight (the backward's last two arguments): a gradient the caller does not want
+// (a frozen weight, embeddings that do not require grad) comes back as an empty tensor (0 elements) and, in
+// the CPU kernels and the chunked CUDA path, costs no matrix product and no allocation.
 // Only the schemas live here: the CPU kernels (csrc/cpu, same extension) and the CUDA kernels
 // (csrc/cuda, a second extension loaded after this one) register with TORCH_LIBRARY_IMPL, and
 // marginops/ops.py registers the fake impls and autograd from Python.
@@ -13,8 +16,8 @@ TORCH_LIBRARY(marginops, m) {
       "fused_lse_backward(Tensor grad_lse, Tensor lse, Tensor x, Tensor weight, Tensor labels, "
       "Tensor target_logit, Tensor row_scale, Tensor threshold, Tensor? class_index, "
       "float curricular_t, int non_target, float filter_threshold, int subcenters, "
-      "bool deterministic) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_target_logit, "
-      "Tensor grad_row_scale)");
+      "bool deterministic, bool need_grad_x=True, bool need_grad_weight=True) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_target_logit, Tensor grad_row_scale)");
   // The fused CUDA kernels (csrc/cuda) under their own name, for backend="cuda_fused": fused_lse on CUDA
   // tensors runs the class-chunked path unless MARGINOPS_CUDA_PATH=fused.  Same schemas as above.
   m.def(
@@ -25,6 +28,6 @@ TORCH_LIBRARY(marginops, m) {
       "fused_lse_cuda_fused_backward(Tensor grad_lse, Tensor lse, Tensor x, Tensor weight, Tensor labels, "
       "Tensor target_logit, Tensor row_scale, Tensor threshold, Tensor? class_index, "
       "float curricular_t, int non_target, float filter_threshold, int subcenters, "
-      "bool deterministic) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_target_logit, "
-      "Tensor grad_row_scale)");
+      "bool deterministic, bool need_grad_x=True, bool need_grad_weight=True) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_target_logit, Tensor grad_row_scale)");
 }

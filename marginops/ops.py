@@ -77,16 +77,21 @@ def _make_backward(backward_op, backend: str):
             and not torch.compiler.is_compiling()
             and any(t is not None and t.requires_grad for t in (grad_lse, x, weight, target_logit, row_scale))
         )
+        # a gradient nobody wants (frozen weight, embeddings without requires_grad) is not formed: the kernels
+        # return it empty, without its matrix product or its C x D / B x D allocation
+        need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.no_grad():
             grads = backward_op(
                 grad_lse.contiguous(), lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                *ctx.params,
+                *ctx.params, need_x, need_weight,
             )
         if higher_order:
             grads = _once_differentiable(
                 tuple(grads), _double_backward_message(x.device.type if backend == "cpp" else backend)
             )
         grad_x, grad_weight, grad_target, grad_scale = grads
+        grad_x = grad_x if need_x else None
+        grad_weight = grad_weight if need_weight else None
         return grad_x, grad_weight, None, grad_target, grad_scale, None, None, None, None, None, None, None
 
     return backward
@@ -97,8 +102,11 @@ def _fake_forward(x, weight, labels, target_logit, row_scale, threshold, class_i
     return target_logit.new_empty(rows), labels.new_empty(rows, dtype=torch.long)
 
 
-def _fake_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, *params):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(target_logit), torch.empty_like(row_scale)
+def _fake_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t,
+                   non_target, filter_threshold, subcenters, deterministic, need_grad_x=True, need_grad_weight=True):
+    return (torch.empty_like(x) if need_grad_x else x.new_empty(0),
+            torch.empty_like(weight) if need_grad_weight else weight.new_empty(0),
+            torch.empty_like(target_logit), torch.empty_like(row_scale))
 
 
 _registered: set = set()

@@ -216,8 +216,13 @@ def fused_lse_backward(
     filter_threshold: float,
     subcenters: int,
     deterministic: bool,
+    need_grad_x: bool = True,
+    need_grad_weight: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_target_logit, grad_row_scale).
+    """(grad_x, grad_weight, grad_target_logit, grad_row_scale); an unwanted grad_x / grad_weight (need_grad_*
+    false: frozen embeddings / weight) comes back empty (0 elements).  With deterministic=True a frozen weight
+    skips the dW kernel and its C x D allocation; grad_x is formed anyway (the dX kernel also gives the per-row
+    gradients) and dropped.
 
     deterministic=True: dW kernel + dX kernel with per-split partials reduced in a fixed order (bitwise
     reproducible).  deterministic=False: one fused kernel with fp32 atomics for dX (see fused_lse_bwd.py).
@@ -227,10 +232,25 @@ def fused_lse_backward(
     acc = target_logit.dtype
     dev = x.device
     if B == 0 or D == 0 or N == 0:
-        return (torch.zeros_like(x), torch.zeros_like(weight),
+        return (torch.zeros_like(x) if need_grad_x else x.new_empty(0),
+                torch.zeros_like(weight) if need_grad_weight else weight.new_empty(0),
                 torch.zeros((B,), dtype=acc, device=dev), torch.zeros((B,), dtype=acc, device=dev))
+    grads = _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
+                             curricular_t, non_target, filter_threshold, subcenters, deterministic,
+                             need_grad_weight or not deterministic)
+    grad_x, grad_w, gtl, grs = grads
+    return (grad_x if need_grad_x else x.new_empty(0), grad_w if need_grad_weight else weight.new_empty(0), gtl, grs)
+
+
+def _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
+                     curricular_t, non_target, filter_threshold, subcenters, deterministic, with_dw):
+    B, D = x.shape
+    N = _num_columns(weight, class_index, subcenters)
+    acc = target_logit.dtype
+    dev = x.device
     # referenced rows are all written by the kernel; only a class_index leaves rows that must read 0
-    grad_w = torch.zeros_like(weight) if class_index is not None else torch.empty_like(weight)
+    grad_w = (weight.new_empty(0) if not with_dw
+              else torch.zeros_like(weight) if class_index is not None else torch.empty_like(weight))
     if not _launches(x):
         return (torch.empty_like(x), grad_w, torch.empty((B,), dtype=acc, device=dev),
                 torch.empty((B,), dtype=acc, device=dev))
@@ -271,11 +291,12 @@ def fused_lse_backward(
     gtl_part = torch.empty((splits, B), dtype=acc, device=dev)
     grs_part = torch.empty((splits, B), dtype=acc, device=dev)
 
-    wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32))[dw_grid](
-        x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
-        grad_w, dx_part, gtl_part, grs_part,  # the last three are unused with FUSE_DX=False
-        B, N, D, t_buf, f_buf, ds_buf, FUSE_DX=False, **common,
-    )
+    if with_dw:
+        wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32))[dw_grid](
+            x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
+            grad_w, dx_part, gtl_part, grs_part,  # the last three are unused with FUSE_DX=False
+            B, N, D, t_buf, f_buf, ds_buf, FUSE_DX=False, **common,
+        )
 
     def dx_grid(meta):
         return (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_DV"]), splits)

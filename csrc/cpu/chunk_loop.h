@@ -275,8 +275,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& P, Epi& epi) {
   return {lse, run_col};
 }
 
-// Backward; need_x / need_weight: which of grad_x / grad_weight the caller wants (an unwanted one is
-// returned as an undefined tensor and costs no matrix product and no allocation).
+// Backward; need_x / need_weight: which of grad_x / grad_weight the caller wants (an unwanted one comes back
+// as an empty tensor and costs no matrix product and no allocation: 3 GEMM-equivalents instead of 4 for a
+// frozen weight or frozen embeddings, 2 if both are frozen).
 template <typename T, class Epi>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Problem& P, const at::Tensor& grad_lse,
                                                                     const at::Tensor& lse, bool need_x,
@@ -289,10 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
 
   at::Tensor grad_target = at::zeros({B}, opts);
   at::Tensor grad_scale = at::zeros({B}, opts);
-  at::Tensor grad_x, grad_weight;
-  if (need_weight) {
-    grad_weight = P.class_index.has_value() ? at::zeros_like(P.weight) : at::empty_like(P.weight);
-  }
+  at::Tensor grad_x = at::empty({0}, P.x.options());
+  at::Tensor grad_weight = !need_weight                  ? at::empty({0}, P.weight.options())
+                           : P.class_index.has_value() ? at::zeros_like(P.weight)
+                                                       : at::empty_like(P.weight);
 
   at::Tensor S = at::empty({bt * rmax}, opts);
   const char* fast = std::getenv("MARGINOPS_CUDA_FAST_BWD");

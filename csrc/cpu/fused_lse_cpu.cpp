@@ -189,9 +189,12 @@ void backward_chunk(const Problem<T>& P, Workspace<T>& ws, int64_t chunk_id, con
   cpu::backward_rows(a);
   const int64_t D = P.D;
   const Tensor g = wrap(ws.dots, P.B, ch.rows);  // dcos / n, per (row i, weight row r)
-  // grad_x += sum_r dcos_ir / n_r * w_r
-  Tensor gx = wrap(grad_x_part, P.B, D);
-  gx.addmm_(g, wrap(w, ch.rows, D));
+  // grad_x += sum_r dcos_ir / n_r * w_r  (grad_x_part == nullptr: not wanted, no product)
+  if (grad_x_part != nullptr) {
+    Tensor gx = wrap(grad_x_part, P.B, D);
+    gx.addmm_(g, wrap(w, ch.rows, D));
+  }
+  if (grad_weight == nullptr) return;  // a frozen weight: no product, nothing written
   // grad w_r = sum_i dcos_ir x_i / n_r - (sum_i dcos_ir cos_ir) w_r / n_r^2
   T* gw = P.class_index ? ws.grad_rows : grad_weight + ch.first_col * P.k * D;
   Tensor gw_t = wrap(gw, ch.rows, D);
@@ -398,11 +401,14 @@ void forward_impl(const Checked& c, const Problem<T>& P, Tensor& lse, Tensor& ar
 
 template <typename T>
 void backward_impl(const Checked& c, const Problem<T>& P, const Tensor& grad_lse, const Tensor& lse,
-                   Tensor& grad_x, Tensor& grad_weight, Tensor& grad_target, Tensor& grad_scale) {
+                   bool need_x, bool need_weight, Tensor& grad_x, Tensor& grad_weight, Tensor& grad_target,
+                   Tensor& grad_scale) {
   const int64_t B = P.B, D = P.D, nch = P.num_chunks;
   const auto opts = c.x.options();
-  // With class_index only the gathered classes' rows are written; the rest must be exactly 0.
-  grad_weight = P.class_index ? at::zeros({c.R, D}, opts) : at::empty({c.R, D}, opts);
+  // With class_index only the gathered classes' rows are written; the rest must be exactly 0.  An unwanted
+  // gradient is an empty tensor: no C x D (or B x D) allocation, no matrix product.
+  grad_weight = !need_weight ? at::empty({0}, opts)
+                : P.class_index ? at::zeros({c.R, D}, opts) : at::empty({c.R, D}, opts);
   grad_target = at::zeros({B}, opts);
   Tensor scale_partial = at::empty({nch, B}, opts);
   const int64_t slices = num_slices(P);
@@ -413,13 +419,13 @@ void backward_impl(const Checked& c, const Problem<T>& P, const Tensor& grad_lse
   // group order. Groups go to threads dynamically (a busy core only delays its current group);
   // the result depends on the number of groups, which is fixed for a given thread count.
   const int64_t groups = std::min<int64_t>(nch, 4 * std::max<int64_t>(1, at::get_num_threads()));
-  Tensor grad_x_parts = at::zeros({groups, B, D}, opts);
-  T* gxp = grad_x_parts.data_ptr<T>();
+  Tensor grad_x_parts = need_x ? at::zeros({groups, B, D}, opts) : Tensor();
+  T* gxp = need_x ? grad_x_parts.data_ptr<T>() : nullptr;
   const T* g = grad_lse.data_ptr<T>();
   const T* l = lse.data_ptr<T>();
   T* gt = grad_target.data_ptr<T>();
   T* gsp = scale_partial.data_ptr<T>();
-  T* gw = grad_weight.data_ptr<T>();
+  T* gw = need_weight ? grad_weight.data_ptr<T>() : nullptr;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -428,18 +434,22 @@ void backward_impl(const Checked& c, const Problem<T>& P, const Tensor& grad_lse
       for (int64_t grp = next.fetch_add(1); grp < groups; grp = next.fetch_add(1)) {
         const int64_t first = grp * nch / groups, last = (grp + 1) * nch / groups;
         for (int64_t chunk = first; chunk < last; ++chunk) {
-          backward_chunk(P, ws, chunk, g, l, gt, gsp, gw, gxp + grp * B * D);
+          backward_chunk(P, ws, chunk, g, l, gt, gsp, gw, need_x ? gxp + grp * B * D : nullptr);
         }
       }
     }
   });
 
-  grad_x = at::empty({B, D}, opts);  // not a view of the partials: they are freed on return
-  T* gx = grad_x.data_ptr<T>();
-  std::copy(gxp, gxp + B * D, gx);
-  for (int64_t grp = 1; grp < groups; ++grp) {
-    const T* part = gxp + grp * B * D;
-    for (int64_t e = 0; e < B * D; ++e) gx[e] += part[e];
+  if (need_x) {
+    grad_x = at::empty({B, D}, opts);  // not a view of the partials: they are freed on return
+    T* gx = grad_x.data_ptr<T>();
+    std::copy(gxp, gxp + B * D, gx);
+    for (int64_t grp = 1; grp < groups; ++grp) {
+      const T* part = gxp + grp * B * D;
+      for (int64_t e = 0; e < B * D; ++e) gx[e] += part[e];
+    }
+  } else {
+    grad_x = at::empty({0}, opts);
   }
   grad_scale = at::empty({B}, opts);
   T* gs = grad_scale.data_ptr<T>();
@@ -474,7 +484,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_backward_cpu(
     const Tensor& grad_lse, const Tensor& lse, const Tensor& x, const Tensor& weight,
     const Tensor& labels, const Tensor& target_logit, const Tensor& row_scale,
     const Tensor& threshold, const std::optional<Tensor>& class_index, double curricular_t,
-    int64_t non_target, double filter_threshold, int64_t subcenters, bool /*deterministic*/) {
+    int64_t non_target, double filter_threshold, int64_t subcenters, bool /*deterministic*/,
+    bool need_grad_x, bool need_grad_weight) {
   const Checked c = check_inputs(x, weight, labels, target_logit, row_scale, threshold, class_index,
                                  non_target, subcenters, /*need_unique_classes=*/true);
   check_vector(grad_lse, "grad_lse", c.B, c.x.scalar_type());
@@ -483,12 +494,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_backward_cpu(
   const Tensor l = lse.contiguous();
   Tensor grad_x, grad_weight, grad_target, grad_scale;
   if (c.B == 0) {
-    return {at::zeros_like(c.x), at::zeros_like(c.weight), at::zeros_like(c.target_logit),
-            at::zeros_like(c.row_scale)};
+    return {need_grad_x ? at::zeros_like(c.x) : at::empty({0}, c.x.options()),
+            need_grad_weight ? at::zeros_like(c.weight) : at::empty({0}, c.weight.options()),
+            at::zeros_like(c.target_logit), at::zeros_like(c.row_scale)};
   }
   AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "marginops_fused_lse_backward_cpu", [&] {
     const auto P = make_problem<scalar_t>(c, curricular_t, non_target, filter_threshold);
-    backward_impl<scalar_t>(c, P, g, l, grad_x, grad_weight, grad_target, grad_scale);
+    backward_impl<scalar_t>(c, P, g, l, need_grad_x, need_grad_weight, grad_x, grad_weight, grad_target,
+                            grad_scale);
   });
   return {grad_x, grad_weight, grad_target, grad_scale};
 }

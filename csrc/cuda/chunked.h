@@ -14,7 +14,7 @@ namespace cuda {
 
 std::tuple<at::Tensor, at::Tensor> chunked_forward(const chunked::Problem& P, cudaStream_t stream);
 
-// need_x / need_weight: which of grad_x / grad_weight to form (an unwanted one comes back undefined).
+// need_x / need_weight: which of grad_x / grad_weight to form (an unwanted one comes back empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward(const chunked::Problem& P,
                                                                             const at::Tensor& grad_lse,
                                                                             const at::Tensor& lse, bool need_x,

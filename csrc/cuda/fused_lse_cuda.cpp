@@ -264,7 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
     const at::Tensor& grad_lse_in, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
     const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, double curricular_t,
-    int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic) {
+    int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
+    bool need_grad_weight) {
   (void)deterministic;  // always deterministic (no float atomics)
   Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
   // grad_lse comes from autograd and may be an expanded view: make it dense here.
@@ -280,10 +281,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   at::Tensor grad_x = at::empty_like(x);
   // Rows of weight that no column references (class_index) must get exactly 0; without class_index the
   // dW kernel writes every row.
-  at::Tensor grad_weight = class_index.has_value() || pr.B == 0 ? at::zeros_like(weight) : at::empty_like(weight);
+  // A frozen weight (need_grad_weight false): no C x D gradient and no dW kernel.  grad_x is formed anyway
+  // (the dX kernel also gives grad_target_logit and grad_row_scale) and dropped.
+  at::Tensor grad_weight = !need_grad_weight ? at::empty({0}, weight.options())
+                           : class_index.has_value() || pr.B == 0 ? at::zeros_like(weight) : at::empty_like(weight);
   at::Tensor grad_target_logit = at::empty({pr.B}, acc_opts);
   at::Tensor grad_row_scale = at::empty({pr.B}, acc_opts);
-  if (pr.B == 0) return {grad_x, grad_weight, grad_target_logit, grad_row_scale};
+  if (pr.B == 0) {
+    return {need_grad_x ? grad_x : at::empty({0}, x.options()), grad_weight, grad_target_logit, grad_row_scale};
+  }
 
   occupancy_or_throw(pr, KernelKind::kBackwardW, "backward (dW)");
   const int occ_x = occupancy_or_throw(pr, KernelKind::kBackwardX, "backward (dX)");
@@ -312,13 +318,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   p.dchunks = static_cast<int>(dchunks);
   p.split_dcos = !env_flag("MARGINOPS_CUDA_FAST_BWD");
   p.grad_x = grad_x.data_ptr();
-  p.grad_weight = grad_weight.data_ptr();
+  p.grad_weight = need_grad_weight ? grad_weight.data_ptr() : nullptr;
   p.grad_target_logit = grad_target_logit.data_ptr();
   p.grad_row_scale = grad_row_scale.data_ptr();
   p.part_dx = part_dx.data_ptr();
   p.part_grs = part_grs.data_ptr();
   p.part_gtl = part_gtl.data_ptr();
   path_backward(pr.path, p);
+  if (!need_grad_x) grad_x = at::empty({0}, x.options());
   return {grad_x, grad_weight, grad_target_logit, grad_row_scale};
 }
 
@@ -385,7 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_ch
     const at::Tensor& grad_lse_in, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
     const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, double curricular_t,
-    int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic) {
+    int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
+    bool need_grad_weight) {
   (void)deterministic;
   const Problem pr =
       validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
@@ -396,11 +404,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_ch
   check_class_index_values(pr, class_index, /*need_unique=*/true);
   if (pr.B == 0) {
     const auto acc_opts = x.options().dtype(pr.acc);
-    return {at::zeros_like(x), at::zeros_like(weight), at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
+    return {need_grad_x ? at::zeros_like(x) : at::empty({0}, x.options()),
+            need_grad_weight ? at::zeros_like(weight) : at::empty({0}, weight.options()), at::empty({0}, acc_opts),
+            at::empty({0}, acc_opts)};
   }
   return chunked_backward(chunked_problem(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
                                           curricular_t, non_target, filter_threshold),
-                          grad_lse, lse, /*need_x=*/true, /*need_weight=*/true,
+                          grad_lse, lse, need_grad_x, need_grad_weight,
                           at::cuda::getCurrentCUDAStream().stream());
 }
 
@@ -420,10 +430,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
     const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
     const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, double curricular_t,
-    int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic) {
+    int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
+    bool need_grad_weight) {
   auto run = use_fused_path() ? fused_lse_backward_cuda : fused_lse_backward_chunked_cuda;
   return run(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t,
-             non_target, filter_threshold, subcenters, deterministic);
+             non_target, filter_threshold, subcenters, deterministic, need_grad_x, need_grad_weight);
 }
 
 }  // namespace cuda

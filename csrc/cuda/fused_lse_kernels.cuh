@@ -967,7 +967,7 @@ void run_backward(const FusedLseParams& p) {
   TORCH_CHECK(p.dchunks == (p.D + L::DC - 1) / L::DC || (p.D == 0 && p.dchunks == 1),
               "marginops.fused_lse (cuda): D-chunk plan does not match the kernel's chunk width");
   const int cpt = p.cpt_bwd;
-  if (p.N > 0 && p.D > 0) {
+  if (p.N > 0 && p.D > 0 && p.grad_weight != nullptr) {  // nullptr: a frozen weight, no dW
     prepare_kernel(fused_lse_bwd_w_kernel<Tr>, L::kBytes, L::NT, nullptr);
     const dim3 grid_w(ceil_div_u(p.N, cpt), static_cast<unsigned int>(p.dchunks));
     launch_kernel(fused_lse_bwd_w_kernel<Tr>, grid_w, L::NT, L::kBytes, p.stream, p);

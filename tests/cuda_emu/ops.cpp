@@ -13,12 +13,24 @@
 #include "fused_lse_cuda.cpp"
 #undef is_cuda
 
+// The backward with and without its last two arguments (need_grad_x, need_grad_weight; default true), as the
+// op schema has them.
+template <class F>
+void def_backward(pybind11::module& m, const char* name, F f) {
+  m.def(name, f);
+  m.def(name, [f](const at::Tensor& g, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& w,
+                  const at::Tensor& labels, const at::Tensor& tl, const at::Tensor& rs, const at::Tensor& thr,
+                  const std::optional<at::Tensor>& ci, double t, int64_t nt, double filter, int64_t k, bool det) {
+    return f(g, lse, x, w, labels, tl, rs, thr, ci, t, nt, filter, k, det, true, true);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "csrc/cuda kernels run by the CPU emulator (tests only)";
   m.def("fused_lse", &marginops::cuda::fused_lse_cuda);
-  m.def("fused_lse_backward", &marginops::cuda::fused_lse_backward_cuda);
+  def_backward(m, "fused_lse_backward", &marginops::cuda::fused_lse_backward_cuda);
   // the class-chunked path (csrc/cpu/chunk_loop.h with the kernels of csrc/cuda/chunked_epilogue.cuh)
   m.def("fused_lse_chunked", &marginops::cuda::fused_lse_chunked_cuda);
-  m.def("fused_lse_backward_chunked", &marginops::cuda::fused_lse_backward_chunked_cuda);
+  def_backward(m, "fused_lse_backward_chunked", &marginops::cuda::fused_lse_backward_chunked_cuda);
   m.def("chunked_gemm_flops", &marginops::cuda::chunked_gemm_flops);
 }
