@@ -1,4 +1,5 @@
-"""Build and load the CPU emulator of the CUDA kernels (tests/cuda_emu), for tests/test_cuda_emulated.py.
+"""Build and load the CPU emulator of the CUDA kernels (tests/cuda_emu), for the op-level suite's "cuda_emu"
+adapter (tests/op_backends.py).
 
 The real csrc/cuda sources (kernels, launchers and the op layer in fused_lse_cuda.cpp) are compiled with the host
 compiler against the small emulated CUDA runtime in tests/cuda_emu/include: every CUDA thread is a host thread,

@@ -1,4 +1,4 @@
-"""``python memcheck.py address|thread``, run by tests/test_cuda_emulated.py in a child process that preloads the
+"""``python memcheck.py address|thread``, run by tests/test_op_backend_specific.py in a child process that preloads the
 sanitizer's runtime: the emulator built with -fsanitize=<that> runs forward + backward cases covering every kernel
 path, the scalar and the 16-byte load paths, subcenters, class_index and partial tiles.
   address: any access outside x, weight, labels, the per-row inputs, the outputs, the workspaces or the requested

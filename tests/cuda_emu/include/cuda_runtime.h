@@ -1,5 +1,5 @@
 // CPU emulation of the slice of the CUDA runtime and device API that csrc/cuda uses, so the real kernel
-// sources run on the host (tests/test_cuda_emulated.py).  One OS thread per CUDA thread; blocks of a grid run
+// sources run on the host (tests/test_op_suite.py).  One OS thread per CUDA thread; blocks of a grid run
 // one after another and share one shared-memory buffer.  It is strict where the hardware is lenient, so
 // that kernel bugs show up here:
 //   * __syncthreads / __syncwarp are real barriers; one that not every live thread reaches is reported
