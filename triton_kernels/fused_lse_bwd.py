@@ -13,7 +13,7 @@ Precision and range of the 16-bit products.  One rounding of dc to bf16 gave err
 grad_weight, above the docs/DESIGN.md §4 bound.  So both products run on **fp16** operands for bf16 and fp16 inputs
 (``prod_ty`` in the kernels): for bf16 inputs x and W convert to fp16 with their bf16 precision intact and dc
 keeps 11 mantissa bits, within the bound with one rounding (as the CUDA kernels, measured in
-tests/test_cuda_emulated.py); fp16 inputs must match a reference 8x more precise and split dc into hi + lo
+tests/test_op_suite.py); fp16 inputs must match a reference 8x more precise and split dc into hi + lo
 halves, both multiplied (``_split``, SPLIT; ~16 bits for 2x the product GEMMs; ``FAST_GRAD_DOTS`` turns it
 off).  fp16's range: in the dW product dc is multiplied by the power of two ``dscale`` (launch.py: from
 max |g * s|, so that |dc * dscale| < 2^15 whatever the upstream gradient) and the accumulator divided by it.

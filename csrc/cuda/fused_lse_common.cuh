@@ -70,7 +70,7 @@ __device__ __forceinline__ T neg_inf() {
 //           operands there: dcos keeps 11 mantissa bits instead of 8, and x and the rescaled W rows convert
 //           with their bf16 precision (only entries below 2^-14 of the row's scale lose bits, as fp16
 //           subnormals: negligible for the sums), accurate enough without a hi + lo split
-//           (tests/test_cuda_emulated.py measures it)
+//           (tests/test_op_suite.py measures it on the emulator)
 //   kTC   : tensor cores through WMMA (else the SIMT warp tile below)
 //   kTf32 : WMMA tf32 fragments (operands rounded to tf32 when loaded from shared memory)
 //   kSplit: backward dcos may be stored as a hi + lo pair of Prod::io_t (fp16 inputs)
