@@ -4,8 +4,11 @@ A provider turns raw inputs (embeddings x (B, D), class weights W (C, D), labels
 ``Case``: the leaves it keeps (and whose gradients are outputs, not overhead), a ``forward`` that
 returns what ``backward`` needs, and a ``backward``.
 
-* ``reference``, ``cpu``, ``cuda``, ``triton``: ``marginops.margin_cross_entropy(..., backend=...)``
-  with the requested margin, from raw x and W (normalization included).
+* ``reference``, ``cpu``, ``cuda`` (class-chunked), ``cuda_fused``, ``triton``:
+  ``marginops.margin_cross_entropy(..., backend=...)`` with the requested margin, from raw x and W
+  (normalization included).
+* ``insightface``: the head as insightface users train it (fp32 weights, logits under autocast, materialized
+  B×C): the baseline of "× faster".
 * ``matmul``: the three plain GEMMs of a linear head's forward and backward (x·Wᵀ, G·W, Gᵀ·x), the
   floor any fused kernel is held to; it keeps a (B, C) buffer, as a plain head must.
 * no-margin anchors (plain softmax cross-entropy of s·x̂·ŵᵀ; x̂ and ŵ are normalized once, outside
@@ -108,6 +111,43 @@ def _check_triton(device):
     if reason is None:
         ops.triton_op()  # import the kernels now: a missing module is "unavailable", not a failed case
     return reason
+
+
+# ----------------------------------------------------------------------------- what users run today
+
+
+def _insightface_case(spec, emb, weight, labels, grad):
+    """The head as insightface trains it (``PartialFC_V2(..., fp16=True)`` at sample rate 1): fp32 master weights,
+    the cosine logits x̂·ŵᵀ under autocast (fp16 on CUDA, bf16 on CPU) and materialized (B, C), the margin
+    applied in fp32 (target column s·ψ(c), the others s·φ(c)), cross-entropy.  The baseline of "× faster"
+    (issue 13); the embeddings keep the requested dtype, the weight is fp32 whatever it."""
+    import torch.nn.functional as F
+
+    margin = MARGINS[spec["margin"]]()
+    x = emb.detach().requires_grad_(grad)
+    w = weight.detach().float().requires_grad_(grad)
+    amp = torch.float16 if x.device.type == "cuda" else torch.bfloat16
+
+    def loss_fn():
+        with torch.autocast(x.device.type, dtype=amp):
+            cos = F.linear(F.normalize(x), F.normalize(w))
+        cos = cos.float().clamp(-1.0, 1.0)
+        rows = torch.arange(cos.shape[0], device=cos.device)
+        c_t = cos[rows, labels]
+        x_norm = x.float().norm(dim=1)
+        scale = margin.row_scale(x_norm)
+        logits = scale[:, None] * margin.phi(cos, margin.threshold(c_t))
+        target = torch.nn.functional.one_hot(labels, cos.shape[1]).bool()
+        logits = torch.where(target, margin.target_logit(c_t, scale, x_norm)[:, None], logits)
+        return F.cross_entropy(logits, labels)
+
+    def forward():
+        if not grad:
+            with torch.no_grad():
+                return loss_fn()
+        return loss_fn()
+
+    return Case([x, w, labels], forward, lambda loss: loss.backward())
 
 
 # ----------------------------------------------------------------------------- three GEMMs
@@ -214,7 +254,13 @@ PROVIDERS = {
         Provider("reference", True, ("cpu", "cuda"), "PyTorch reference, materializes the B×C logits",
                  _check_reference, _marginops_case("reference")),
         Provider("cpu", True, ("cpu",), "marginops C++ CPU kernels", _check_compiled("cpu"), _marginops_case("cpu")),
-        Provider("cuda", True, ("cuda",), "marginops CUDA kernels", _check_compiled("cuda"), _marginops_case("cuda")),
+        Provider("cuda", True, ("cuda",), "marginops CUDA: class-chunked path (cuBLAS + one epilogue per chunk)",
+                 _check_compiled("cuda"), _marginops_case("cuda")),
+        Provider("cuda_fused", True, ("cuda",), "marginops fused CUDA kernels", _check_compiled("cuda"),
+                 _marginops_case("cuda_fused")),
+        Provider("insightface", True, ("cpu", "cuda"),
+                 "insightface-style head: fp32 weights, cosine logits under autocast (fp16 CUDA / bf16 CPU), "
+                 "materialized B×C, margin in fp32", _check_reference, _insightface_case),
         Provider("triton", True, ("cpu", "cuda"), "marginops Triton kernels", _check_triton, _marginops_case("triton")),
         Provider("matmul", False, ("cpu", "cuda"), "anchor: the 3 GEMMs x·Wᵀ, G·W, Gᵀ·x only (no softmax, no margin)",
                  _check_reference, _matmul_case),
@@ -232,15 +278,16 @@ PROVIDERS = {
 # chunking (one batch row per chunk once C >> D) takes tens of seconds per iteration at these sizes
 QUICK_DEFAULTS = {
     "cpu": ["reference", "cpu", "matmul"],
-    "cuda": ["reference", "cuda", "triton", "matmul", "torch_lce", "liger", "cce"],
+    "cuda": ["reference", "cuda", "cuda_fused", "triton", "insightface", "matmul", "torch_lce", "liger", "cce"],
 }
 # what a sweep runs when --backends is not given (unavailable ones are recorded as such)
 SWEEP_DEFAULTS = {
     "cpu": ["reference", "cpu", "matmul", "torch_lce"],
-    "cuda": ["reference", "cuda", "triton", "matmul", "torch_lce", "liger", "cce"],
+    "cuda": ["reference", "cuda", "cuda_fused", "triton", "insightface", "matmul", "torch_lce", "liger", "cce"],
 }
 # the no-argument run (the issue's first benchmark)
-PLAIN_DEFAULTS = {"cpu": ["reference", "cpu", "matmul"], "cuda": ["reference", "cuda", "triton", "matmul"]}
+PLAIN_DEFAULTS = {"cpu": ["reference", "cpu", "matmul"],
+                  "cuda": ["reference", "cuda", "cuda_fused", "triton", "insightface", "matmul"]}
 
 
 @functools.lru_cache(maxsize=None)

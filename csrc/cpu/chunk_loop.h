@@ -110,11 +110,25 @@ inline void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool 
         a, b, out.scalar_type(), out);
     return;
   }
-  if (accumulate && has_kernel(addmm_dtype, out)) {
-    addmm_dtype
-        ->typed<at::Tensor&(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
-                            const at::Scalar&, const at::Scalar&, at::Tensor&)>()
-        .call(out, a, b, out.scalar_type(), 1, 1, out);
+  // addmm.dtype_out with an fp32 addend: torch releases whose check wants the addend in the operands' dtype
+  // reject it (before any work); then every later accumulation goes through mm.dtype_out and an add.
+  static std::atomic<bool> addmm_dtype_ok{true};
+  if (accumulate && addmm_dtype_ok.load() && has_kernel(addmm_dtype, out)) {
+    try {
+      addmm_dtype
+          ->typed<at::Tensor&(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
+                              const at::Scalar&, const at::Scalar&, at::Tensor&)>()
+          .call(out, a, b, out.scalar_type(), 1, 1, out);
+      return;
+    } catch (const c10::Error&) {
+      addmm_dtype_ok.store(false);
+    }
+  }
+  if (accumulate && has_kernel(mm_dtype, out)) {
+    at::Tensor tmp = at::empty_like(out);
+    mm_dtype->typed<at::Tensor&(const at::Tensor&, const at::Tensor&, at::ScalarType, at::Tensor&)>().call(
+        a, b, out.scalar_type(), tmp);
+    out.add_(tmp);
     return;
   }
   const at::Tensor wa = a.to(out.scalar_type()), wb = b.to(out.scalar_type());
