@@ -36,8 +36,8 @@
 // be a 16-bit operand; both products use fp16 operands (Tr::Prod), also for bf16 inputs, where x and
 // the rescaled W rows (below) convert to fp16 with their bf16 precision (bar fp16 subnormals, entries below
 // 2^-14 of the row's scale: negligible) and dcos keeps 11 mantissa bits instead of bf16's 8:
-// within the docs/DESIGN.md §4 bound with one rounding (tests/test_op_suite.py measures it on the emulator), so bf16 pays
-// one MMA per product step.  fp16 inputs have a reference 8x more precise to match: there dcos is stored as
+// within the docs/DESIGN.md §4 bound with one rounding (tests/test_op_suite.py measures it on the emulator), so
+// bf16 pays one MMA per product step.  fp16 inputs have a reference 8x more precise to match: there dcos is stored as
 // hi + lo (hi = round(v), lo = round(v - hi)) and both halves are multiplied (fp32-accurate, twice the
 // tensor-core work of the two products); MARGINOPS_CUDA_FAST_BWD=1 keeps only hi.
 // fp16 range: dcos is multiplied by S = 2^(15 - e), 2^e > |g * s| * max dphi (kScaleDcos; the products are
