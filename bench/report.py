@@ -1,12 +1,12 @@
-"""``python -m bench.report``: the README's benchmark table, generated from the CSV (never typed by hand).
+"""``python -m bench.report``: the benchmark table of bench/README.md, generated from the CSV (never typed by hand).
 
-Replaces the text between ``<!-- bench-table:begin -->`` and ``<!-- bench-table:end -->`` in README.md
+Replaces the text between ``<!-- bench-table:begin -->`` and ``<!-- bench-table:end -->`` in bench/README.md
 with one table per device (the most recent measurement of each case), the plots drawn from the same
 CSV and where the numbers came from.
 
-    python -m bench.report                 # rewrite README.md's block from bench/results/*.csv
+    python -m bench.report                 # rewrite bench/README.md's block from bench/results/*.csv
     python -m bench.report --print         # only print the block
-    python -m bench.report --check         # exit 1 if README.md's block is not what the CSV gives
+    python -m bench.report --check         # exit 1 if the block is not what the CSV gives
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def replace_block(text: str, block: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("--csv", default=str(results.RESULTS_DIR), help="a CSV file or a folder of them")
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--readme", default=str(ROOT / "bench" / "README.md"))
     parser.add_argument("--plots", default=None, help="folder of the PNGs (default: the CSV's folder)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--print", action="store_true", help="print the block, change nothing")
