@@ -97,13 +97,30 @@ def _make_backward(backward_op, backend: str):
     return backward
 
 
-def _fake_forward(x, weight, labels, target_logit, row_scale, threshold, class_index, *params):
+def _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters) -> None:
+    """What the kernels assume of their inputs, checked while tracing too (fake tensors, symbolic sizes)."""
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "fused_lse: x and weight must be 2-D")
+    torch._check(weight.shape[1] == x.shape[1], lambda: "fused_lse: x and weight differ in feature size")
+    for name, t in (("labels", labels), ("target_logit", target_logit), ("row_scale", row_scale),
+                    ("threshold", threshold)):
+        torch._check(t.dim() == 1 and t.shape[0] == x.shape[0], lambda name=name: f"fused_lse: {name} must be (B,)")
+    torch._check(subcenters >= 1, lambda: "fused_lse: subcenters must be >= 1")
+    torch._check(weight.shape[0] % subcenters == 0, lambda: "fused_lse: weight rows not a multiple of subcenters")
+    if class_index is not None:
+        torch._check(class_index.dim() == 1, lambda: "fused_lse: class_index must be 1-D")
+
+
+def _fake_forward(x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t, non_target,
+                  filter_threshold, subcenters, deterministic):
+    _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
     rows = x.shape[0]
     return target_logit.new_empty(rows), labels.new_empty(rows, dtype=torch.long)
 
 
 def _fake_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t,
                    non_target, filter_threshold, subcenters, deterministic, need_grad_x=True, need_grad_weight=True):
+    _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
+    torch._check(grad_lse.shape == lse.shape == labels.shape, lambda: "fused_lse_backward: grad_lse and lse must be (B,)")
     return (torch.empty_like(x) if need_grad_x else x.new_empty(0),
             torch.empty_like(weight) if need_grad_weight else weight.new_empty(0),
             torch.empty_like(target_logit), torch.empty_like(row_scale))

@@ -77,3 +77,21 @@ def test_torch_compile_fullgraph_module_forward_backward():
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(comp_emb.grad, eager_emb.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss_fn.weight.grad, eager_grad_w, rtol=1e-4, atol=1e-6)
+
+
+def test_fake_implementations_check_shapes():
+    """The fake (meta) kernels refuse what the real kernels would, so a traced graph cannot carry a bad shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = ops.cpp_op("cpu")
+    with FakeTensorMode():
+        x, w = torch.empty(4, 8), torch.empty(10, 8)
+        labels, rows = torch.zeros(4, dtype=torch.long), torch.empty(4)
+        lse, argmax = op(x, w, labels, rows, rows, rows, None, 0.0, 0, 2.0, 1, True)
+        assert lse.shape == (4,) and argmax.dtype == torch.long
+        with pytest.raises(RuntimeError, match="feature size"):
+            op(x, torch.empty(10, 7), labels, rows, rows, rows, None, 0.0, 0, 2.0, 1, True)
+        with pytest.raises(RuntimeError, match="target_logit"):
+            op(x, w, labels, torch.empty(3), rows, rows, None, 0.0, 0, 2.0, 1, True)
+        with pytest.raises(RuntimeError, match="subcenters"):
+            op(x, w, labels, rows, rows, rows, None, 0.0, 0, 2.0, 3, True)
