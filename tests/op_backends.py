@@ -54,7 +54,8 @@ class OpBackend:
     tf32: Union[Callable, str] = "no TF32 switch"
     fast_backward: Union[Callable, str] = "no fast-backward switch"  # one fp16 rounding of the gradient operand
     fast_backward_dtypes: tuple = ()
-    # sizes: Case keyword arguments (plus "env": {variable: value}, "deterministic": bool) by name
+    # sizes: Case keyword arguments (plus "env": {variable: value}, "deterministic": bool; a precision case may
+    # also name the "dtypes" it runs in, by default float32, bf16 and fp16 where the backend takes them) by name
     grid_shapes: dict = field(default_factory=dict)  # the full float64 feature grid runs on each
     float64_shapes: dict = field(default_factory=dict)  # one feature mix each (curricular, filter, …)
     precision_cases: dict = field(default_factory=dict)  # float32 / bf16 / fp16 under the docs/DESIGN.md §4 rule
@@ -78,7 +79,7 @@ class OpBackend:
 
 # Single-purpose sizes every backend starts from (a backend overrides what is too slow for it).
 DEFAULT_SIZES = {
-    "every_mode": dict(B=21, D=40, C=90, k=2, class_index=True, filter_threshold=0.3),
+    "every_mode": dict(B=21, D=40, C=40, k=2, class_index=True, filter_threshold=0.3),
     "zero_rows": dict(C=300),
     "class_index_zero": dict(C=500, k=3),
     "nan": dict(C=1001),
@@ -111,6 +112,24 @@ def _emulated_ops():
     import cuda_emulator
 
     return cuda_emulator.EmulatedOps(cuda_emulator.load())
+
+
+def _chunked_emulated_ops():
+    import cuda_emulator
+
+    return cuda_emulator.EmulatedChunkedOps(cuda_emulator.load())
+
+
+def _cuda_fused_ops():
+    from marginops import _build
+
+    _build.load_cuda()
+    return _Ops(torch.ops.marginops.fused_lse_cuda_fused, torch.ops.marginops.fused_lse_cuda_fused_backward)
+
+
+def _chunks(**case):
+    """A case of the class-chunked path: chunks of 37 classes, tiles of 16 rows (ragged last ones)."""
+    return dict(case, env={"MARGINOPS_CHUNK_COLS": "37", "MARGINOPS_CHUNK_ROWS": "16"})
 
 
 def _triton_ops():
@@ -166,8 +185,8 @@ _TRITON_PRECISION = (  # natively the whole grid is cheap; the interpreter runs 
                         ("k3_class_index", dict(k=3, class_index=True)))
      for det in (True, False)}
     if HAS_CUDA else
-    {"curricular_filter": dict(C=101, non_target=1, filter_threshold=0.3),
-     "k3_class_index_atomic": dict(C=41, k=3, class_index=True, deterministic=False)}
+    {"curricular_filter": dict(C=101, non_target=1, filter_threshold=0.3, dtypes=(F32, BF16)),
+     "k3_class_index_atomic": dict(C=41, k=3, class_index=True, deterministic=False, dtypes=(F32, F16))}
 )
 
 BACKENDS = [
@@ -186,18 +205,19 @@ BACKENDS = [
         low_slack=LOW_SLACK_TRITON_GPU if HAS_CUDA else LOW_SLACK_CUDA,
         tf32=_triton_tf32 if HAS_CUDA else "the interpreter runs tl.dot in IEEE fp32 whatever the precision",
         fast_backward=_triton_fast_backward, fast_backward_dtypes=(F16,),
-        # interpreter tiles are 16 rows x 32 classes x 32 features: B=37, D=61, C=52 (34 with class_index) cross
-        # partial row, class and K tiles at a quarter of the C=1001 cost
-        grid_shapes={"ragged": dict(B=37, D=61, C=52)},
+        # interpreter tiles are 16 rows x 32 classes x 32 features: B=37, D=61, C=30 cross partial row and K tiles
+        # in one partial class tile (the interpreter's cost grows with class tiles x subcenters); the shapes
+        # below and the atomic / precision cases cross several class tiles
+        grid_shapes={"ragged": dict(B=37, D=61, C=30)},
         float64_shapes={
             "k2_even_d_atomic": dict(B=19, D=64, C=40, k=2, deterministic=False),
             "even_d_exact_tiles": dict(B=32, D=64, C=64, non_target=1),
         },
         precision_cases=_TRITON_PRECISION,
         sizes={} if HAS_CUDA else {
-            "every_mode": dict(C=40), "zero_rows": dict(C=40), "class_index_zero": dict(C=49), "nan": dict(B=21, C=40),
-            "deterministic": dict(B=37, D=61, C=67, filter_threshold=0.4), "switches": dict(B=37, D=64, C=60),
-            "small_norm": dict(B=37, D=61, C=101), "large_gradient": dict(B=37, D=61, C=101), "atomic": dict(C=52),
+            "every_mode": dict(C=20), "zero_rows": dict(C=30), "class_index_zero": dict(C=30), "nan": dict(B=21, C=40),
+            "deterministic": dict(B=37, D=61, C=40, filter_threshold=0.4), "switches": dict(B=37, D=64, C=60),
+            "small_norm": dict(B=37, D=61, C=60), "large_gradient": dict(B=37, D=61, C=101), "atomic": dict(C=52),
             "labels": dict(C=50)},
         extra_tiny_shapes=((1, 20, 3, 1),),
         big_offsets_skip=None if HAS_CUDA else "a 4.3 GB weight through the interpreter: GPU only",
@@ -213,6 +233,49 @@ BACKENDS = [
         precision_cases=_CUDA_PRECISION,
         sizes={"deterministic": dict(B=150)},
         extra_tiny_shapes=((65, 8, 3, 1),),  # more rows than one row tile
+    ),
+    OpBackend(
+        # the fused CUDA kernels (backend="cuda_fused"; "cuda" above runs the class-chunked path by default)
+        name="cuda_fused", device="cuda", load=_cuda_fused_ops, dtypes=(F64, F32, BF16, F16),
+        unavailable=lambda: None if HAS_CUDA else "needs a GPU",
+        marks=(pytest.mark.cuda,), low_slack=LOW_SLACK_CUDA, checks_layout=True,
+        tf32=_cuda_tf32, fast_backward=_cuda_fast_backward, fast_backward_dtypes=(F16,),
+        grid_shapes={"ragged": dict(B=37, D=61, C=1001), "many_splits": dict(B=9, D=16, C=20000),
+                     "row_tiles_vec": dict(B=150, D=64, C=700)},
+        float64_shapes=_CUDA_FLOAT64_SHAPES,
+        precision_cases=_CUDA_PRECISION,
+        sizes={"deterministic": dict(B=150)},
+        extra_tiny_shapes=((65, 8, 3, 1),),
+    ),
+    OpBackend(
+        # the class-chunked CUDA path (the default of fused_lse on CUDA tensors): the chunk loop on CPU tensors,
+        # its CUDA epilogue kernels under the emulator
+        name="cuda_chunked_emu", device="cpu", load=_chunked_emulated_ops, dtypes=(F64, F32, BF16, F16),
+        marks=(pytest.mark.emulator,), low_slack=LOW_SLACK_CUDA,
+        # fp16: one rounding of the gradient block instead of hi + lo (bf16 always rounds once)
+        fast_backward=_cuda_fast_backward, fast_backward_dtypes=(F16,),
+        grid_shapes={"ragged": _chunks(B=37, D=61, C=200)},
+        float64_shapes={
+            "one_class_per_chunk": dict(B=19, D=33, C=60, k=2, env={"MARGINOPS_CHUNK_COLS": "1",
+                                                                      "MARGINOPS_CHUNK_ROWS": "1"}),
+            "default_plan": dict(B=70, D=64, C=150),
+            "k5": _chunks(B=6, D=300, C=30, k=5, class_index=True),
+            "k64": _chunks(B=4, D=16, C=8, k=64),
+        },
+        precision_cases={
+            "ragged": _chunks(B=37, D=61, C=300),
+            "k3_class_index": _chunks(B=37, D=61, C=300, k=3, class_index=True),
+            "curricular_filter": _chunks(B=37, D=61, C=300, non_target=1, filter_threshold=0.2),
+            "many_classes": dict(B=9, D=16, C=3000, env={"MARGINOPS_CHUNK_COLS": "512"}),
+            "b64_d128": dict(B=64, D=128, C=1000, env={"MARGINOPS_CHUNK_COLS": "300", "MARGINOPS_CHUNK_ROWS": "40"}),
+            "wide_d": _chunks(B=5, D=600, C=40, non_target=1),
+        },
+        # (large_gradient, small_norm and zero_rows build their Case directly: no "env"; tests/test_chunked.py
+        # runs them with small chunks)
+        sizes={"every_mode": _chunks(), "zero_rows": dict(C=300), "class_index_zero": _chunks(C=200),
+               "nan": _chunks(C=300), "deterministic": _chunks(B=70, D=64, C=200), "no_target": _chunks(),
+               "atomic": _chunks()},
+        extra_tiny_shapes=((65, 8, 3, 1),),
     ),
     OpBackend(
         name="cuda_emu", device="cpu", load=_emulated_ops, dtypes=(F64, F32, BF16, F16),
