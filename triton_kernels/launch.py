@@ -38,7 +38,8 @@ def wrap_triton(kernel):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    if isinstance(kernel, (JITFunction, Autotuner)):
+    inner = kernel.fn if isinstance(kernel, Autotuner) else kernel  # an autotuner wraps the jitted kernel
+    if isinstance(inner, JITFunction):
         return _torch_wrap_triton(kernel)
     return kernel
 
