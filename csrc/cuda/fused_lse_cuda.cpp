@@ -24,6 +24,7 @@
 #include "chunked.h"
 #include "fused_lse_launch.h"
 #include "margin_math.h"
+#include "wave_plan.h"
 
 namespace marginops {
 namespace cuda {
@@ -235,12 +236,12 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_cuda(const at::Tensor& x, const at:
   at::Tensor argmax = at::empty({pr.B}, x.options().dtype(at::kLong));
   if (pr.B == 0) return {lse, argmax};
 
-  // Grid: (row tiles) x (class splits), one wave of CTAs; partials are O(splits * B).
+  // Grid: (row tiles) x (class splits), about one whole wave of CTAs (wave_plan.h); partials are O(splits * B).
   const int occ = occupancy_or_throw(pr, KernelKind::kForward, "forward");
   const int64_t row_tiles = ceil_div(pr.B, kFwdBM);
   const int64_t n_tiles = ceil_div(pr.N, kFwdBN / pr.k);
-  int64_t splits = ceil_div(static_cast<int64_t>(pr.props->multiProcessorCount) * occ, row_tiles);
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, n_tiles, 65535}));
+  const int64_t splits = whole_wave_splits(row_tiles, static_cast<int64_t>(pr.props->multiProcessorCount) * occ,
+                                           1, std::min<int64_t>(n_tiles, 65535));
 
   at::Tensor part_m = at::empty({splits, pr.B}, acc_opts);
   at::Tensor part_s = at::empty({splits, pr.B}, acc_opts);
@@ -298,13 +299,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   TORCH_CHECK(dchunks <= 65535, "marginops.fused_lse (cuda): D = ", pr.D, " is too large");
   const int64_t row_tiles = ceil_div(pr.B, kBwdBM);
   const int64_t n_tiles = ceil_div(pr.N, kBwdBN / pr.k);
-  // dX grid: (row tiles) x (class splits) x (D chunks), one wave; the per-split dX partials are capped
-  // at 64 MiB (or one split).
-  int64_t splits = ceil_div(static_cast<int64_t>(pr.props->multiProcessorCount) * occ_x, row_tiles * dchunks);
+  // dX grid: (row tiles) x (class splits) x (D chunks), about one whole wave (wave_plan.h); the per-split dX
+  // partials are capped at 64 MiB (or one split).
   const int64_t acc_size = pr.acc == at::kDouble ? 8 : 4;
   const int64_t per_split = std::max<int64_t>(1, pr.B * pr.D * acc_size);
-  splits = std::min<int64_t>({splits, n_tiles, 65535, std::max<int64_t>(1, (int64_t{64} << 20) / per_split)});
-  splits = std::max<int64_t>(1, splits);
+  const int64_t splits = whole_wave_splits(
+      row_tiles * dchunks, static_cast<int64_t>(pr.props->multiProcessorCount) * occ_x, 1,
+      std::min<int64_t>({n_tiles, 65535, std::max<int64_t>(1, (int64_t{64} << 20) / per_split)}));
 
   at::Tensor part_dx = at::empty({splits, pr.B, pr.D}, acc_opts);
   at::Tensor part_grs = at::empty({splits, pr.B}, acc_opts);
