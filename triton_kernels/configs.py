@@ -8,20 +8,24 @@ lazily and cached, so the candidate list is already specialized to D and the dty
 accumulator (BLOCK x BLOCK_DV fp32) a backward program keeps in registers for its whole reduction.
 
 Candidates target an H100/H200 (sm_90: 228 KB shared memory, 64K registers per SM).  None was timed (no GPU
-was available when they were written); each was compiled offline for sm_90a and checked with ``ptxas -v``
-(D=512 bf16; spills in bytes of stack):
+was available when they were written).  What they compile to is not written here (hand-copied numbers
+drift): ``python -m bench.gpu_static --out DIR --triton-only [--default-configs]`` compiles every candidate
+ahead of time for sm_90a and reports registers, spills, shared memory, CTAs per SM, wgmma use and the wave
+efficiency of the planned grid; tests/test_gpu_static.py requires the **default** candidate (the first of
+each list, the one ``MARGINOPS_TRITON_AUTOTUNE=0`` pins) of every streaming kernel to be spill-free, to use
+wgmma for 16-bit / TF32 inputs and to fill whole waves.  The choices the report led to:
 
-* forward: 128x128 / 8 warps / 3-4 stages, 64x256 / 8, 64x128 / 4 and 128x64 / 4: 255 registers, no spills
-  (wgmma, cp.async pipelined K loop).  128x256 spilled ~800 B and is not a candidate.
-* backward, fp16 with the hi+lo gradient split (default): BLOCK_DV = 256 (64x256 accumulator).  With
-  BLOCK_DV = 512 the two chained dots per tile spilled ~4.5 KB, so D = 512 runs as 2 d-chunks.
-* backward without the split (bf16, which always uses one fp16 product; fp16 with ``FAST_GRAD_DOTS``):
-  BLOCK_DV = 512 (D <= 512 in one chunk), 64x64 / 8 warps: ~80 B of spills (measured for bf16 operands
-  before bf16 moved to fp16 ones; same sizes); 64x128 and 128x64 spilled ~600-900 B and are only candidates
-  at BLOCK_DV <= 256.
-* float32 (D=128): IEEE fp32 dots (the default) do not use tensor cores and lower to FMA with large register
-  footprints: forward 64x64 / 4 warps and backward 64-wide d-chunks are the spill-free choices.  With TF32
-  (``ALLOW_TF32``) the dots use wgmma and the half-precision-like tables apply.
+* forward: 128 x 128 / 8 warps first for 16-bit and TF32 inputs; IEEE fp32 and fp64 dots lower to FMA with
+  large register footprints, hence their small tiles.
+* backward: a program keeps a (BLOCK x BLOCK_DV) fp32 accumulator in registers and stages a 16-bit
+  (BLOCK x BLOCK_DV) operand tile (W rows for dX, x rows for dW) through registers for its conversion to the
+  product dtype, so the default candidates keep that tile's other side narrow (BLOCK_N = 32; 64 x 64 tiles
+  spilled).  fp16 with the hi + lo gradient split (default) runs BLOCK_DV = 256, its dX product as one
+  K = 2 x BLOCK_N product (``fused_lse_bwd._mma_split_k``; two chained ones spilled), which leaves room for
+  64 x 64 tiles there; bf16 (one fp16 product) and fp16 with ``FAST_GRAD_DOTS`` run BLOCK_DV = 512 (D <= 512
+  in one d-chunk).  IEEE fp32 runs 64-wide d-chunks.
+* ``_DEFAULT_CTAS_PER_SM`` below holds the CTAs per SM of the default candidates, which the split planners
+  (launch.py) size whole waves with; the report test checks it against the compiled code.
 
 Under ``TRITON_INTERPRET=1`` a single small config is used (nothing is benchmarked: autotuning in the
 interpreter would take minutes); its tiles (16 x 32, BLOCK_K = BLOCK_DV = 32) make tests cross several row
@@ -101,6 +105,10 @@ def fwd_configs(dp2: int, dcls: str, split: bool, tf32: bool) -> list[triton.Con
     return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in table]
 
 
+# default dX candidate of 16-bit inputs, without / with the hi + lo gradient split
+HALF_DX_DEFAULT = {False: (64, 32, 8, 3), True: (64, 64, 8, 3)}
+
+
 def _bwd_configs(dp2: int, dcls: str, split: bool, tf32: bool, acc_rows: str) -> list[triton.Config]:
     """Backward candidates; ``acc_rows`` names the tile dimension of the register accumulator ("BLOCK_M" for
     dX, "BLOCK_N" for dW).  Candidates whose accumulator would exceed 128 fp32 registers per thread are
@@ -109,19 +117,18 @@ def _bwd_configs(dp2: int, dcls: str, split: bool, tf32: bool, acc_rows: str) ->
         return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32)]
     dv = block_dv(dp2, dcls, split, tf32)
     if dcls == "half":
-        table = [(64, 64, 8, 3), (64, 64, 8, 2)]
+        # first: BLOCK_N = 32, the narrow side of the product tile (see the module docstring)
+        table = [HALF_DX_DEFAULT[split] if acc_rows == "BLOCK_M" else (64, 32, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2)]
         if dv <= 256:
             table += [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
     elif dcls == "fp32" and tf32:
         table = [(64, 64, 8, 2), (64, 32, 4, 2)]
     elif dcls == "fp32":
-        table = [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
-        if acc_rows == "BLOCK_N":
-            table = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)]
+        table = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)]
     else:
         table = [(32, 32, 4, 2)]
     out = []
-    for bm, bn, w, s in table:
+    for bm, bn, w, s in dict.fromkeys(table):  # in order, without repeats
         rows = bm if acc_rows == "BLOCK_M" else bn
         if rows * dv <= 128 * 32 * w:
             out.append(_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn))
@@ -134,6 +141,30 @@ def bwd_dx_configs(dp2: int, dcls: str, split: bool, tf32: bool) -> list[triton.
 
 def bwd_dw_configs(dp2: int, dcls: str, split: bool, tf32: bool) -> list[triton.Config]:
     return _bwd_configs(dp2, dcls, split, tf32, "BLOCK_N")
+
+
+# CTAs per SM of each streaming kernel's default candidate (the first one), as bench.gpu_static reads it from
+# the compiled sm_90a code (registers, shared memory): the split planners (launch.py) size whole waves of
+# programs with it.  tests/test_gpu_static.py checks it against the report, so a config or compiler change
+# that moves the occupancy fails there rather than silently leaving a second, almost empty wave.
+_DEFAULT_CTAS_PER_SM = {
+    # (kind, dtype class, split, tf32)
+    ("fwd", "half", False, False): 1, ("fwd", "fp32", False, True): 1, ("fwd", "fp32", False, False): 2,
+    ("fwd", "fp64", False, False): 4,
+    ("dx", "half", False, False): 1, ("dx", "half", True, False): 1, ("dx", "fp32", False, True): 1,
+    ("dx", "fp32", False, False): 3, ("dx", "fp64", False, False): 2,
+}
+
+
+def default_plan(kind: str, D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False
+                 ) -> tuple[int, int, int]:
+    """(BLOCK_M, CTAs per SM, BLOCK_N) of the default candidate of ``kind`` ("fwd", "dx"): what the grid
+    planners need to size whole waves."""
+    dcls = _dtype_class(dtype)
+    cfg = _KERNELS[kind][1](d_pow2(D), dcls, split, tf32)[0]
+    key = (kind, dcls, split and dcls == "half" and kind != "fwd", tf32 and dcls == "fp32")
+    ctas = 1 if interpreting() else _DEFAULT_CTAS_PER_SM[key]
+    return cfg.kwargs["BLOCK_M"], ctas, cfg.kwargs["BLOCK_N"]
 
 
 _KERNELS = {

@@ -121,6 +121,23 @@ def _mma_split(hi, lo, b, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCA
 
 
 @triton.jit
+def _mma_split_k(hi, lo, b, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += hi @ b + lo @ b as *one* product of K = 2 x hi's columns: [hi_0, lo_0, hi_1, lo_1, ...] against
+    b's rows each taken twice.  Same sum as ``_mma_split``, but one wgmma chain: the two chained products
+    kept both gradient operands and the accumulator live at once and spilled (bench.gpu_static, dX kernel,
+    fp16 with the split)."""
+    if SPLIT:
+        M: tl.constexpr = hi.shape[0]
+        K: tl.constexpr = hi.shape[1]
+        N: tl.constexpr = b.shape[1]
+        a2 = tl.reshape(tl.join(hi, lo), (M, 2 * K))
+        b2 = tl.reshape(tl.permute(tl.join(b, b), (0, 2, 1)), (2 * K, N))
+        return _mma(a2, b2, acc, DOT_PREC, UPCAST)
+    else:
+        return _mma(hi, b, acc, DOT_PREC, UPCAST)
+
+
+@triton.jit
 def _row_vectors(labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr, rows, B):
     """Per-row inputs of a row tile.  Padding rows repeat row B-1 (clamped, unmasked loads) except g, which
     is 0 there, so that padding rows contribute nothing to dW."""
@@ -271,7 +288,7 @@ def _bwd_dx_kernel(
                 hi, lo = _split(dcn, prod_ty, SPLIT, UPCAST)
             else:
                 hi, lo = _split(tl.where(mine, dcn, 0.0), prod_ty, SPLIT, UPCAST)
-            dacc = _mma_split(hi, lo, wv, dacc, SPLIT, DOT_PREC, UPCAST)
+            dacc = _mma_split_k(hi, lo, wv, dacc, SPLIT, DOT_PREC, UPCAST)
 
     prow = pid_s.to(tl.int64) * B + rows
     tl.store(dx_part_ptr + prow[:, None] * D + dcols[None, :], dacc / xs[:, None],

@@ -27,6 +27,7 @@ from torch.library import wrap_triton as _torch_wrap_triton
 
 from ..non_target import non_target_max_abs_dphi
 from . import configs
+from ._waves import whole_wave_splits
 from .fused_lse_bwd import _bwd_reduce_kernel, _cast_rows_kernel
 from .fused_lse_fwd import _lse_merge_kernel
 
@@ -91,22 +92,30 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms(idx)
 
 
-def _fwd_splits(B: int, N: int, device: torch.device) -> int:
-    """Class splits of the forward grid: ~4 waves of programs over the SMs, at least 2 class tiles each."""
+def _fwd_splits(B: int, N: int, D: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                tf32: bool = False) -> int:
+    """Class splits of the forward grid (row tiles x splits), planned by whole waves (``whole_wave_splits``):
+    up to ~4 waves of the default candidate's programs (``configs.default_plan``: its BLOCK_M and the CTAs per
+    SM of its compiled code), at least 2 class tiles per split.  Other autotune candidates launch the same
+    split count (their BLOCK_M changes the row-tile count by a factor of 2 at most)."""
     if device.type != "cuda":
         return max(1, min(3, triton.cdiv(N, 32)))  # interpreter: 3 splits of 32-column tiles, some empty
-    row_tiles = triton.cdiv(B, 128)
-    return max(1, min(triton.cdiv(4 * _sm_count(device), row_tiles), triton.cdiv(N, 256)))
+    block_m, ctas_per_sm, block_n = configs.default_plan("fwd", D, dtype, False, tf32)
+    return whole_wave_splits(triton.cdiv(B, block_m), _sm_count(device) * ctas_per_sm, 4,
+                             triton.cdiv(N, 2 * block_n))
 
 
-def _dx_splits(B: int, N: int, D: int, device: torch.device) -> int:
-    """Class splits of the deterministic dX kernel: ~2 waves, fp32 partials capped near 64 MB."""
+def _dx_splits(B: int, N: int, D: int, device: torch.device, dtype: torch.dtype = torch.float32,
+               split: bool = False, tf32: bool = False) -> int:
+    """Class splits of the deterministic dX kernel, planned like ``_fwd_splits``: (row tiles x d-chunks of
+    the real BLOCK_DV) programs per split, up to ~2 waves, fp32 partials (splits x B x D) capped near 64 MB,
+    at least one class tile per split."""
     if device.type != "cuda":
         return max(1, min(3, triton.cdiv(N, 32)))
-    row_tiles = triton.cdiv(B, 64) * triton.cdiv(D, 256)
-    by_sms = triton.cdiv(2 * _sm_count(device), row_tiles)
+    block_m, ctas_per_sm, block_n = configs.default_plan("dx", D, dtype, split, tf32)
+    units = triton.cdiv(B, block_m) * triton.cdiv(D, configs.tile_k_dv(D, dtype, split, tf32)["BLOCK_DV"])
     by_mem = max(1, (64 << 20) // max(1, B * D * 4))
-    return max(1, min(by_sms, by_mem, triton.cdiv(N, 128)))
+    return whole_wave_splits(units, _sm_count(device) * ctas_per_sm, 2, min(by_mem, triton.cdiv(N, block_n)))
 
 
 def _launches(x: Tensor) -> bool:
@@ -172,7 +181,8 @@ def fused_lse_forward(
 
     if not _launches(x):
         return lse, argmax
-    splits = _fwd_splits(B, N, dev)
+    tf32 = _dot_precision(x.dtype) == "tf32"
+    splits = _fwd_splits(B, N, D, dev, x.dtype, tf32)
     m_part = torch.empty((splits, B), dtype=acc, device=dev)
     l_part = torch.empty((splits, B), dtype=acc, device=dev)
     best_part = torch.empty((splits, B), dtype=acc, device=dev)
@@ -180,7 +190,6 @@ def fused_lse_forward(
     t_buf, f_buf = _scalars(curricular_t, filter_threshold, acc, dev)
     ci = class_index if class_index is not None else labels  # placeholder pointer when HAS_CI is False
 
-    tf32 = _dot_precision(x.dtype) == "tf32"
     kern = configs.kernel("fwd", D, x.dtype, False, tf32)
     tiles = configs.tile_k_dv(D, x.dtype, False, tf32)
 
@@ -287,7 +296,7 @@ def _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, 
         wrap_triton(_cast_rows_kernel)[cast_grid](dx_acc, grad_x, numel, BLOCK=1024, FIX=_upcast(x.dtype))
         return grad_x, grad_w, gtl, grs
 
-    splits = _dx_splits(B, N, D, dev)
+    splits = _dx_splits(B, N, D, dev, x.dtype, split, tf32)
     dx_part = torch.empty((splits, B, D), dtype=acc, device=dev)
     gtl_part = torch.empty((splits, B), dtype=acc, device=dev)
     grs_part = torch.empty((splits, B), dtype=acc, device=dev)
