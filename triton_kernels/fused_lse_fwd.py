@@ -11,7 +11,8 @@ applies the epilogue (target column, CurricularFace, filtering, subcenter max) a
 
 Why this grid (B=1024, C=1M, D=512 on an H100 with 132 SMs): a grid of row tiles alone gives 8-16 programs
 (B / BLOCK_M), a fraction of the SMs; one program per (row tile, class tile) gives 60k programs and a
-B x (C / BLOCK_N) partial buffer.  Row tiles x ~4*SMs/row-tiles splits gives a few full waves, partials of
+B x (C / BLOCK_N) partial buffer.  Row tiles x up to ~4 waves' worth of splits, the split count chosen so
+that the last wave is (nearly) full (launch.py ``_fwd_splits``, triton_kernels/_waves.py), gives partials of
 B x ~66 floats, and since axis 0 (the row tile) varies fastest, the B / BLOCK_M programs of one split run at
 the same time and stream the same W tiles: W is read from HBM about once, the other row tiles hit in L2
 (x itself, 1 MB in bf16, stays L2-resident).  The work is one (B x C x D) GEMM, bound by tensor cores.
