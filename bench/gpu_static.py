@@ -194,7 +194,7 @@ def _capture_triton(dtype_name: str, tf32: bool, B: int, sms: int, deterministic
 
             return record
 
-    saved = (launch.wrap_triton, launch._num_sms, getattr(kernels, "ALLOW_TF32", False))
+    saved = (launch.wrap_triton, launch._num_sms, getattr(kernels, "ALLOW_TF32", None))
     launch.wrap_triton = Recorder
     launch._num_sms = lambda index: sms
     kernels.ALLOW_TF32 = tf32
@@ -433,6 +433,28 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({k: row.get(k, "") for k in FIELDS})
 
 
+_INT_FIELDS = {"registers", "spill_bytes", "spill_instructions", "stack_bytes", "smem_bytes", "threads",
+               "ctas_per_sm", "mma_count", "ldmatrix_count", "generic_load_count", "grid_B1024_sm132"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    """gpu_static.csv back into rows with the types write_csv was given (empty cells stay "")."""
+    rows = []
+    with Path(path).open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            for key, value in row.items():
+                if value == "":
+                    continue
+                if key in _INT_FIELDS:
+                    row[key] = int(value)
+                elif key.startswith("wave_efficiency"):
+                    row[key] = float(value)
+                elif key == "default":
+                    row[key] = value == "True"
+            rows.append(row)
+    return rows
+
+
 def resources_markdown(rows: list[dict], versions: str) -> str:
     lines = [
         "# Compiled resources of the GPU kernels",
@@ -481,12 +503,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--triton-only", action="store_true")
     p.add_argument("--cuda-only", action="store_true")
     p.add_argument("--default-configs", action="store_true", help="only the first autotune candidate")
+    p.add_argument("--cuda-if-built", action="store_true", help="leave the CUDA kernels out if they do not build")
     args = p.parse_args(argv)
     rows = []
     if not args.cuda_only:
         rows += triton_rows(all_configs=not args.default_configs)
     if not args.triton_only:
-        rows += cuda_rows()
+        if args.cuda_if_built:
+            from marginops import _build
+
+            reason = _build.build_failure("cuda")
+            if reason:
+                print(f"CUDA kernels left out: {reason}")
+            else:
+                rows += cuda_rows()
+        else:
+            rows += cuda_rows()
     out = Path(args.out) / "gpu_static.csv"
     write_csv(rows, out)
     print(f"{len(rows)} kernels -> {out}")

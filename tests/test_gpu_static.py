@@ -4,6 +4,8 @@ kernel), the CUDA kernels read from the built extension."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -120,19 +122,30 @@ def test_cuda_split_planner_is_the_same_rule(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def triton_rows():
+def report(tmp_path_factory):
+    """The report of the default candidates, made once, in a fresh process: triton.jit decides at import time
+    whether a kernel is interpreted, and this session may already have imported the kernels under
+    TRITON_INTERPRET=1 (no GPU), which the ahead-of-time compiler cannot take."""
     pytest.importorskip("triton")
-    return gpu_static.triton_rows(all_configs=False)
+    out = tmp_path_factory.mktemp("gpu_static")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "bench.gpu_static", "--out", str(out), "--default-configs",
+                          "--cuda-if-built"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return gpu_static.read_csv(out / "gpu_static.csv")
 
 
 @pytest.fixture(scope="module")
-def cuda_rows():
-    from marginops import _build
+def triton_rows(report):
+    return [r for r in report if r["backend"] == "triton"]
 
-    reason = _build.build_failure("cuda")
-    if reason:
-        pytest.skip(f"the CUDA extension is not built here: {reason}")
-    return gpu_static.cuda_rows()
+
+@pytest.fixture(scope="module")
+def cuda_rows(report):
+    rows = [r for r in report if r["backend"] == "cuda"]
+    if not rows:
+        pytest.skip("the CUDA extension is not built here (python -m marginops.build --cuda)")
+    return rows
 
 
 def test_report_covers_every_kernel_and_dtype(triton_rows, cuda_rows, tmp_path):
@@ -168,10 +181,12 @@ def test_cuda_kernels_do_not_spill(cuda_rows):
     assert not spilling
 
 
-def test_planned_occupancy_matches_the_compiled_kernels(triton_rows):
+def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch):
     """The split planners size whole waves with configs._DEFAULT_CTAS_PER_SM: it must be what the compiled
     default candidates get (else update the table, not the test)."""
     import torch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU tables, as in the report (read per call)
 
     launch = _launch_module()
     configs = sys.modules["marginops.triton_kernels.configs"]
