@@ -3,9 +3,15 @@ compile on first use.  MARGINOPS_BUILD_EXT=1 builds them now instead (needs torc
 install with --no-build-isolation); MARGINOPS_BUILD_CUDA=1 adds the CUDA kernels."""
 
 import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
+
+# the package's switchboard (stdlib only), loaded by path: setup.py runs before marginops is importable
+_spec = importlib.util.spec_from_file_location("_marginops_config", os.path.join("marginops", "config.py"))
+config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(config)
 
 # csrc/ ships as data of the (import-less) packages marginops._csrc[.cpu|.cuda], compiled on first use
 CSRC_PACKAGES = ["marginops._csrc", "marginops._csrc.cpu", "marginops._csrc.cuda"]
@@ -15,7 +21,7 @@ PACKAGE_DATA = {name: ["*.cpp", "*.h", "*.cu", "*.cuh"] for name in CSRC_PACKAGE
 
 
 def extensions():
-    if os.environ.get("MARGINOPS_BUILD_EXT") != "1":
+    if not config.flag("MARGINOPS_BUILD_EXT"):
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -29,7 +35,7 @@ def extensions():
             extra_link_args=["-fopenmp"],
         )
     ]
-    if os.environ.get("MARGINOPS_BUILD_CUDA") == "1":
+    if config.flag("MARGINOPS_BUILD_CUDA"):
         exts.append(
             CUDAExtension(
                 "marginops._C_cuda",

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from . import config
+
 _lock = threading.Lock()
 _loaded: dict[str, str] = {}
 
@@ -38,7 +40,7 @@ def source_dir() -> Path:
 
 
 def cache_dir(kind: str) -> Path:
-    root = os.environ.get("MARGINOPS_CACHE_DIR") or os.path.join(
+    root = config.maybe("MARGINOPS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "marginops"
     )
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
@@ -107,7 +109,7 @@ def _cuda_include_paths() -> list[str]:
 
 def cuda_arch_list() -> str:
     """MARGINOPS_CUDA_ARCHS (e.g. "8.0;9.0"), else the visible GPU's arch, else 9.0 (compile check)."""
-    archs = os.environ.get("MARGINOPS_CUDA_ARCHS")
+    archs = config.maybe("MARGINOPS_CUDA_ARCHS")
     if archs:
         return archs
     if torch.cuda.is_available():
@@ -118,7 +120,7 @@ def cuda_arch_list() -> str:
 
 def _try_prebuilt(module: str) -> Optional[str]:
     """Load a library built by setup.py (MARGINOPS_BUILD_EXT=1); it has no Python module init, so go through torch.ops."""
-    if os.environ.get("MARGINOPS_FORCE_JIT") == "1":
+    if config.flag("MARGINOPS_FORCE_JIT"):
         return None
     for path in sorted(Path(__file__).resolve().parent.glob(f"{module}.*.so")):
         torch.ops.load_library(str(path))

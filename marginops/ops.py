@@ -19,13 +19,12 @@ reaches the margin through target_logit, i.e. through the autograd graph of the 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Optional
 
 import torch
 
-from . import _build
+from . import _build, config
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
 # per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
@@ -208,7 +207,7 @@ def triton_op():
 
 def triton_usable(device: torch.device) -> Optional[str]:
     """None if the Triton backend can run on this device, else why not."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and not config.flag("TRITON_INTERPRET"):
         return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
     if device.type not in ("cpu", "cuda"):
         return f"Triton backend does not support device {device}"

@@ -12,11 +12,11 @@ Both are meant for ``torch.library.triton_op`` (they launch through ``torch.libr
 tensors they run under Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before Triton is
 first imported.
 
-``ALLOW_TF32`` (default False, or ``MARGINOPS_TF32=1`` in the environment): let float32 inputs use TF32
+``ALLOW_TF32`` (None: follow ``MARGINOPS_TRITON_TF32``, default off): let float32 inputs use TF32
 tensor-core dot products.  Off by default so that float32 results match the float32 reference to fp32
 rounding; read at each call (so it is baked in when a graph is compiled).
 
-``FAST_GRAD_DOTS`` (default False, or ``MARGINOPS_TRITON_FAST_GRAD=1``): for fp16 inputs, form the
+``FAST_GRAD_DOTS`` (None: follow ``MARGINOPS_TRITON_FAST_BWD``, default off): for fp16 inputs, form the
 backward's dX and dW products from one fp16 copy of the gradient operand instead of a hi + lo pair.  That
 halves the products' tensor-core work and lets D = 512 run in one d-chunk, at errors near the docs/DESIGN.md §4
 bound (which is why it is off by default).  bf16 inputs always work this way, on fp16 operands: their 11-bit
@@ -25,11 +25,12 @@ mantissa keeps the gradient within the bound with one rounding (one bf16 roundin
 Only relative imports inside this package: ``triton_kernels`` on PyPI is a different project.
 """
 
-import os
+from typing import Optional
 
 from .launch import fused_lse_backward, fused_lse_forward
 
-ALLOW_TF32: bool = os.environ.get("MARGINOPS_TF32", "0") == "1"
-FAST_GRAD_DOTS: bool = os.environ.get("MARGINOPS_TRITON_FAST_GRAD", "0") == "1"
+# True/False override the environment switches (marginops/config.py), which are read at each call
+ALLOW_TF32: Optional[bool] = None
+FAST_GRAD_DOTS: Optional[bool] = None
 
 __all__ = ["ALLOW_TF32", "FAST_GRAD_DOTS", "fused_lse_backward", "fused_lse_forward"]

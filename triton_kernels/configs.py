@@ -38,21 +38,21 @@ MARGINOPS_TRITON_AUTOTUNE=0.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
+from .. import config
 from .fused_lse_bwd import _bwd_dw_kernel, _bwd_dx_kernel
 from .fused_lse_fwd import _lse_fwd_kernel
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return config.flag("TRITON_INTERPRET")
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("MARGINOPS_TRITON_AUTOTUNE", "1") != "0"
+    return config.flag("MARGINOPS_TRITON_AUTOTUNE")
 
 
 def _dtype_class(dtype: torch.dtype) -> str:

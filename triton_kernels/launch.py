@@ -10,7 +10,7 @@ Scalars ``curricular_t`` and ``filter_threshold`` are passed to the kernels as o
 accumulation dtype, so that float64 runs compare and multiply in float64 exactly like the reference.
 
 Float32 dot products: IEEE fp32 by default (exact against the reference); set
-``marginops.triton_kernels.ALLOW_TF32 = True`` or the environment variable ``MARGINOPS_TF32=1`` to let
+``marginops.triton_kernels.ALLOW_TF32 = True`` or the environment variable ``MARGINOPS_TRITON_TF32=1`` to let
 ``tl.dot`` use TF32 tensor cores (about 8x the fp32 throughput, ~1e-3 relative error on the cosines).
 """
 
@@ -25,6 +25,7 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton as _torch_wrap_triton
 
+from .. import config
 from ..non_target import non_target_max_abs_dphi
 from . import configs
 from ._waves import whole_wave_splits
@@ -45,17 +46,22 @@ def wrap_triton(kernel):
     return kernel
 
 
-def _allow_tf32() -> bool:
+def _package_switch(attribute: str, switch: str) -> bool:
+    """The package attribute (ALLOW_TF32, FAST_GRAD_DOTS) if set, else the environment switch, now."""
     pkg = sys.modules.get(__package__) if __package__ else None
-    return bool(getattr(pkg, "ALLOW_TF32", False))
+    value = getattr(pkg, attribute, None)
+    return config.flag(switch) if value is None else bool(value)
+
+
+def _allow_tf32() -> bool:
+    return _package_switch("ALLOW_TF32", "MARGINOPS_TRITON_TF32")
 
 
 def _split_grad_dots(dtype: torch.dtype) -> bool:
     """fp16: multiply the gradient operand as hi + lo halves (see fused_lse_bwd._split) unless
-    ``FAST_GRAD_DOTS`` / MARGINOPS_TRITON_FAST_GRAD=1 asks for one fp16 product.  bf16 inputs always run
+    ``FAST_GRAD_DOTS`` / MARGINOPS_TRITON_FAST_BWD=1 asks for one fp16 product.  bf16 inputs always run
     their products on fp16 operands with one rounding (accurate enough, see the kernels' docstring)."""
-    pkg = sys.modules.get(__package__) if __package__ else None
-    return dtype == torch.float16 and not bool(getattr(pkg, "FAST_GRAD_DOTS", False))
+    return dtype == torch.float16 and not _package_switch("FAST_GRAD_DOTS", "MARGINOPS_TRITON_FAST_BWD")
 
 
 def _grad_scale(grad_lse: Tensor, row_scale: Tensor, curricular_t: float, non_target: int, dtype: torch.dtype):

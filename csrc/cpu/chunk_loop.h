@@ -54,6 +54,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "switches.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -196,11 +198,6 @@ struct Plan {
   int64_t rows_per_tile, cols_per_chunk;
 };
 
-inline int64_t env_int(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? std::atoll(v) : 0;
-}
-
 inline Plan make_plan(const Problem& P) {
   constexpr int64_t kMaxTileRows = 8192;
   constexpr int64_t kBlockBytes = int64_t(64) << 20;
@@ -209,8 +206,8 @@ inline Plan make_plan(const Problem& P) {
   int64_t rows = kBlockBytes / std::max<int64_t>(1, plan.rows_per_tile * 4);
   rows = std::min<int64_t>(std::max<int64_t>(rows, 8192), 32768);
   plan.cols_per_chunk = std::max<int64_t>(1, rows / P.k);
-  if (const int64_t r = env_int("MARGINOPS_CHUNK_ROWS"); r > 0) plan.rows_per_tile = r;
-  if (const int64_t c = env_int("MARGINOPS_CHUNK_COLS"); c > 0) plan.cols_per_chunk = c;
+  if (const int64_t r = switch_int("MARGINOPS_CHUNK_ROWS"); r > 0) plan.rows_per_tile = r;
+  if (const int64_t c = switch_int("MARGINOPS_CHUNK_COLS"); c > 0) plan.cols_per_chunk = c;
   plan.rows_per_tile = std::max<int64_t>(1, std::min(plan.rows_per_tile, P.B));
   plan.cols_per_chunk = std::max<int64_t>(1, std::min(plan.cols_per_chunk, P.N));
   return plan;
@@ -310,8 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
                                                        : at::empty_like(P.weight);
 
   at::Tensor S = at::empty({bt * rmax}, opts);
-  const char* fast = std::getenv("MARGINOPS_CUDA_FAST_BWD");
-  const bool split = P.x.scalar_type() == at::kHalf && !(fast != nullptr && *fast != '\0' && std::string(fast) != "0");
+  const bool split = P.x.scalar_type() == at::kHalf && !switch_flag("MARGINOPS_CUDA_FAST_BWD");
   at::Tensor G = half ? at::empty({(split ? 2 : 1) * bt * rmax}, P.x.options().dtype(at::kHalf)) : S;  // 32/64: in place
   at::Tensor sumsq = at::empty({rmax}, opts), inv = at::empty({rmax}, opts);
   at::Tensor gathered = P.class_index.has_value() ? at::empty({rmax, D}, P.weight.options()) : at::Tensor();

@@ -16,6 +16,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "switches.h"
+
 #if defined(__GNUC__) || defined(__clang__)
 #define MARGINOPS_SIMD 1
 #define MARGINOPS_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -425,7 +427,7 @@ MARGINOPS_WIDTH_VARIANTS(double)
 // comparisons). Read once.
 int detect_width() {
   int cap = 512;
-  if (const char* env = std::getenv("MARGINOPS_CPU_VECTOR")) cap = std::atoi(env);
+  if (const int64_t env = switch_int("MARGINOPS_CPU_VECTOR"); env != 0) cap = static_cast<int>(env);
   __builtin_cpu_init();
   if (cap >= 512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {

@@ -24,16 +24,12 @@
 #include "chunked.h"
 #include "fused_lse_launch.h"
 #include "margin_math.h"
+#include "switches.h"
 #include "wave_plan.h"
 
 namespace marginops {
 namespace cuda {
 namespace {
-
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -141,7 +137,7 @@ Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   switch (dt) {
     case at::kBFloat16: pr.path = KernelPath::kBf16; break;
     case at::kHalf: pr.path = KernelPath::kFp16; break;
-    case at::kFloat: pr.path = env_flag("MARGINOPS_CUDA_TF32") ? KernelPath::kTf32 : KernelPath::kFp32; break;
+    case at::kFloat: pr.path = switch_flag("MARGINOPS_CUDA_TF32") ? KernelPath::kTf32 : KernelPath::kFp32; break;
     default: pr.path = KernelPath::kFp64; break;
   }
   return pr;
@@ -317,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   p.lse = lse.data_ptr();
   p.splits = static_cast<int>(splits);
   p.dchunks = static_cast<int>(dchunks);
-  p.split_dcos = !env_flag("MARGINOPS_CUDA_FAST_BWD");
+  p.split_dcos = !switch_flag("MARGINOPS_CUDA_FAST_BWD");
   p.grad_x = grad_x.data_ptr();
   p.grad_weight = need_grad_weight ? grad_weight.data_ptr() : nullptr;
   p.grad_target_logit = grad_target_logit.data_ptr();
@@ -360,8 +356,8 @@ chunked::Problem chunked_problem(const Problem& pr, const at::Tensor& x, const a
 
 // MARGINOPS_CUDA_PATH=fused|chunked (default chunked)
 bool use_fused_path() {
-  const char* v = std::getenv("MARGINOPS_CUDA_PATH");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "chunked") == 0) return false;
+  const char* v = switch_value("MARGINOPS_CUDA_PATH");
+  if (v == nullptr || std::strcmp(v, "chunked") == 0) return false;
   TORCH_CHECK(std::strcmp(v, "fused") == 0, "marginops: MARGINOPS_CUDA_PATH must be 'fused' or 'chunked', got '", v,
               "'");
   return true;
