@@ -37,8 +37,10 @@ SWEEP_VALUES = {
 }
 BASE_SIZE = {"cpu": (512, 200_000, 256), "cuda": (1024, 1_000_000, 512)}
 QUICK = {
-    "sizes": {"cpu": [(128, c, 128) for c in (10_000, 50_000, 200_000)],
-              "cuda": [(1024, c, 512) for c in (100_000, 1_000_000)]},
+    "sizes": {
+        "cpu": [(128, c, 128) for c in (10_000, 50_000, 200_000)],
+        "cuda": [(1024, c, 512) for c in (100_000, 1_000_000)],
+    },
     "repeats": 3,
 }
 AXIS_NAME = {"C": "num_classes", "B": "batch", "D": "dim"}
@@ -87,39 +89,65 @@ def mem_available() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="providers: " + "; ".join(f"{n}: {pr.note}" for n, pr in PROVIDERS.items()))
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="providers: " + "; ".join(f"{n}: {pr.note}" for n, pr in PROVIDERS.items()),
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true",
-                   help="a small sweep over C with plots (CPU: B=128, D=128, C=10k,50k,200k; GPU: B=1024, D=512, C=100k,1M)")
-    p.add_argument("--sweep", nargs="?", const="C", choices=["C", "B", "D"],
-                   help="sweep one axis (default C) over --values or the device's defaults")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small sweep over C with plots (CPU: B=128, D=128, C=10k,50k,200k; GPU: B=1024, D=512, C=100k,1M)",
+    )
+    p.add_argument(
+        "--sweep",
+        nargs="?",
+        const="C",
+        choices=["C", "B", "D"],
+        help="sweep one axis (default C) over --values or the device's defaults",
+    )
     p.add_argument("--values", type=parse_values, help="values of the swept axis, e.g. 10k,50k,200k,1M")
     p.add_argument("--sizes", type=parse_sizes, help="explicit BxCxD list, e.g. 512x200000x256,256x50000x128")
     p.add_argument("--batch", type=int, help="B beside a sweep (CPU 512, GPU 1024)")
     p.add_argument("--classes", type=int, help="C beside a B or D sweep (CPU 200000, GPU 1000000)")
     p.add_argument("--dim", type=int, help="D beside a sweep (CPU 256, GPU 512)")
     p.add_argument("--margins", default="arcface", help="comma list or 'all': " + ",".join(MARGINS))
-    p.add_argument("--backends", help="comma list of providers or 'all' (default: cpu: reference,cpu,matmul, "
-                                      "--sweep adds torch_lce; cuda: reference,cuda,triton,matmul, --quick and "
-                                      "--sweep add torch_lce,liger,cce)")
+    p.add_argument(
+        "--backends",
+        help="comma list of providers or 'all' (default: cpu: reference,cpu,matmul, "
+        "--sweep adds torch_lce; cuda: reference,cuda,triton,matmul, --quick and "
+        "--sweep add torch_lce,liger,cce)",
+    )
     p.add_argument("--modes", default="forward+backward", help="comma list or 'all': " + ",".join(MODES))
     p.add_argument("--dtype", default=None, help="float32 (CPU default) / bfloat16 (GPU default) / float16")
     p.add_argument("--repeats", type=int, default=None, help="timed iterations per case (7; --quick 3)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--min-seconds", type=float, default=1.0,
-                   help="short cases repeat until this much timed work (at most --max-repeats iterations)")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="short cases repeat until this much timed work (at most --max-repeats iterations)",
+    )
     p.add_argument("--max-repeats", type=int, default=50)
     p.add_argument("--max-seconds", type=float, default=90.0, help="stop repeating after this (at least 3 iterations)")
     p.add_argument("--timeout", type=float, default=1200.0, help="wall-clock limit of one case's process (s)")
-    p.add_argument("--mem-limit", type=float, default=None,
-                   help="CPU: memory budget of one case in GiB (default 80%% of MemAvailable); beyond it: out of memory")
+    p.add_argument(
+        "--mem-limit",
+        type=float,
+        default=None,
+        help="CPU: memory budget of one case in GiB (default 80%% of MemAvailable); beyond it: out of memory",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads per case (default torch's)")
-    p.add_argument("--out", default=None,
-                   help="folder for the CSV and plots (default bench/results/local, ignored by git)")
-    p.add_argument("--record", action="store_true",
-                   help="append to the committed record bench/results (then commit it) instead of bench/results/local")
+    p.add_argument(
+        "--out", default=None, help="folder for the CSV and plots (default bench/results/local, ignored by git)"
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="append to the committed record bench/results (then commit it) instead of bench/results/local",
+    )
     p.add_argument("--no-plot", action="store_true", help="do not draw plots after a sweep")
     return p
 
@@ -139,7 +167,9 @@ def plan(args) -> tuple[list[tuple[int, int, int]], str, list[str], int]:
         sizes = [(v if axis == "B" else b, v if axis == "C" else c, v if axis == "D" else d) for v in values]
     elif args.quick:
         quick = QUICK["sizes"][device]
-        sizes = quick if not args.values else [(args.batch or quick[0][0], v, args.dim or quick[0][2]) for v in args.values]
+        sizes = (
+            quick if not args.values else [(args.batch or quick[0][0], v, args.dim or quick[0][2]) for v in args.values]
+        )
     else:
         sizes = [(b, c, d)]
     default = (SWEEP_DEFAULTS if args.sweep else QUICK_DEFAULTS if args.quick else PLAIN_DEFAULTS)[device]
@@ -152,18 +182,32 @@ def make_specs(args, sizes, x_name, providers, repeats, dtype, mem_limit) -> lis
     margins = _comma_list(args.margins, MARGINS, "margin")
     modes = _comma_list(args.modes, MODES, "mode")
     specs = []
-    for (b, c, d) in sizes:
+    for b, c, d in sizes:
         for mode in modes:
             for provider in providers:
                 anchor = not PROVIDERS[provider].margin_aware
-                for margin in (margins[:1] if anchor else margins):  # anchors have no margin: run once
-                    specs.append(dict(
-                        provider=provider, margin=margin, kernel_margin="nomargin" if anchor else margin,
-                        mode=mode, batch=b, classes=c, dim=d, dtype=dtype, device=args.device,
-                        repeats=repeats, warmup=args.warmup, max_seconds=args.max_seconds,
-                        min_seconds=args.min_seconds, max_repeats=args.max_repeats,
-                        threads=args.threads, mem_limit_bytes=mem_limit, x_name=x_name,
-                    ))
+                for margin in margins[:1] if anchor else margins:  # anchors have no margin: run once
+                    specs.append(
+                        dict(
+                            provider=provider,
+                            margin=margin,
+                            kernel_margin="nomargin" if anchor else margin,
+                            mode=mode,
+                            batch=b,
+                            classes=c,
+                            dim=d,
+                            dtype=dtype,
+                            device=args.device,
+                            repeats=repeats,
+                            warmup=args.warmup,
+                            max_seconds=args.max_seconds,
+                            min_seconds=args.min_seconds,
+                            max_repeats=args.max_repeats,
+                            threads=args.threads,
+                            mem_limit_bytes=mem_limit,
+                            x_name=x_name,
+                        )
+                    )
     return specs
 
 
@@ -182,7 +226,11 @@ def run_case(spec: dict, timeout: float) -> dict:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "bench.cases", json.dumps(spec)],
-            capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=case_env(spec),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=timeout,
+            env=case_env(spec),
         )
     except subprocess.TimeoutExpired:
         return {"error": "timeout", "detail": f"over {timeout:.0f} s"}
@@ -254,8 +302,11 @@ def main(argv=None) -> int:
         if reason:
             reasons[name] = reason
             print(f"[bench] {name}: unavailable: {reason.splitlines()[0]}", file=sys.stderr)
-    extra_versions = [f"{m} {v}" for m in ("liger_kernel", "cut_cross_entropy")
-                      if {"liger_kernel": "liger", "cut_cross_entropy": "cce"}[m] in providers and (v := package_version(m))]
+    extra_versions = [
+        f"{m} {v}"
+        for m in ("liger_kernel", "cut_cross_entropy")
+        if {"liger_kernel": "liger", "cut_cross_entropy": "cce"}[m] in providers and (v := package_version(m))
+    ]
     device = results.device_name(args.device)
     stamp = results.now()
     print(f"[bench] {len(specs)} cases on {device}; {results.versions(extra_versions)}", file=sys.stderr)
@@ -310,8 +361,10 @@ def _fmt_time(seconds: float) -> str:
 
 def print_table(table, device: str, versions: str) -> None:
     print(f"\ndevice: {device}\nversions: {versions}")
-    header = (f"{'margin':<15}{'mode':<18}{'B×C×D':<20}{'provider':<11}{'median':>11}{'p20':>11}{'p80':>11}"
-              f"{'peak extra MiB':>16}")
+    header = (
+        f"{'margin':<15}{'mode':<18}{'B×C×D':<20}{'provider':<11}{'median':>11}{'p20':>11}{'p80':>11}"
+        f"{'peak extra MiB':>16}"
+    )
     print(header)
     print("-" * len(header))
     measured = {}
@@ -326,8 +379,10 @@ def print_table(table, device: str, versions: str) -> None:
         mem = res["peak_extra_bytes"] / 2**20
         key = (spec["mode"], spec["batch"], spec["classes"], spec["dim"])
         measured.setdefault(key, {})[(spec["provider"], margin)] = (p50, mem)
-        print(f"{margin:<15}{spec['mode']:<18}{size:<20}{spec['provider']:<11}{_fmt_time(p50):>11}"
-              f"{_fmt_time(p20):>11}{_fmt_time(p80):>11}{mem:>16.1f}")
+        print(
+            f"{margin:<15}{spec['mode']:<18}{size:<20}{spec['provider']:<11}{_fmt_time(p50):>11}"
+            f"{_fmt_time(p20):>11}{_fmt_time(p80):>11}{mem:>16.1f}"
+        )
     anchors = [n for n, p in PROVIDERS.items() if not p.margin_aware]
     lines = []
     for (mode, b, c, d), by in measured.items():
@@ -339,7 +394,9 @@ def print_table(table, device: str, versions: str) -> None:
             ref = refs.get(margin) or (next(iter(refs.values())) if refs and provider in anchors else None)
             parts = []
             if ref is not None:
-                parts.append(f"time {p50 / ref[0]:.3f}× reference, peak extra memory {mem / max(ref[1], 1e-9):.3f}× reference")
+                parts.append(
+                    f"time {p50 / ref[0]:.3f}× reference, peak extra memory {mem / max(ref[1], 1e-9):.3f}× reference"
+                )
             if mm is not None:
                 gemms = {"forward": "the 1 GEMM", "backward": "the 2 GEMMs"}.get(mode, "the 3 GEMMs")
                 parts.append(f"time {p50 / mm[0]:.2f}× {gemms} of the matmul anchor")

@@ -95,7 +95,12 @@ def plot(curves: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_l, ax_d) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"ref64": ("k", "-"), "ref32": ("tab:blue", "-"), "fused32": ("tab:orange", "--"), "fused64": ("tab:green", ":")}
+    styles = {
+        "ref64": ("k", "-"),
+        "ref32": ("tab:blue", "-"),
+        "fused32": ("tab:orange", "--"),
+        "fused64": ("tab:green", ":"),
+    }
     for name, losses in curves.items():
         color, style = styles.get(name, (None, "-"))
         ax_l.plot(range(1, len(losses) + 1), losses, style, color=color, label=name, lw=1.2)
@@ -131,18 +136,29 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--scale", type=float, default=32.0, help="s of the head (32 suits 10^3 classes)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: the model is small, and on a shared machine more threads mostly wait)")
-    parser.add_argument("--out", default=str(results.LOCAL_DIR),
-                        help="folder for the curves and the plot (default bench/results/local, ignored by git; "
-                             "bench/results is the committed record)")
-    parser.add_argument("--no-float64", action="store_true", help="skip the float64 runs (then no envelope: ref32 vs fused32 only)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: the model is small, and on a shared machine more threads mostly wait)",
+    )
+    parser.add_argument(
+        "--out",
+        default=str(results.LOCAL_DIR),
+        help="folder for the curves and the plot (default bench/results/local, ignored by git; "
+        "bench/results is the committed record)",
+    )
+    parser.add_argument(
+        "--no-float64", action="store_true", help="skip the float64 runs (then no envelope: ref32 vs fused32 only)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     backend = args.backend or fused_default()
     if backend == "reference":
-        print("note: no fused backend available here (auto chose the reference); comparing the reference with itself",
-              file=sys.stderr)
+        print(
+            "note: no fused backend available here (auto chose the reference); comparing the reference with itself",
+            file=sys.stderr,
+        )
 
     renderer = IdentityWorld().renderer()
     codes = renderer.identities(args.classes, seed=args.seed + 100)
@@ -160,8 +176,10 @@ def main(argv=None) -> int:
                 continue
             raise
         seconds[name] = time.perf_counter() - start
-        print(f"{name:8s} backend={be:10s} {str(dtype):14s} loss {curves[name][0]:.4f} -> {curves[name][-1]:.4f}"
-              f"  ({seconds[name]:.1f} s)")
+        print(
+            f"{name:8s} backend={be:10s} {str(dtype):14s} loss {curves[name][0]:.4f} -> {curves[name][-1]:.4f}"
+            f"  ({seconds[name]:.1f} s)"
+        )
 
     checks = []
     tol32 = None
@@ -190,8 +208,11 @@ def main(argv=None) -> int:
         writer.writerow(["step"] + list(curves))
         for i in range(args.steps):
             writer.writerow([i + 1] + [f"{curves[k][i]:.10g}" for k in curves])
-    title = (f"{args.margin} (s={args.scale:g}), {args.classes} synthetic identities, B={args.batch}, D={args.embedding_size}, "
-             f"{args.steps} SGD steps; fused backend: {backend} · {results.device_name('cpu')}")
+    title = (
+        f"{args.margin} (s={args.scale:g}), {args.classes} synthetic identities, B={args.batch}, "
+        f"D={args.embedding_size}, "
+        f"{args.steps} SGD steps; fused backend: {backend} · {results.device_name('cpu')}"
+    )
     try:
         plot(curves, out / "convergence.png", title)
         print(f"wrote {out / 'convergence.png'} and {out / 'convergence_curves.csv'}")

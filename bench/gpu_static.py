@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import math
 import os
 import re
@@ -35,15 +34,36 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 
 FIELDS = [
-    "kernel", "backend", "arch", "dtype", "config", "default", "registers", "spill_bytes", "spill_instructions",
-    "stack_bytes", "smem_bytes", "threads", "ctas_per_sm", "mma_kind", "mma_count", "ldmatrix_count",
-    "generic_load_count", "grid_B1024_sm132", "wave_efficiency",
-    "wave_efficiency_B256_sm132", "wave_efficiency_B4096_sm132",
-    "wave_efficiency_B1024_sm114", "wave_efficiency_B1024_sm108",
+    "kernel",
+    "backend",
+    "arch",
+    "dtype",
+    "config",
+    "default",
+    "registers",
+    "spill_bytes",
+    "spill_instructions",
+    "stack_bytes",
+    "smem_bytes",
+    "threads",
+    "ctas_per_sm",
+    "mma_kind",
+    "mma_count",
+    "ldmatrix_count",
+    "generic_load_count",
+    "grid_B1024_sm132",
+    "wave_efficiency",
+    "wave_efficiency_B256_sm132",
+    "wave_efficiency_B4096_sm132",
+    "wave_efficiency_B1024_sm114",
+    "wave_efficiency_B1024_sm108",
 ]
 SHAPES = {  # column suffix -> (B, SMs)
-    "": (1024, 132), "_B256_sm132": (256, 132), "_B4096_sm132": (4096, 132),
-    "_B1024_sm114": (1024, 114), "_B1024_sm108": (1024, 108),
+    "": (1024, 132),
+    "_B256_sm132": (256, 132),
+    "_B4096_sm132": (4096, 132),
+    "_B1024_sm114": (1024, 114),
+    "_B1024_sm108": (1024, 108),
 }
 # The report's problem: D = 512 (face recognition's usual embedding), C = 1M classes.
 REPORT_D = 512
@@ -74,6 +94,7 @@ def tool(name: str) -> str:
 # -------------------------------------------------------------------------------------------------
 # SASS counting
 
+
 @dataclass
 class SassCounts:
     mma_kind: str = "none"
@@ -83,14 +104,14 @@ class SassCounts:
     spill_instructions: int = 0
 
 
-_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
 def count_sass(sass: str) -> SassCounts:
     counts = SassCounts()
     hgmma = hmma = 0
     for match in _INSTR.finditer(sass):
-        op, mods = match.group(1), match.group(2)
+        op = match.group(1)
         if op == "HGMMA":
             hgmma += 1
         elif op == "HMMA" or op == "DMMA":
@@ -145,6 +166,7 @@ def wave_efficiency(ctas: int, slots: int) -> float:
 # -------------------------------------------------------------------------------------------------
 # Triton: capture the launches, compile ahead of time for sm_90a
 
+
 @dataclass
 class Launch:
     name: str  # e.g. "fwd", "dw", "dx"
@@ -156,8 +178,15 @@ class Launch:
 
 
 _TRITON_DTYPES = {
-    "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64",
-    "torch.int64": "i64", "torch.int32": "i32", "torch.int8": "i8", "torch.uint8": "u8", "torch.bool": "i1",
+    "torch.bfloat16": "bf16",
+    "torch.float16": "fp16",
+    "torch.float32": "fp32",
+    "torch.float64": "fp64",
+    "torch.int64": "i64",
+    "torch.int32": "i32",
+    "torch.int8": "i8",
+    "torch.uint8": "u8",
+    "torch.bool": "i1",
 }
 
 # (label, input dtype, env overrides) of the Triton report rows
@@ -239,7 +268,7 @@ def _signature(fn, args: tuple, constexprs: dict) -> dict:
             sig[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
-    for name in names[len(args):]:
+    for name in names[len(args) :]:
         sig[name] = "constexpr"
     return sig
 
@@ -259,12 +288,14 @@ def _compile_triton(fn, args, constexprs, num_warps, num_stages, workdir: Path):
     attrs = {}
     for i, (name, value) in enumerate(zip(fn.arg_names, args)):
         aligned = signature[name].startswith("*") or (
-            signature[name] in ("i32", "i64") and not isinstance(value, bool) and value % 16 == 0)
+            signature[name] in ("i32", "i64") and not isinstance(value, bool) and value % 16 == 0
+        )
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
     cubin = workdir / f"{fn.__name__}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     return compiled, cubin
@@ -280,8 +311,9 @@ def _spill_bytes(usage: dict, counts: SassCounts) -> int:
 
 def _resource_usage(binary: Path) -> dict[tuple[str, str], dict]:
     """cuobjdump -res-usage -> {(arch, function): {REG, STACK, SHARED, LOCAL}}."""
-    out = subprocess.run([tool("cuobjdump"), "-res-usage", str(binary)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [tool("cuobjdump"), "-res-usage", str(binary)], capture_output=True, text=True, check=True
+    ).stdout
     usage, arch, fn = {}, "sm_90", None
     for line in out.splitlines():
         m = re.search(r"arch = (sm_\d+)", line)
@@ -297,8 +329,7 @@ def _resource_usage(binary: Path) -> dict[tuple[str, str], dict]:
 
 
 def _sass(binary: Path) -> dict[tuple[str, str], str]:
-    out = subprocess.run([tool("cuobjdump"), "-sass", str(binary)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([tool("cuobjdump"), "-sass", str(binary)], capture_output=True, text=True, check=True).stdout
     result = {}
     # cuobjdump prints one "arch = sm_XX" header per embedded cubin, followed by its functions
     for chunk in re.split(r"(?=arch = sm_\d+)", out):
@@ -337,12 +368,22 @@ def triton_rows(all_configs: bool = True) -> list[dict]:
                     smem = int(compiled.metadata.shared)  # dynamic shared memory (cuobjdump sees static only)
                     occupancy = ctas_per_sm("sm_90", usage["REG"], threads, smem)
                     row = dict(
-                        kernel=fn.__name__, backend="triton", arch="sm_90a", dtype=label,
-                        config=_config_name(cfg, num_warps, num_stages), default=position == 0,
-                        registers=usage["REG"], spill_bytes=_spill_bytes(usage, counts), stack_bytes=usage["STACK"],
-                        spill_instructions=counts.spill_instructions, smem_bytes=smem,
-                        threads=threads, ctas_per_sm=occupancy, mma_kind=counts.mma_kind,
-                        mma_count=counts.mma_count, ldmatrix_count=counts.ldmatrix_count,
+                        kernel=fn.__name__,
+                        backend="triton",
+                        arch="sm_90a",
+                        dtype=label,
+                        config=_config_name(cfg, num_warps, num_stages),
+                        default=position == 0,
+                        registers=usage["REG"],
+                        spill_bytes=_spill_bytes(usage, counts),
+                        stack_bytes=usage["STACK"],
+                        spill_instructions=counts.spill_instructions,
+                        smem_bytes=smem,
+                        threads=threads,
+                        ctas_per_sm=occupancy,
+                        mma_kind=counts.mma_kind,
+                        mma_count=counts.mma_count,
+                        ldmatrix_count=counts.ldmatrix_count,
                         generic_load_count=counts.generic_load_count,
                     )
                     for suffix, (B, sms) in SHAPES.items():
@@ -363,6 +404,7 @@ def _config_name(cfg, num_warps: int, num_stages: int) -> str:
 # -------------------------------------------------------------------------------------------------
 # CUDA: the built extension
 
+
 def cuda_library() -> Path:
     from marginops import _build
 
@@ -381,8 +423,13 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-_TRAITS_DTYPES = {"TrBf16": "bfloat16", "TrFp16": "float16", "TrTf32": "float32-tf32", "TrFp64": "float64",
-                  "TrFp32": "float32"}
+_TRAITS_DTYPES = {
+    "TrBf16": "bfloat16",
+    "TrFp16": "float16",
+    "TrTf32": "float32-tf32",
+    "TrFp64": "float64",
+    "TrFp32": "float32",
+}
 _CXX_DTYPES = {"__nv_bfloat16": "bfloat16", "__half": "float16", "double": "float64", "float": "float32"}
 
 
@@ -411,18 +458,33 @@ def cuda_rows() -> list[dict]:
     for (arch, fn), res in sorted(usage.items()):
         kernel, dtype, config = _cuda_kernel_label(demangled[fn])
         counts = count_sass(sass.get((arch, fn), ""))
-        rows.append(dict(
-            kernel=kernel, backend="cuda", arch=arch, dtype=dtype, config=config, default=True,
-            registers=res["REG"], spill_bytes=_spill_bytes(res, counts), stack_bytes=res["STACK"],
-            # static shared memory only: the kernels' dynamic shared memory is sized at launch
-            spill_instructions=counts.spill_instructions, smem_bytes=res["SHARED"], threads="",
-            ctas_per_sm="", mma_kind=counts.mma_kind, mma_count=counts.mma_count,
-            ldmatrix_count=counts.ldmatrix_count, generic_load_count=counts.generic_load_count,
-        ))
+        rows.append(
+            dict(
+                kernel=kernel,
+                backend="cuda",
+                arch=arch,
+                dtype=dtype,
+                config=config,
+                default=True,
+                registers=res["REG"],
+                spill_bytes=_spill_bytes(res, counts),
+                stack_bytes=res["STACK"],
+                # static shared memory only: the kernels' dynamic shared memory is sized at launch
+                spill_instructions=counts.spill_instructions,
+                smem_bytes=res["SHARED"],
+                threads="",
+                ctas_per_sm="",
+                mma_kind=counts.mma_kind,
+                mma_count=counts.mma_count,
+                ldmatrix_count=counts.ldmatrix_count,
+                generic_load_count=counts.generic_load_count,
+            )
+        )
     return rows
 
 
 # -------------------------------------------------------------------------------------------------
+
 
 def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,8 +495,19 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({k: row.get(k, "") for k in FIELDS})
 
 
-_INT_FIELDS = {"registers", "spill_bytes", "spill_instructions", "stack_bytes", "smem_bytes", "threads",
-               "ctas_per_sm", "mma_count", "ldmatrix_count", "generic_load_count", "grid_B1024_sm132"}
+_INT_FIELDS = {
+    "registers",
+    "spill_bytes",
+    "spill_instructions",
+    "stack_bytes",
+    "smem_bytes",
+    "threads",
+    "ctas_per_sm",
+    "mma_count",
+    "ldmatrix_count",
+    "generic_load_count",
+    "grid_B1024_sm132",
+}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -479,7 +552,8 @@ def resources_markdown(rows: list[dict], versions: str) -> str:
             f"| {r['backend']} | {r['kernel']} | {r['arch']} | {r['dtype']} | `{r['config']}` | "
             f"{'yes' if r['default'] else ''} | {r['registers']} | {r['spill_bytes']} | {r['smem_bytes']} | "
             f"{r.get('ctas_per_sm', '')} | {mma} | {r['ldmatrix_count']} | {r['generic_load_count']} | "
-            f"{r.get('grid_B1024_sm132', '')} | {r.get('wave_efficiency', '')} |")
+            f"{r.get('grid_B1024_sm132', '')} | {r.get('wave_efficiency', '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -489,8 +563,9 @@ def _versions() -> str:
 
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     try:
-        release = re.search(r"release ([\d.]+)", subprocess.run([nvcc, "--version"], capture_output=True,
-                                                                 text=True).stdout).group(1)
+        release = re.search(
+            r"release ([\d.]+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        ).group(1)
     except Exception:  # noqa: BLE001 - only for the header line
         release = "?"
     return f"torch {torch.__version__}, triton {triton.__version__}, nvcc {release}"

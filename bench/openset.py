@@ -2,8 +2,8 @@
 
 The same small embedding network (bench/synthetic.py) is trained with each head — a plain softmax
 classifier (a linear layer, no normalization, no margin: the baseline), NormFace, CosFace, ArcFace,
-CurricularFace and SphereFace (marginops.nn modules, default margins; s = 32 for these 10^3 classes) — on synthetic training
-identities, then evaluated on a disjoint set of identities drawn from the same world:
+CurricularFace and SphereFace (marginops.nn modules, default margins; s = 32 for these 10^3 classes) — on
+synthetic training identities, then evaluated on a disjoint set of identities drawn from the same world:
 
 * verification: cosine similarity of every pair of test embeddings; ROC AUC and TAR at FAR = 1e-3
   (the threshold is the similarity that 0.1 % of the impostor pairs exceed);
@@ -145,18 +145,25 @@ def main(argv=None) -> int:
     parser.add_argument("--test-ids", type=int, default=300, help="unseen identities in the evaluation")
     parser.add_argument("--per-identity", type=int, default=8, help="test samples per unseen identity")
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--scale", type=float, default=32.0,
-                        help="s of the normalized heads (32 suits 10^3 classes; 64, the library default, is meant for "
-                             "10^5+ classes and under-trains in this budget)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=32.0,
+        help="s of the normalized heads (32 suits 10^3 classes; 64, the library default, is meant for "
+        "10^5+ classes and under-trains in this budget)",
+    )
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--embedding-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the model is small)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    parser.add_argument("--out", default=str(results.LOCAL_DIR / "openset.md"),
-                        help="also write the setup and the markdown table here ('' for no file; default under "
-                             "bench/results/local, ignored by git; bench/results/openset.md is the committed record)")
+    parser.add_argument(
+        "--out",
+        default=str(results.LOCAL_DIR / "openset.md"),
+        help="also write the setup and the markdown table here ('' for no file; default under "
+        "bench/results/local, ignored by git; bench/results/openset.md is the committed record)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
@@ -167,32 +174,48 @@ def main(argv=None) -> int:
     from marginops import ops
 
     backend = ops.resolve_backend(args.backend, torch.device("cpu"))
-    setup = (f"open-set evaluation: {args.train_ids} training identities, {args.test_ids} unseen test identities × "
-             f"{args.per_identity} samples, {args.steps} SGD steps of B={args.batch}, D={args.embedding_size}, "
-             f"{args.seeds} seed(s); margin heads on backend {backend!r}; {results.device_name('cpu')}")
+    setup = (
+        f"open-set evaluation: {args.train_ids} training identities, {args.test_ids} unseen test identities × "
+        f"{args.per_identity} samples, {args.steps} SGD steps of B={args.batch}, D={args.embedding_size}, "
+        f"{args.seeds} seed(s); margin heads on backend {backend!r}; {results.device_name('cpu')}"
+    )
     print(setup, flush=True)
     table = {}
     for head in heads:
         runs = [run_one(head, seed, args) for seed in range(args.seeds)]
         table[head] = runs
         extra = f", λ={runs[-1]['lambda']:.1f} at the end" if "lambda" in runs[-1] else ""
-        print(f"  {head:15s} trained in {sum(r['seconds'] for r in runs):5.1f} s, final loss "
-              f"{_cell([r['loss'] for r in runs], '.3f')}{extra}", flush=True)
+        print(
+            f"  {head:15s} trained in {sum(r['seconds'] for r in runs):5.1f} s, final loss "
+            f"{_cell([r['loss'] for r in runs], '.3f')}{extra}",
+            flush=True,
+        )
     pairs = next(iter(table.values()))[0]["pairs"]
     print(f"\n{pairs[0]:,} genuine and {pairs[1]:,} impostor pairs per seed; mean ± std over {args.seeds} seed(s)\n")
     cols = ["head", "ROC AUC", "TAR @ FAR=1e-3", "identification top-1", "final train loss"]
-    body = [[LABELS[h].format(s=args.scale), _cell([r["auc"] for r in runs], ".5f"), _cell([r["tar"] for r in runs], ".3f"),
-             _cell([r["top1"] for r in runs], ".3f"), _cell([r["loss"] for r in runs], ".3f")]
-            for h, runs in table.items()]
-    markdown = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(row) + " |" for row in body]
+    body = [
+        [
+            LABELS[h].format(s=args.scale),
+            _cell([r["auc"] for r in runs], ".5f"),
+            _cell([r["tar"] for r in runs], ".3f"),
+            _cell([r["top1"] for r in runs], ".3f"),
+            _cell([r["loss"] for r in runs], ".3f"),
+        ]
+        for h, runs in table.items()
+    ]
+    markdown = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(row) + " |" for row in body
+    ]
     if args.out:
         from pathlib import Path
 
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         command = " ".join(["python -m bench.openset", *(argv if argv is not None else sys.argv[1:])])
-        path.write_text(f"`{command}`\n\n{setup}\n\n{pairs[0]:,} genuine and {pairs[1]:,} impostor pairs per seed; "
-                        f"mean ± std over {args.seeds} seed(s); {results.versions()}\n\n" + "\n".join(markdown) + "\n")
+        path.write_text(
+            f"`{command}`\n\n{setup}\n\n{pairs[0]:,} genuine and {pairs[1]:,} impostor pairs per seed; "
+            f"mean ± std over {args.seeds} seed(s); {results.versions()}\n\n" + "\n".join(markdown) + "\n"
+        )
         print(f"(also written to {path})\n")
     if args.markdown:
         print("\n".join(markdown))

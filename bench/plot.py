@@ -111,7 +111,7 @@ def plot_rows(rows: list[dict], out_dir: Path, kernels: Optional[Iterable[str]] 
             if data["time"]:
                 pts = sorted(data["time"])
                 xs = [p[0] for p in pts]
-                line, = ax_t.plot(xs, [p[1] for p in pts], style, marker="o", label=shown)
+                (line,) = ax_t.plot(xs, [p[1] for p in pts], style, marker="o", label=shown)
                 lo = [p[2] if p[2] is not None else p[1] for p in pts]
                 hi = [p[3] if p[3] is not None else p[1] for p in pts]
                 ax_t.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
@@ -140,14 +140,23 @@ def plot_rows(rows: list[dict], out_dir: Path, kernels: Optional[Iterable[str]] 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", default=None,
-                        help="a CSV file or a folder of them (default: bench/results/local if it has CSVs, else the "
-                             "committed bench/results; with --record bench/results)")
-    parser.add_argument("--out", default=None,
-                        help="folder for the PNGs (default: beside --csv if given; else bench/results/local, ignored "
-                             "by git, or with --record bench/results)")
-    parser.add_argument("--record", action="store_true",
-                        help="redraw the committed plots: read bench/results and write the PNGs there (then commit)")
+    parser.add_argument(
+        "--csv",
+        default=None,
+        help="a CSV file or a folder of them (default: bench/results/local if it has CSVs, else the "
+        "committed bench/results; with --record bench/results)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for the PNGs (default: beside --csv if given; else bench/results/local, ignored "
+        "by git, or with --record bench/results)",
+    )
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="redraw the committed plots: read bench/results and write the PNGs there (then commit)",
+    )
     args = parser.parse_args(argv)
     if args.csv is None:  # the defaults never touch the committed record unless --record says so
         local = results.csv_files(results.LOCAL_DIR) if results.LOCAL_DIR.is_dir() else []
@@ -161,7 +170,9 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (Path(args.csv) if Path(args.csv).is_dir() else Path(args.csv).parent)
     written = plot_rows(results.latest(results.read_csv(files)), out)
     if not written:
-        print("nothing to plot: no group with two or more sizes (run a sweep: python -m bench --quick)", file=sys.stderr)
+        print(
+            "nothing to plot: no group with two or more sizes (run a sweep: python -m bench --quick)", file=sys.stderr
+        )
         return 1
     for path in written:
         print(path)

@@ -251,26 +251,73 @@ def package_version(module: str) -> Optional[str]:
 PROVIDERS = {
     p.name: p
     for p in [
-        Provider("reference", True, ("cpu", "cuda"), "PyTorch reference, materializes the B×C logits",
-                 _check_reference, _marginops_case("reference")),
+        Provider(
+            "reference",
+            True,
+            ("cpu", "cuda"),
+            "PyTorch reference, materializes the B×C logits",
+            _check_reference,
+            _marginops_case("reference"),
+        ),
         Provider("cpu", True, ("cpu",), "marginops C++ CPU kernels", _check_compiled("cpu"), _marginops_case("cpu")),
-        Provider("cuda", True, ("cuda",), "marginops CUDA: class-chunked path (cuBLAS + one epilogue per chunk)",
-                 _check_compiled("cuda"), _marginops_case("cuda")),
-        Provider("cuda_fused", True, ("cuda",), "marginops fused CUDA kernels", _check_compiled("cuda"),
-                 _marginops_case("cuda_fused")),
-        Provider("insightface", True, ("cpu", "cuda"),
-                 "insightface-style head: fp32 weights, cosine logits under autocast (fp16 CUDA / bf16 CPU), "
-                 "materialized B×C, margin in fp32", _check_reference, _insightface_case),
+        Provider(
+            "cuda",
+            True,
+            ("cuda",),
+            "marginops CUDA: class-chunked path (cuBLAS + one epilogue per chunk)",
+            _check_compiled("cuda"),
+            _marginops_case("cuda"),
+        ),
+        Provider(
+            "cuda_fused",
+            True,
+            ("cuda",),
+            "marginops fused CUDA kernels",
+            _check_compiled("cuda"),
+            _marginops_case("cuda_fused"),
+        ),
+        Provider(
+            "insightface",
+            True,
+            ("cpu", "cuda"),
+            "insightface-style head: fp32 weights, cosine logits under autocast (fp16 CUDA / bf16 CPU), "
+            "materialized B×C, margin in fp32",
+            _check_reference,
+            _insightface_case,
+        ),
         Provider("triton", True, ("cpu", "cuda"), "marginops Triton kernels", _check_triton, _marginops_case("triton")),
-        Provider("matmul", False, ("cpu", "cuda"), "anchor: the 3 GEMMs x·Wᵀ, G·W, Gᵀ·x only (no softmax, no margin)",
-                 _check_reference, _matmul_case),
-        Provider("torch_lce", False, ("cpu", "cuda"),
-                 "anchor: F.linear_cross_entropy(options=LinearCrossEntropyOptions()) on pre-normalized x, W; no margin",
-                 _check_torch_lce, _anchor_case(_torch_lce)),
-        Provider("liger", False, ("cuda",), "anchor: Liger-Kernel fused linear CE on pre-normalized x, W; no margin",
-                 _check_import("liger_kernel"), _anchor_case(_liger)),
-        Provider("cce", False, ("cuda",), "anchor: Cut Cross-Entropy on pre-normalized x, W; no margin",
-                 _check_import("cut_cross_entropy"), _anchor_case(_cce)),
+        Provider(
+            "matmul",
+            False,
+            ("cpu", "cuda"),
+            "anchor: the 3 GEMMs x·Wᵀ, G·W, Gᵀ·x only (no softmax, no margin)",
+            _check_reference,
+            _matmul_case,
+        ),
+        Provider(
+            "torch_lce",
+            False,
+            ("cpu", "cuda"),
+            "anchor: F.linear_cross_entropy(options=LinearCrossEntropyOptions()) on pre-normalized x, W; no margin",
+            _check_torch_lce,
+            _anchor_case(_torch_lce),
+        ),
+        Provider(
+            "liger",
+            False,
+            ("cuda",),
+            "anchor: Liger-Kernel fused linear CE on pre-normalized x, W; no margin",
+            _check_import("liger_kernel"),
+            _anchor_case(_liger),
+        ),
+        Provider(
+            "cce",
+            False,
+            ("cuda",),
+            "anchor: Cut Cross-Entropy on pre-normalized x, W; no margin",
+            _check_import("cut_cross_entropy"),
+            _anchor_case(_cce),
+        ),
     ]
 }
 
@@ -286,8 +333,10 @@ SWEEP_DEFAULTS = {
     "cuda": ["reference", "cuda", "cuda_fused", "triton", "insightface", "matmul", "torch_lce", "liger", "cce"],
 }
 # the no-argument run (the first benchmark)
-PLAIN_DEFAULTS = {"cpu": ["reference", "cpu", "matmul"],
-                  "cuda": ["reference", "cuda", "cuda_fused", "triton", "insightface", "matmul"]}
+PLAIN_DEFAULTS = {
+    "cpu": ["reference", "cpu", "matmul"],
+    "cuda": ["reference", "cuda", "cuda_fused", "triton", "insightface", "matmul"],
+}
 
 
 @functools.lru_cache(maxsize=None)

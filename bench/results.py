@@ -20,7 +20,21 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
-FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80", "device", "versions", "timestamp"]
+FIELDS = [
+    "kernel",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "x_name",
+    "x_value",
+    "p50",
+    "p20",
+    "p80",
+    "device",
+    "versions",
+    "timestamp",
+]
 # the committed record (README's tables and plots come from it); write here only on purpose (--record)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # where the tools write by default: ignored by git, so that running a benchmark leaves the clone clean
@@ -110,7 +124,14 @@ def rows_for_case(spec: dict, result: dict, device: str, stamp: str, extra_versi
     x_name = spec.get("x_name", "num_classes")
     x_value = {"num_classes": spec["classes"], "batch": spec["batch"], "dim": spec["dim"]}[x_name]
     common = {
-        "kernel": kernel_name(spec.get("kernel_margin", spec["margin"]), spec["dtype"], spec["batch"], spec["classes"], spec["dim"], x_name),
+        "kernel": kernel_name(
+            spec.get("kernel_margin", spec["margin"]),
+            spec["dtype"],
+            spec["batch"],
+            spec["classes"],
+            spec["dim"],
+            x_name,
+        ),
         "provider": spec["provider"],
         "mode": spec["mode"],
         "x_name": x_name,
@@ -126,11 +147,15 @@ def rows_for_case(spec: dict, result: dict, device: str, stamp: str, extra_versi
     extra = result["peak_extra_bytes"] / 2**20
     rows = [
         dict(common, metric="time", unit="s", p50=f"{p50:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}"),
-        dict(common, metric="peak_extra_memory", unit="MiB", p50=f"{extra:.6g}", p20=f"{extra:.6g}", p80=f"{extra:.6g}"),
+        dict(
+            common, metric="peak_extra_memory", unit="MiB", p50=f"{extra:.6g}", p20=f"{extra:.6g}", p80=f"{extra:.6g}"
+        ),
     ]
     if "peak_bytes" in result:
         peak = result["peak_bytes"] / 2**20
-        rows.append(dict(common, metric="peak_memory", unit="MiB", p50=f"{peak:.6g}", p20=f"{peak:.6g}", p80=f"{peak:.6g}"))
+        rows.append(
+            dict(common, metric="peak_memory", unit="MiB", p50=f"{peak:.6g}", p20=f"{peak:.6g}", p80=f"{peak:.6g}")
+        )
     return rows
 
 
@@ -176,6 +201,7 @@ def csv_files(where: Path) -> list[Path]:
 
 def latest(rows: list[dict]) -> list[dict]:
     """The rows of the most recent run of each case (device, kernel, provider, mode, x_name, x_value)."""
+
     def case(row):
         return (row["device"], row["kernel"], row["provider"], row["mode"], row["x_name"], row["x_value"])
 

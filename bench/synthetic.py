@@ -36,9 +36,12 @@ class Renderer:
     def __init__(self, world: IdentityWorld):
         g = torch.Generator().manual_seed(world.seed)
         self.world = world
-        self.a_w = torch.randn(world.latent_dim + world.nuisance_dim, world.hidden, generator=g) / (world.latent_dim + world.nuisance_dim) ** 0.5
+        self.a_w = (
+            torch.randn(world.latent_dim + world.nuisance_dim, world.hidden, generator=g)
+            / (world.latent_dim + world.nuisance_dim) ** 0.5
+        )
         self.a_b = 0.1 * torch.randn(world.hidden, generator=g)
-        self.b_w = torch.randn(world.hidden, world.input_dim, generator=g) / world.hidden ** 0.5
+        self.b_w = torch.randn(world.hidden, world.input_dim, generator=g) / world.hidden**0.5
 
     def identities(self, n: int, seed: int) -> torch.Tensor:
         """n identity codes (n, latent_dim); different seeds give disjoint (unseen) identities."""
@@ -69,7 +72,12 @@ class Renderer:
 def embedding_net(input_dim: int, embedding_size: int, width: int = 256) -> nn.Module:
     """A small backbone with the face-recognition habit of a BatchNorm on the embedding."""
     return nn.Sequential(
-        nn.Linear(input_dim, width), nn.BatchNorm1d(width), nn.PReLU(width),
-        nn.Linear(width, width), nn.BatchNorm1d(width), nn.PReLU(width),
-        nn.Linear(width, embedding_size), nn.BatchNorm1d(embedding_size),
+        nn.Linear(input_dim, width),
+        nn.BatchNorm1d(width),
+        nn.PReLU(width),
+        nn.Linear(width, width),
+        nn.BatchNorm1d(width),
+        nn.PReLU(width),
+        nn.Linear(width, embedding_size),
+        nn.BatchNorm1d(embedding_size),
     )

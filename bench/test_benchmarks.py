@@ -59,6 +59,7 @@ def test_provider(benchmark, provider, margin, mode):
             torch.cuda.synchronize()
 
     benchmark.group = f"{mode} B={b} C={c} D={d} {DEVICE}"
-    benchmark.extra_info.update(provider=provider, margin=margin, mode=mode, size=f"{b}x{c}x{d}",
-                                anchor=not PROVIDERS[provider].margin_aware)
+    benchmark.extra_info.update(
+        provider=provider, margin=margin, mode=mode, size=f"{b}x{c}x{d}", anchor=not PROVIDERS[provider].margin_aware
+    )
     benchmark(step)

@@ -7,7 +7,6 @@ or a module that owns its weight: ``marginops.nn.ArcFaceLoss(embedding_size, num
 """
 
 from . import compat, distributed, nn, reference
-from .pair_losses import batch_hard_triplet_loss, contrastive_loss
 from .functional import MarginStats, margin_cross_entropy
 from .margins import (
     AdaFace,
@@ -22,6 +21,7 @@ from .margins import (
     SphereFace,
     SubCenterArcFace,
 )
+from .pair_losses import batch_hard_triplet_loss, contrastive_loss
 
 __version__ = "0.1.0"
 

@@ -119,7 +119,8 @@ def cuda_arch_list() -> str:
 
 
 def _try_prebuilt(module: str) -> Optional[str]:
-    """Load a library built by setup.py (MARGINOPS_BUILD_EXT=1); it has no Python module init, so go through torch.ops."""
+    """Load a library built by setup.py (MARGINOPS_BUILD_EXT=1); it has no Python module init, so go through
+    torch.ops."""
     if config.flag("MARGINOPS_FORCE_JIT"):
         return None
     for path in sorted(Path(__file__).resolve().parent.glob(f"{module}.*.so")):
@@ -136,7 +137,9 @@ def _jit(name: str, sources: list[str], cuda: bool, verbose: bool) -> str:
     jobs = _max_jobs()
     built = [p.stat().st_mtime for p in build_dir.glob("*.so")]
     if not built or max(Path(f).stat().st_mtime for f in sources) > max(built):
-        print(f"marginops: compiling {name} (first use, MAX_JOBS={jobs}) in {build_dir} ...", file=sys.stderr, flush=True)
+        print(
+            f"marginops: compiling {name} (first use, MAX_JOBS={jobs}) in {build_dir} ...", file=sys.stderr, flush=True
+        )
     kwargs = dict(
         name=name,
         sources=sources,

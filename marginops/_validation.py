@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: margins imports this module's checks
+    from .margins import Margin
 
 REDUCTIONS = ("mean", "sum", "none")
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 # every integer dtype: labels are widened to int64 before any comparison (uint8 cannot hold -100)
 LABEL_DTYPES = (
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
 )
 
 
@@ -21,8 +32,16 @@ def label_dtype_problem(labels: torch.Tensor, name: str = "labels") -> "str | No
     return f"{name} must be an integer tensor ({accepted}), got {_describe(labels)}"
 
 
-def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-                 high_open: bool = False, why: str = "") -> None:
+def check_number(
+    name: str,
+    value,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str = "",
+) -> None:
     """ValueError unless ``value`` is a finite real number in the interval [low, high] (open ends as asked)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
@@ -78,7 +97,9 @@ def check_loss_inputs(
     from .ops import BACKENDS
 
     if not isinstance(margin, Margin):
-        raise TypeError(f"margin must be a marginops margin spec (e.g. marginops.ArcFace()), got {type(margin).__name__}")
+        raise TypeError(
+            f"margin must be a marginops margin spec (e.g. marginops.ArcFace()), got {type(margin).__name__}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
@@ -113,7 +134,8 @@ def check_loss_inputs(
         raise TypeError(problem)
     if not (embeddings.device == weight.device == labels.device):
         raise ValueError(
-            f"embeddings ({embeddings.device}), weight ({weight.device}) and labels ({labels.device}) must be on one device"
+            f"embeddings ({embeddings.device}), weight ({weight.device}) and labels ({labels.device}) "
+            "must be on one device"
         )
     subcenters = margin.subcenters
     if subcenters < 1 or weight.shape[0] % subcenters:
@@ -153,5 +175,6 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
         values = labels[bad][:5].tolist()
         raise ValueError(
             f"labels out of range: {int(bad.sum())} label(s) outside [0, {num_classes}) and not ignore_index="
-            f"{ignore_index}, e.g. labels[{where[0]}] = {values[0]} (first offending positions {where}, values {values})"
+            f"{ignore_index}, e.g. labels[{where[0]}] = {values[0]} "
+            f"(first offending positions {where}, values {values})"
         )

@@ -14,7 +14,11 @@ from ._build import BuildError, cuda_arch_list, load_cpu, load_cuda
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m marginops.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--cuda", action="store_true", help="also build the CUDA kernels (needs nvcc and a CUDA build of torch; no GPU needed)")
+    parser.add_argument(
+        "--cuda",
+        action="store_true",
+        help="also build the CUDA kernels (needs nvcc and a CUDA build of torch; no GPU needed)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
     args = parser.parse_args(argv)
     try:

@@ -53,9 +53,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
+from ._validation import REDUCTIONS, check_backend_fits, check_label_values, check_number, label_dtype_problem
 from .functional import resolve_backend_for
 from .loss_assembly import make_stats, reduce_loss
-from ._validation import REDUCTIONS, check_backend_fits, check_label_values, check_number, label_dtype_problem
 from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype, subcenter_cosines
 
 __all__ = ["DistributedMarginLoss", "shard_range"]
@@ -95,7 +95,7 @@ def _gather_rows(local: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     _all_gather_flat(out, padded, group)
     if all(s == rows for s in sizes):
         return out
-    return torch.cat([out[r * rows: r * rows + sizes[r]] for r in range(world)])
+    return torch.cat([out[r * rows : r * rows + sizes[r]] for r in range(world)])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,8 +108,16 @@ _HANDSHAKE_MAGIC = 0x6D6F6873  # "mohs"; a rank running another layout shows up 
 _MARGIN_PARAM_SLOTS = 8
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HEAD_FIELDS = (
-    "handshake layout", "embedding_size", "num_classes", "sub-centers (margin.subcenters)", "weight dtype",
-    "sample_rate", "margin", "reduction", "ignore_index", "interclass_filtering_threshold",
+    "handshake layout",
+    "embedding_size",
+    "num_classes",
+    "sub-centers (margin.subcenters)",
+    "weight dtype",
+    "sample_rate",
+    "margin",
+    "reduction",
+    "ignore_index",
+    "interclass_filtering_threshold",
 )
 _FINGERPRINT_SIZE = len(_HEAD_FIELDS) + _MARGIN_PARAM_SLOTS + 1
 
@@ -215,17 +223,21 @@ class _GatherEmbeddings(torch.autograd.Function):
         if world > 1:
             if any(s != rows for s in sizes):
                 chunks = torch.split(grad, sizes)
-                grad = torch.cat([
-                    torch.cat([c, c.new_zeros((rows - c.shape[0],) + tuple(c.shape[1:]))]) if c.shape[0] < rows else c
-                    for c in chunks
-                ])
+                grad = torch.cat(
+                    [
+                        torch.cat([c, c.new_zeros((rows - c.shape[0],) + tuple(c.shape[1:]))])
+                        if c.shape[0] < rows
+                        else c
+                        for c in chunks
+                    ]
+                )
             if dist.get_backend(group) == "nccl":
                 mine = grad.new_empty((rows,) + tuple(grad.shape[1:]))
                 fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
                 fn(mine, grad, group=group)
             else:  # gloo: an all-reduce is supported everywhere; keep our rows
                 dist.all_reduce(grad, group=group)
-                mine = grad[rank * rows: (rank + 1) * rows]
+                mine = grad[rank * rows : (rank + 1) * rows]
             grad = mine[: sizes[rank]]
         if ctx.grad_scale != 1.0:
             grad = grad * ctx.grad_scale
@@ -366,8 +378,9 @@ class DistributedMarginLoss(nn.Module):
             state["weight"] = _gather_rows(self.weight.detach(), sizes, self.process_group).clone()
         return state
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # a whole head (full_state_dict, any world size): keep this rank's shard of it
         key, k = prefix + "weight", self.margin.subcenters
         weight = state_dict.get(key)
@@ -375,15 +388,16 @@ class DistributedMarginLoss(nn.Module):
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] != self.weight.shape[0]:
             if weight.shape[0] == rows:
                 state_dict = dict(state_dict)
-                state_dict[key] = weight[self.class_start * k: (self.class_start + self.num_local) * k]
+                state_dict[key] = weight[self.class_start * k : (self.class_start + self.num_local) * k]
             else:
                 error_msgs.append(
                     f"{type(self).__name__}: {key} has {weight.shape[0]} rows, but this rank's shard has "
                     f"{self.weight.shape[0]} and the whole head {rows} (num_classes {self.num_classes} x {k}): a shard "
                     "saved on another world size? Save the whole head with full_state_dict() to reshard"
                 )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _add_t(self, margin: CurricularFace) -> None:
         # float64 so that the spec's t round-trips exactly; identical on every rank by construction
@@ -410,18 +424,24 @@ class DistributedMarginLoss(nn.Module):
         if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
             return "local_embeddings and local_labels must be torch.Tensors"
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            return (f"local_embeddings must be (batch, {self.embedding_size}), got shape {tuple(embeddings.shape)} "
-                    f"on rank {self.rank}")
+            return (
+                f"local_embeddings must be (batch, {self.embedding_size}), got shape {tuple(embeddings.shape)} "
+                f"on rank {self.rank}"
+            )
         if not embeddings.is_floating_point():
             return f"local_embeddings must be floating point, got {embeddings.dtype}"
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            return (f"local_labels must be 1-D with one entry per embedding row, got shape {tuple(labels.shape)} for "
-                    f"{embeddings.shape[0]} rows on rank {self.rank}")
+            return (
+                f"local_labels must be 1-D with one entry per embedding row, got shape {tuple(labels.shape)} for "
+                f"{embeddings.shape[0]} rows on rank {self.rank}"
+            )
         if label_dtype_problem(labels) is not None:
             return label_dtype_problem(labels, "local_labels")
         if embeddings.device != self.weight.device or labels.device != self.weight.device:
-            return (f"local_embeddings ({embeddings.device}), local_labels ({labels.device}) and the weight "
-                    f"({self.weight.device}) must be on one device")
+            return (
+                f"local_embeddings ({embeddings.device}), local_labels ({labels.device}) and the weight "
+                f"({self.weight.device}) must be on one device"
+            )
         return None
 
     def _fingerprint(self) -> list:
@@ -429,9 +449,15 @@ class DistributedMarginLoss(nn.Module):
         margin = self.current_margin()
         dtype = self.weight.dtype
         head = [
-            float(_HANDSHAKE_MAGIC), float(self.embedding_size), float(self.num_classes), float(margin.subcenters),
-            float(_DTYPES.index(dtype)) if dtype in _DTYPES else 100.0 + _crc(str(dtype)), self.sample_rate,
-            _margin_code(margin), float(REDUCTIONS.index(self.reduction)), float(self.ignore_index),
+            float(_HANDSHAKE_MAGIC),
+            float(self.embedding_size),
+            float(self.num_classes),
+            float(margin.subcenters),
+            float(_DTYPES.index(dtype)) if dtype in _DTYPES else 100.0 + _crc(str(dtype)),
+            self.sample_rate,
+            _margin_code(margin),
+            float(REDUCTIONS.index(self.reduction)),
+            float(self.ignore_index),
             float(self.interclass_filtering_threshold),
         ]
         params = _margin_params(margin)

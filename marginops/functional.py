@@ -70,22 +70,39 @@ def margin_cross_entropy(
     if autocast_active(embeddings):
         with torch.autocast(embeddings.device.type, enabled=False):
             return margin_cross_entropy(
-                to_weight_dtype(embeddings, weight), weight, labels, margin, reduction=reduction,
-                ignore_index=ignore_index, backend=backend,
-                interclass_filtering_threshold=interclass_filtering_threshold, deterministic=deterministic,
+                to_weight_dtype(embeddings, weight),
+                weight,
+                labels,
+                margin,
+                reduction=reduction,
+                ignore_index=ignore_index,
+                backend=backend,
+                interclass_filtering_threshold=interclass_filtering_threshold,
+                deterministic=deterministic,
                 return_stats=return_stats,
             )
     check_loss_inputs(
-        embeddings, weight, labels, margin,
-        reduction=reduction, ignore_index=ignore_index, backend=backend,
+        embeddings,
+        weight,
+        labels,
+        margin,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        backend=backend,
     )
     backend = resolve_backend_for(backend, embeddings)
     if backend == "reference":
         from . import reference  # the oracle, only for the reference backend
 
         return reference.margin_cross_entropy(
-            embeddings, weight, labels, margin, reduction=reduction, ignore_index=ignore_index,
-            interclass_filtering_threshold=interclass_filtering_threshold, return_stats=return_stats,
+            embeddings,
+            weight,
+            labels,
+            margin,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+            return_stats=return_stats,
         )
     labels = labels.long()
     valid = labels != ignore_index

@@ -35,7 +35,7 @@ def row_losses(lse: torch.Tensor, pre, valid: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """"none": the rows as they are; "sum"; "mean": over counted rows (all ignored gives nan, as
+    """ "none": the rows as they are; "sum"; "mean": over counted rows (all ignored gives nan, as
     F.cross_entropy does)."""
     if reduction == "none":
         return loss

@@ -14,8 +14,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._validation import check_finite_fields, check_number
 from . import non_target
+from ._validation import check_finite_fields, check_number
 from .non_target import NonTargetMode, non_target_phi
 
 # F.normalize's eps: rows are divided by max(‖v‖, NORM_EPS).
@@ -442,7 +442,12 @@ def gather_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def subcenter_cosines(
-    x_hat: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor, k: int, *, sparse_grad: bool = False,
+    x_hat: torch.Tensor,
+    weight: torch.Tensor,
+    classes: torch.Tensor,
+    k: int,
+    *,
+    sparse_grad: bool = False,
     cast: bool = True,
 ) -> torch.Tensor:
     """(n, k) cosines between the normalized rows ``x_hat`` (n, D) and the k sub-center rows of class

@@ -31,7 +31,9 @@ class MarginLoss(nn.Module):
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size}, {num_classes}")
         check_module_options(
-            backend=backend, reduction=reduction, ignore_index=ignore_index,
+            backend=backend,
+            reduction=reduction,
+            ignore_index=ignore_index,
             interclass_filtering_threshold=interclass_filtering_threshold,
         )
         self.embedding_size = embedding_size
@@ -76,12 +78,20 @@ class MarginLoss(nn.Module):
     def _check(self, embeddings, labels):
         """Validate before state is read from the inputs (the functional validates again, later)."""
         check_loss_inputs(
-            embeddings, self.weight, labels, self.margin(),
-            reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
+            embeddings,
+            self.weight,
+            labels,
+            self.margin(),
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, margin={self.margin()}, backend={self.backend!r}"
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, margin={self.margin()}, "
+            f"backend={self.backend!r}"
+        )
 
 
 class NormFaceLoss(MarginLoss):
@@ -222,8 +232,14 @@ class AdaFaceLoss(MarginLoss):
     updated before use in training mode over the non-ignored rows."""
 
     def __init__(
-        self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
-        t_alpha: float = 0.01, **kwargs,
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.4,
+        h: float = 0.333,
+        t_alpha: float = 0.01,
+        **kwargs,
     ):
         super().__init__(embedding_size, num_classes, **kwargs)
         self.s, self.m, self.h, self.t_alpha = s, m, h, t_alpha
@@ -255,9 +271,17 @@ class ElasticFaceLoss(MarginLoss):
     plus_assignment: "rank" or "official" (the official code's pairing), see marginops.ElasticFace."""
 
     def __init__(
-        self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5, std: float = 0.05,
-        kind: str = "arc", plus: bool = False, generator: Optional[torch.Generator] = None,
-        plus_assignment: str = "rank", **kwargs,
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        std: float = 0.05,
+        kind: str = "arc",
+        plus: bool = False,
+        generator: Optional[torch.Generator] = None,
+        plus_assignment: str = "rank",
+        **kwargs,
     ):
         super().__init__(embedding_size, num_classes, **kwargs)
         margins.ElasticFace(s, m, std, kind, plus, plus_assignment=plus_assignment)  # validates
@@ -267,7 +291,13 @@ class ElasticFaceLoss(MarginLoss):
 
     def margin(self):
         return margins.ElasticFace(
-            self.s, self.m, self.std, self.kind, self.plus, self.generator, sample=self.training,
+            self.s,
+            self.m,
+            self.std,
+            self.kind,
+            self.plus,
+            self.generator,
+            sample=self.training,
             plus_assignment=self.plus_assignment,
         )
 
@@ -276,8 +306,16 @@ class MagFaceLoss(MarginLoss):
     """MagFace: norm-dependent margin plus its regularizer λ_g·mean(a/u_a² + 1/a), included in the loss."""
 
     def __init__(
-        self, embedding_size: int, num_classes: int, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
-        l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0, **kwargs,
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        l_a: float = 10.0,
+        u_a: float = 110.0,
+        l_m: float = 0.45,
+        u_m: float = 0.8,
+        lambda_g: float = 35.0,
+        **kwargs,
     ):
         super().__init__(embedding_size, num_classes, **kwargs)
         self._margin = margins.MagFace(s, l_a, u_a, l_m, u_m, lambda_g)

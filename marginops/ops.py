@@ -81,8 +81,18 @@ def _make_backward(backward_op, backend: str):
         need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.no_grad():
             grads = backward_op(
-                grad_lse.contiguous(), lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                *ctx.params, need_x, need_weight,
+                grad_lse.contiguous(),
+                lse,
+                x,
+                weight,
+                labels,
+                target_logit,
+                row_scale,
+                threshold,
+                class_index,
+                *ctx.params,
+                need_x,
+                need_weight,
             )
         if higher_order:
             grads = _once_differentiable(
@@ -100,8 +110,12 @@ def _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, clas
     """What the kernels assume of their inputs, checked while tracing too (fake tensors, symbolic sizes)."""
     torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "fused_lse: x and weight must be 2-D")
     torch._check(weight.shape[1] == x.shape[1], lambda: "fused_lse: x and weight differ in feature size")
-    for name, t in (("labels", labels), ("target_logit", target_logit), ("row_scale", row_scale),
-                    ("threshold", threshold)):
+    for name, t in (
+        ("labels", labels),
+        ("target_logit", target_logit),
+        ("row_scale", row_scale),
+        ("threshold", threshold),
+    ):
         torch._check(t.dim() == 1 and t.shape[0] == x.shape[0], lambda name=name: f"fused_lse: {name} must be (B,)")
     torch._check(subcenters >= 1, lambda: "fused_lse: subcenters must be >= 1")
     torch._check(weight.shape[0] % subcenters == 0, lambda: "fused_lse: weight rows not a multiple of subcenters")
@@ -109,20 +123,53 @@ def _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, clas
         torch._check(class_index.dim() == 1, lambda: "fused_lse: class_index must be 1-D")
 
 
-def _fake_forward(x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t, non_target,
-                  filter_threshold, subcenters, deterministic):
+def _fake_forward(
+    x,
+    weight,
+    labels,
+    target_logit,
+    row_scale,
+    threshold,
+    class_index,
+    curricular_t,
+    non_target,
+    filter_threshold,
+    subcenters,
+    deterministic,
+):
     _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
     rows = x.shape[0]
     return target_logit.new_empty(rows), labels.new_empty(rows, dtype=torch.long)
 
 
-def _fake_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t,
-                   non_target, filter_threshold, subcenters, deterministic, need_grad_x=True, need_grad_weight=True):
+def _fake_backward(
+    grad_lse,
+    lse,
+    x,
+    weight,
+    labels,
+    target_logit,
+    row_scale,
+    threshold,
+    class_index,
+    curricular_t,
+    non_target,
+    filter_threshold,
+    subcenters,
+    deterministic,
+    need_grad_x=True,
+    need_grad_weight=True,
+):
     _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
-    torch._check(grad_lse.shape == lse.shape == labels.shape, lambda: "fused_lse_backward: grad_lse and lse must be (B,)")
-    return (torch.empty_like(x) if need_grad_x else x.new_empty(0),
-            torch.empty_like(weight) if need_grad_weight else weight.new_empty(0),
-            torch.empty_like(target_logit), torch.empty_like(row_scale))
+    torch._check(
+        grad_lse.shape == lse.shape == labels.shape, lambda: "fused_lse_backward: grad_lse and lse must be (B,)"
+    )
+    return (
+        torch.empty_like(x) if need_grad_x else x.new_empty(0),
+        torch.empty_like(weight) if need_grad_weight else weight.new_empty(0),
+        torch.empty_like(target_logit),
+        torch.empty_like(row_scale),
+    )
 
 
 _registered: set = set()
@@ -231,8 +278,10 @@ def _interpreter_unusable(triton_version: str) -> Optional[str]:
     except ImportError:
         return None
     if _major_minor(triton_version) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
-        return (f"triton {triton_version}'s interpreter does not work with numpy {numpy.__version__} "
-                "(install numpy<2.4, or triton>=3.8)")
+        return (
+            f"triton {triton_version}'s interpreter does not work with numpy {numpy.__version__} "
+            "(install numpy<2.4, or triton>=3.8)"
+        )
     return None
 
 

@@ -16,7 +16,9 @@ _DIST_EPS = 1e-12  # sqrt(max(d², eps)): finite gradient for coincident embeddi
 
 def _check(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
     if embeddings.dim() != 2 or embeddings.shape[0] == 0:
-        raise ValueError(f"embeddings must be a non-empty 2-D (batch, embedding_size) tensor, got shape {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"embeddings must be a non-empty 2-D (batch, embedding_size) tensor, got shape {tuple(embeddings.shape)}"
+        )
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels must be 1-D with {embeddings.shape[0]} entries, got shape {tuple(labels.shape)}")
     if labels.is_floating_point():

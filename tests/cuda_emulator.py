@@ -20,7 +20,8 @@ _module = None
 
 def build_dir(sanitize) -> Path:
     root = os.environ.get("MARGINOPS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "marginops")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "marginops"
+    )
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
     path = Path(root) / tag / ("cuda_emulator" + (f"_{sanitize}" if sanitize else ""))
     path.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,9 @@ def load(sanitize=None, verbose: bool = False):
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
     _module = cpp_extension.load(
         name="marginops_cuda_emulator" + (f"_{sanitize}" if sanitize else ""),
-        sources=[str(HERE / f) for f in ("runtime.cpp", "paths_16bit.cpp", "paths_32bit.cpp", "chunked.cpp", "ops.cpp")],
+        sources=[
+            str(HERE / f) for f in ("runtime.cpp", "paths_16bit.cpp", "paths_32bit.cpp", "chunked.cpp", "ops.cpp")
+        ],
         extra_include_paths=[str(HERE / "include"), str(REPO / "csrc" / "cuda"), str(REPO / "csrc")],
         extra_cflags=flags,
         extra_ldflags=["-pthread"] + ([f"-fsanitize={sanitize}"] if sanitize else []),

@@ -100,7 +100,8 @@ def assert_within_reference_error(name, actual, truth, same_dtype_reference, sla
     finite = torch.isfinite(truth)
     ref_err = (ref - truth).abs()[finite]
     assert bool(torch.isfinite(ref_err).all()), (
-        f"{name}: the same-dtype reference is not finite where the float64 truth is: the rule cannot be applied")
+        f"{name}: the same-dtype reference is not finite where the float64 truth is: the rule cannot be applied"
+    )
     allowed = 2.0 * (float(ref_err.max()) if ref_err.numel() else 0.0) + slack
     same_nonfinite = (actual.isnan() & truth.isnan()) | (actual == truth)
     bad = torch.where(finite, ~((actual - truth).abs() <= allowed), ~same_nonfinite)

@@ -4,9 +4,9 @@ An adapter says how to get the op (an object with ``fused_lse`` / ``fused_lse_ba
 arguments, marginops/ops.py), on which device its tensors live, what it supports (dtypes, whether
 ``deterministic=False`` takes another code path, whether its entry point checks arguments, its switches), the
 docs/DESIGN.md §4 slack of its 16-bit paths, and the problem sizes it runs at (the CPU emulator and the Triton
-interpreter are 1000× slower than the C++ kernels, so they get smaller classes counts; every size keeps the feature it is named
-for: partial tiles, many class splits, several feature chunks, …).  A test asks the adapter; what a backend does
-not support is skipped with the reason the adapter gives, never passed silently.
+interpreter are 1000× slower than the C++ kernels, so they get smaller classes counts; every size keeps the
+feature it is named for: partial tiles, many class splits, several feature chunks, …).  A test asks the
+adapter; what a backend does not support is skipped with the reason the adapter gives, never passed silently.
 
 Adding a backend (e.g. the chunked CUDA path) is one ``OpBackend(...)`` entry in ``BACKENDS``.
 """
@@ -180,31 +180,48 @@ _CUDA_FLOAT64_SHAPES = {  # several D chunks (fp64: 300 > one chunk), subcenters
 }
 
 _TRITON_PRECISION = (  # natively the whole grid is cheap; the interpreter runs two cases, one per code path
-    {f"{name}_{'det' if det else 'atomic'}": dict(case, B=67, D=128, C=1001, deterministic=det)
-     for name, case in (("ragged", dict()), ("curricular_filter", dict(non_target=1, filter_threshold=0.3)),
-                        ("k3_class_index", dict(k=3, class_index=True)))
-     for det in (True, False)}
-    if HAS_CUDA else
-    {"curricular_filter": dict(C=101, non_target=1, filter_threshold=0.3, dtypes=(F32, BF16)),
-     "k3_class_index_atomic": dict(C=41, k=3, class_index=True, deterministic=False, dtypes=(F32, F16))}
+    {
+        f"{name}_{'det' if det else 'atomic'}": dict(case, B=67, D=128, C=1001, deterministic=det)
+        for name, case in (
+            ("ragged", dict()),
+            ("curricular_filter", dict(non_target=1, filter_threshold=0.3)),
+            ("k3_class_index", dict(k=3, class_index=True)),
+        )
+        for det in (True, False)
+    }
+    if HAS_CUDA
+    else {
+        "curricular_filter": dict(C=101, non_target=1, filter_threshold=0.3, dtypes=(F32, BF16)),
+        "k3_class_index_atomic": dict(C=41, k=3, class_index=True, deterministic=False, dtypes=(F32, F16)),
+    }
 )
 
 BACKENDS = [
     OpBackend(
-        name="cpu", device="cpu", load=_cpu_ops, dtypes=(F64, F32),
+        name="cpu",
+        device="cpu",
+        load=_cpu_ops,
+        dtypes=(F64, F32),
         grid_shapes={"ragged": dict(B=37, D=61, C=1001), "many_chunks": dict(B=9, D=16, C=20000)},
         float64_shapes=_CUDA_FLOAT64_SHAPES,
-        precision_cases={k: _CUDA_PRECISION[k] for k in ("ragged", "k3_class_index", "curricular_filter",
-                                                          "many_splits")},
-        f32_slack=F32_SLACK_CPU, bad_input_dtypes=(F64, F16, F32),
+        precision_cases={
+            k: _CUDA_PRECISION[k] for k in ("ragged", "k3_class_index", "curricular_filter", "many_splits")
+        },
+        f32_slack=F32_SLACK_CPU,
+        bad_input_dtypes=(F64, F16, F32),
     ),
     OpBackend(
-        name="triton", device="cuda" if HAS_CUDA else "cpu", load=_triton_ops, dtypes=(F64, F32, BF16, F16),
+        name="triton",
+        device="cuda" if HAS_CUDA else "cpu",
+        load=_triton_ops,
+        dtypes=(F64, F32, BF16, F16),
         unavailable=lambda: None if HAS_TRITON else "triton is not installed",
-        atomic_path=True, checks_arguments=False,
+        atomic_path=True,
+        checks_arguments=False,
         low_slack=LOW_SLACK_TRITON_GPU if HAS_CUDA else LOW_SLACK_CUDA,
         tf32=_triton_tf32 if HAS_CUDA else "the interpreter runs tl.dot in IEEE fp32 whatever the precision",
-        fast_backward=_triton_fast_backward, fast_backward_dtypes=(F16,),
+        fast_backward=_triton_fast_backward,
+        fast_backward_dtypes=(F16,),
         # interpreter tiles are 16 rows x 32 classes x 32 features: B=37, D=61, C=30 cross partial row and K tiles
         # in one partial class tile (the interpreter's cost grows with class tiles x subcenters); the shapes
         # below and the atomic / precision cases cross several class tiles
@@ -214,21 +231,40 @@ BACKENDS = [
             "even_d_exact_tiles": dict(B=32, D=64, C=64, non_target=1),
         },
         precision_cases=_TRITON_PRECISION,
-        sizes={} if HAS_CUDA else {
-            "every_mode": dict(C=20), "zero_rows": dict(C=30), "class_index_zero": dict(C=30), "nan": dict(B=21, C=40),
-            "deterministic": dict(B=37, D=61, C=40, filter_threshold=0.4), "switches": dict(B=37, D=64, C=60),
-            "small_norm": dict(B=37, D=61, C=60), "large_gradient": dict(B=37, D=61, C=101), "atomic": dict(C=52),
-            "labels": dict(C=50)},
+        sizes={}
+        if HAS_CUDA
+        else {
+            "every_mode": dict(C=20),
+            "zero_rows": dict(C=30),
+            "class_index_zero": dict(C=30),
+            "nan": dict(B=21, C=40),
+            "deterministic": dict(B=37, D=61, C=40, filter_threshold=0.4),
+            "switches": dict(B=37, D=64, C=60),
+            "small_norm": dict(B=37, D=61, C=60),
+            "large_gradient": dict(B=37, D=61, C=101),
+            "atomic": dict(C=52),
+            "labels": dict(C=50),
+        },
         extra_tiny_shapes=((1, 20, 3, 1),),
         big_offsets_skip=None if HAS_CUDA else "a 4.3 GB weight through the interpreter: GPU only",
     ),
     OpBackend(
-        name="cuda", device="cuda", load=_cuda_ops, dtypes=(F64, F32, BF16, F16),
+        name="cuda",
+        device="cuda",
+        load=_cuda_ops,
+        dtypes=(F64, F32, BF16, F16),
         unavailable=lambda: None if HAS_CUDA else "needs a GPU",
-        marks=(pytest.mark.cuda,), low_slack=LOW_SLACK_CUDA, checks_layout=True,
-        tf32=_cuda_tf32, fast_backward=_cuda_fast_backward, fast_backward_dtypes=(F16,),  # bf16: always one rounding
-        grid_shapes={"ragged": dict(B=37, D=61, C=1001), "many_splits": dict(B=9, D=16, C=20000),
-                     "row_tiles_vec": dict(B=150, D=64, C=700)},
+        marks=(pytest.mark.cuda,),
+        low_slack=LOW_SLACK_CUDA,
+        checks_layout=True,
+        tf32=_cuda_tf32,
+        fast_backward=_cuda_fast_backward,
+        fast_backward_dtypes=(F16,),  # bf16: always one rounding
+        grid_shapes={
+            "ragged": dict(B=37, D=61, C=1001),
+            "many_splits": dict(B=9, D=16, C=20000),
+            "row_tiles_vec": dict(B=150, D=64, C=700),
+        },
         float64_shapes=_CUDA_FLOAT64_SHAPES,
         precision_cases=_CUDA_PRECISION,
         sizes={"deterministic": dict(B=150)},
@@ -236,12 +272,22 @@ BACKENDS = [
     ),
     OpBackend(
         # the fused CUDA kernels (backend="cuda_fused"; "cuda" above runs the class-chunked path by default)
-        name="cuda_fused", device="cuda", load=_cuda_fused_ops, dtypes=(F64, F32, BF16, F16),
+        name="cuda_fused",
+        device="cuda",
+        load=_cuda_fused_ops,
+        dtypes=(F64, F32, BF16, F16),
         unavailable=lambda: None if HAS_CUDA else "needs a GPU",
-        marks=(pytest.mark.cuda,), low_slack=LOW_SLACK_CUDA, checks_layout=True,
-        tf32=_cuda_tf32, fast_backward=_cuda_fast_backward, fast_backward_dtypes=(F16,),
-        grid_shapes={"ragged": dict(B=37, D=61, C=1001), "many_splits": dict(B=9, D=16, C=20000),
-                     "row_tiles_vec": dict(B=150, D=64, C=700)},
+        marks=(pytest.mark.cuda,),
+        low_slack=LOW_SLACK_CUDA,
+        checks_layout=True,
+        tf32=_cuda_tf32,
+        fast_backward=_cuda_fast_backward,
+        fast_backward_dtypes=(F16,),
+        grid_shapes={
+            "ragged": dict(B=37, D=61, C=1001),
+            "many_splits": dict(B=9, D=16, C=20000),
+            "row_tiles_vec": dict(B=150, D=64, C=700),
+        },
         float64_shapes=_CUDA_FLOAT64_SHAPES,
         precision_cases=_CUDA_PRECISION,
         sizes={"deterministic": dict(B=150)},
@@ -250,14 +296,20 @@ BACKENDS = [
     OpBackend(
         # the class-chunked CUDA path (the default of fused_lse on CUDA tensors): the chunk loop on CPU tensors,
         # its CUDA epilogue kernels under the emulator
-        name="cuda_chunked_emu", device="cpu", load=_chunked_emulated_ops, dtypes=(F64, F32, BF16, F16),
-        marks=(pytest.mark.emulator,), low_slack=LOW_SLACK_CUDA,
+        name="cuda_chunked_emu",
+        device="cpu",
+        load=_chunked_emulated_ops,
+        dtypes=(F64, F32, BF16, F16),
+        marks=(pytest.mark.emulator,),
+        low_slack=LOW_SLACK_CUDA,
         # fp16: one rounding of the gradient block instead of hi + lo (bf16 always rounds once)
-        fast_backward=_cuda_fast_backward, fast_backward_dtypes=(F16,),
+        fast_backward=_cuda_fast_backward,
+        fast_backward_dtypes=(F16,),
         grid_shapes={"ragged": _chunks(B=37, D=61, C=200)},
         float64_shapes={
-            "one_class_per_chunk": dict(B=19, D=33, C=60, k=2, env={"MARGINOPS_CHUNK_COLS": "1",
-                                                                      "MARGINOPS_CHUNK_ROWS": "1"}),
+            "one_class_per_chunk": dict(
+                B=19, D=33, C=60, k=2, env={"MARGINOPS_CHUNK_COLS": "1", "MARGINOPS_CHUNK_ROWS": "1"}
+            ),
             "default_plan": dict(B=70, D=64, C=150),
             "k5": _chunks(B=6, D=300, C=30, k=5, class_index=True),
             "k64": _chunks(B=4, D=16, C=8, k=64),
@@ -272,15 +324,28 @@ BACKENDS = [
         },
         # (large_gradient, small_norm and zero_rows build their Case directly: no "env"; tests/test_chunked.py
         # runs them with small chunks)
-        sizes={"every_mode": _chunks(), "zero_rows": dict(C=300), "class_index_zero": _chunks(C=200),
-               "nan": _chunks(C=300), "deterministic": _chunks(B=70, D=64, C=200), "no_target": _chunks(),
-               "atomic": _chunks()},
+        sizes={
+            "every_mode": _chunks(),
+            "zero_rows": dict(C=300),
+            "class_index_zero": _chunks(C=200),
+            "nan": _chunks(C=300),
+            "deterministic": _chunks(B=70, D=64, C=200),
+            "no_target": _chunks(),
+            "atomic": _chunks(),
+        },
         extra_tiny_shapes=((65, 8, 3, 1),),
     ),
     OpBackend(
-        name="cuda_emu", device="cpu", load=_emulated_ops, dtypes=(F64, F32, BF16, F16),
-        marks=(pytest.mark.emulator,), low_slack=LOW_SLACK_CUDA, checks_layout=True,
-        tf32=_cuda_tf32, fast_backward=_cuda_fast_backward, fast_backward_dtypes=(F16,),
+        name="cuda_emu",
+        device="cpu",
+        load=_emulated_ops,
+        dtypes=(F64, F32, BF16, F16),
+        marks=(pytest.mark.emulator,),
+        low_slack=LOW_SLACK_CUDA,
+        checks_layout=True,
+        tf32=_cuda_tf32,
+        fast_backward=_cuda_fast_backward,
+        fast_backward_dtypes=(F16,),
         grid_shapes={"ragged": dict(B=37, D=61, C=200)},
         float64_shapes={
             "row_tiles_vec": dict(B=70, D=64, C=150),
@@ -297,8 +362,13 @@ BACKENDS = [
             "row_tiles_vec": _emu(B=70, D=64, C=150),
             "d_chunks": _emu(B=5, D=600, C=40, non_target=1),
         },
-        sizes={"zero_rows": dict(C=300), "class_index_zero": dict(C=200), "nan": dict(C=300),
-               "deterministic": _emu(B=70, D=64, C=200), "switches": dict(B=37, D=64, C=200)},
+        sizes={
+            "zero_rows": dict(C=300),
+            "class_index_zero": dict(C=200),
+            "nan": dict(C=300),
+            "deterministic": _emu(B=70, D=64, C=200),
+            "switches": dict(B=37, D=64, C=200),
+        },
         extra_tiny_shapes=((65, 8, 3, 1),),
     ),
 ]
@@ -308,5 +378,8 @@ BY_NAME = {b.name: b for b in BACKENDS}
 def params(cases: Callable[[OpBackend], list] = lambda b: [(None, ())]):
     """pytest parameters (backend, *values) with ids "backend-case_id": ``cases(backend)`` lists that backend's
     (case_id or None, values tuple) pairs; the backend's marks go on each of its parameters."""
-    return [pytest.param(b, *values, id=b.name + (f"-{case_id}" if case_id else ""), marks=b.marks)
-            for b in BACKENDS for case_id, values in cases(b)]
+    return [
+        pytest.param(b, *values, id=b.name + (f"-{case_id}" if case_id else ""), marks=b.marks)
+        for b in BACKENDS
+        for case_id, values in cases(b)
+    ]

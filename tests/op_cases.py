@@ -20,8 +20,19 @@ CPU = torch.device("cpu")
 # The op's outputs (forward, then backward), in the order run_op and run_reference return them.
 NAMES = ("lse", "argmax", "grad_x", "grad_weight", "grad_target_logit", "grad_row_scale")
 # The op's arguments, in the order Case.args() gives them (the ``deterministic`` flag follows).
-ARG_NAMES = ("x", "weight", "labels", "target_logit", "row_scale", "threshold", "class_index", "curricular_t",
-             "non_target", "filter_threshold", "subcenters")
+ARG_NAMES = (
+    "x",
+    "weight",
+    "labels",
+    "target_logit",
+    "row_scale",
+    "threshold",
+    "class_index",
+    "curricular_t",
+    "non_target",
+    "filter_threshold",
+    "subcenters",
+)
 PER_ROW = ("target_logit", "row_scale", "threshold", "grad")
 
 # ------------------------------------------------------------------------------------------------------------
@@ -93,11 +104,24 @@ class Case:
     """Inputs of the op on the CPU in float64 (normalized x, raw W with a planted signal, labels with -1 rows,
     per-row tensors); ``on(dtype, device)`` gives the same case in another dtype and/or on another device."""
 
-    def __init__(self, B=37, D=61, C=1001, k=1, class_index=False, zero_rows=(), seed=0, non_target=0,
-                 filter_threshold=FILTER_OFF, curricular_t=0.3, none_every=5):
+    def __init__(
+        self,
+        B=37,
+        D=61,
+        C=1001,
+        k=1,
+        class_index=False,
+        zero_rows=(),
+        seed=0,
+        non_target=0,
+        filter_threshold=FILTER_OFF,
+        curricular_t=0.3,
+        none_every=5,
+    ):
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(C * k, D, generator=g, dtype=torch.float64) * (
-            0.5 + torch.rand(C * k, 1, generator=g, dtype=torch.float64))
+            0.5 + torch.rand(C * k, 1, generator=g, dtype=torch.float64)
+        )
         for r in zero_rows:
             w[r] = 0.0
         if class_index:
@@ -142,8 +166,16 @@ class Case:
 
     def args(self, **changes):
         """The op's arguments (without ``deterministic``); ``changes`` replaces some by name (see ARG_NAMES)."""
-        args = [self.x, self.weight, self.labels, self.target_logit, self.row_scale, self.threshold,
-                self.class_index, *self.params]
+        args = [
+            self.x,
+            self.weight,
+            self.labels,
+            self.target_logit,
+            self.row_scale,
+            self.threshold,
+            self.class_index,
+            *self.params,
+        ]
         for key, value in changes.items():
             args[ARG_NAMES.index(key)] = value
         return tuple(args)
@@ -200,8 +232,8 @@ def assert_argmax_near_max(argmax, case, tol):
 
 def assert_within_rule(ours, case, slack_rel, weight_rows=None, truth=None, slack_abs=1e-30):
     """docs/DESIGN.md §4 (tolerance rule): error vs ``truth`` ≤ 2 × the error of the reference run in the case's
-    dtype + slack (slack_rel × the output's largest magnitude + slack_abs).  truth: float64 outputs, by default the reference
-    on the same (rounded) inputs.  weight_rows: restrict the grad_weight comparison to these rows."""
+    dtype + slack (slack_rel × the output's largest magnitude + slack_abs).  truth: float64 outputs, by default the
+    reference on the same (rounded) inputs.  weight_rows: restrict the grad_weight comparison to these rows."""
     if truth is None:
         truth = run_reference(case.on_exact())
     same = run_reference(case)
@@ -212,5 +244,3 @@ def assert_within_rule(ours, case, slack_rel, weight_rows=None, truth=None, slac
         if name == "grad_weight" and weight_rows is not None:
             a, t, r = a[weight_rows], t[weight_rows], r[weight_rows]
         assert_within_reference_error(name, a, t, r, slack=slack_rel * float(t.abs().max()) + slack_abs)
-
-

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import make_problem
 
 import marginops
-from helpers import make_problem
 
 
 def _call(emb, weight, labels, **kwargs):

@@ -49,8 +49,21 @@ def test_quantiles():
 
 
 def test_runner_sweep_writes_csv_and_plots(tmp_path, monkeypatch, capsys):
-    rows = _run(tmp_path, monkeypatch, "--quick", "--values", "300,700", "--batch", "8", "--dim", "16",
-                "--backends", "reference,matmul,torch_lce,cuda", "--modes", "forward,backward,forward+backward")
+    rows = _run(
+        tmp_path,
+        monkeypatch,
+        "--quick",
+        "--values",
+        "300,700",
+        "--batch",
+        "8",
+        "--dim",
+        "16",
+        "--backends",
+        "reference,matmul,torch_lce,cuda",
+        "--modes",
+        "forward,backward,forward+backward",
+    )
     out = capsys.readouterr().out
     assert "device:" in out and "× reference" in out and "GEMM" in out
     with (tmp_path / "cpu.csv").open() as fh:
@@ -102,12 +115,25 @@ def test_unknown_provider_is_an_error():
         runner._comma_list("nope", PROVIDERS, "provider")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the case budget is RLIMIT_DATA, which Linux enforces on mmap")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the case budget is RLIMIT_DATA, which Linux enforces on mmap"
+)
 def test_case_subprocess_records_out_of_memory():
     """A case over its memory budget comes back as 'out of memory', through the real subprocess path."""
-    spec = dict(provider="reference", margin="arcface", kernel_margin="arcface", mode="forward", batch=8,
-                classes=100_000_000, dim=16, dtype="float32", device="cpu", repeats=1, warmup=0,
-                mem_limit_bytes=2 * 2**30)
+    spec = dict(
+        provider="reference",
+        margin="arcface",
+        kernel_margin="arcface",
+        mode="forward",
+        batch=8,
+        classes=100_000_000,
+        dim=16,
+        dtype="float32",
+        device="cpu",
+        repeats=1,
+        warmup=0,
+        mem_limit_bytes=2 * 2**30,
+    )
     result = runner.run_case(spec, timeout=120)
     assert result["error"] == "out of memory", result
     row = results.rows_for_case(spec, result, "dev", results.now())
@@ -125,15 +151,30 @@ def test_append_csv_never_clobbers_another_schema(tmp_path):
 def test_latest_keeps_the_newest_run_of_each_case():
     base = dict.fromkeys(results.FIELDS, "")
     base.update(kernel="k", provider="p", mode="m", x_name="num_classes", x_value="1", device="d")
-    old = [dict(base, metric="time", p50="1", timestamp="2024"), dict(base, metric="peak_extra_memory", p50="5", timestamp="2024")]
+    old = [
+        dict(base, metric="time", p50="1", timestamp="2024"),
+        dict(base, metric="peak_extra_memory", p50="5", timestamp="2024"),
+    ]
     new = [dict(base, metric="time", p50="out of memory", timestamp="2025")]
     picked = results.latest(old + new)
     assert picked == new  # the older memory row does not leak into the newer (failed) run
 
 
 def test_plot_and_report_from_csv(tmp_path, monkeypatch):
-    _run(tmp_path, monkeypatch, "--quick", "--values", "300,700", "--batch", "8", "--dim", "16",
-         "--backends", "reference,matmul", "--no-plot")
+    _run(
+        tmp_path,
+        monkeypatch,
+        "--quick",
+        "--values",
+        "300,700",
+        "--batch",
+        "8",
+        "--dim",
+        "16",
+        "--backends",
+        "reference,matmul",
+        "--no-plot",
+    )
     assert not list(tmp_path.glob("*.png"))
     assert plot.main(["--csv", str(tmp_path)]) == 0
     pngs = list(tmp_path.glob("*.png"))
@@ -160,8 +201,9 @@ def test_benchmark_readme_has_the_markers_and_the_readme_stays_short():
 
 
 def test_convergence_script_tiny(tmp_path, capsys):
-    code = convergence.main(["--backend", "reference", "--classes", "40", "--steps", "6", "--batch", "16",
-                             "--out", str(tmp_path)])
+    code = convergence.main(
+        ["--backend", "reference", "--classes", "40", "--steps", "6", "--batch", "16", "--out", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "PASS" in out
     assert (tmp_path / "convergence.png").stat().st_size > 10_000
@@ -184,16 +226,44 @@ def test_openset_metrics():
 
 
 def test_openset_script_tiny(capsys, tmp_path):
-    assert openset.main(["--heads", "softmax,arcface,sphereface", "--backend", "reference", "--train-ids", "20", "--out", str(tmp_path / "o.md"),
-                         "--test-ids", "6", "--per-identity", "3", "--steps", "3", "--batch", "16", "--seeds", "1"]) == 0
+    assert (
+        openset.main(
+            [
+                "--heads",
+                "softmax,arcface,sphereface",
+                "--backend",
+                "reference",
+                "--train-ids",
+                "20",
+                "--out",
+                str(tmp_path / "o.md"),
+                "--test-ids",
+                "6",
+                "--per-identity",
+                "3",
+                "--steps",
+                "3",
+                "--batch",
+                "16",
+                "--seeds",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "ArcFace" in out and "TAR @ FAR=1e-3" in out and "SphereFace" in out
     assert "| ArcFace (s=32, m=0.5) |" in (tmp_path / "o.md").read_text()
 
 
 def test_pytest_benchmark_suite_is_collectable():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "test_provider[reference-arcface-forward+backward]" in proc.stdout
     assert "test_provider[torch_lce-nomargin-forward]" in proc.stdout

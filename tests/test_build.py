@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from helpers import child_env
 
 import marginops
-from helpers import child_env
 from marginops import _build, ops
 
 
@@ -40,7 +40,12 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
 
 def test_build_command_reports_cache_location(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "marginops.build"], capture_output=True, text=True, timeout=900, env=child_env(), cwd=tmp_path
+        [sys.executable, "-m", "marginops.build"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=child_env(),
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "C++ extension ready:" in out.stdout

@@ -29,9 +29,11 @@ def small_chunks(monkeypatch):
     monkeypatch.setenv("MARGINOPS_CHUNK_ROWS", "16")
 
 
-@pytest.mark.parametrize("dtype,factor", [(torch.bfloat16, 2.0**20), (torch.float16, 2.0**8), (torch.float16, 1e-6),
-                                          (torch.bfloat16, 1e-6)],
-                         ids=["bf16_large", "fp16_large", "fp16_tiny", "bf16_tiny"])
+@pytest.mark.parametrize(
+    "dtype,factor",
+    [(torch.bfloat16, 2.0**20), (torch.float16, 2.0**8), (torch.float16, 1e-6), (torch.bfloat16, 1e-6)],
+    ids=["bf16_large", "fp16_large", "fp16_tiny", "bf16_tiny"],
+)
 def test_upstream_gradient_scale(ops, small_chunks, dtype, factor):
     """Loss-scaled (large) and tiny upstream gradients: the fp16 gradient block is scaled per row by a power of
     two, so it neither overflows nor loses its precision in fp16's subnormals."""
@@ -57,12 +59,18 @@ def test_small_norm_rows_and_tiny_row_gradients(ops, small_chunks, dtype, k):
     tiny = torch.zeros(case.x.shape[0], dtype=torch.bool)
     tiny[1::2] = True
     truth, same = run_reference(low.on_exact()), run_reference(low)
-    assert_within_reference_error("grad_x (tiny-gradient rows)", ours[2][tiny], truth[2][tiny], same[2][tiny],
-                                  slack=LOW_SLACK_CUDA * float(truth[2][tiny].abs().max()))
+    assert_within_reference_error(
+        "grad_x (tiny-gradient rows)",
+        ours[2][tiny],
+        truth[2][tiny],
+        same[2][tiny],
+        slack=LOW_SLACK_CUDA * float(truth[2][tiny].abs().max()),
+    )
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
-                         ids=["f64", "f32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=["f64", "f32", "bf16", "fp16"]
+)
 def test_zero_norm_rows_small_chunks(ops, small_chunks, dtype):
     """Zero weight rows (1 / n = 1e12: the largest power-of-two split) spread over several chunks: the other
     rows' results by the docs/DESIGN.md §4 rule (float64: tightly), the zero rows' own gradient finite where the
@@ -74,8 +82,9 @@ def test_zero_norm_rows_small_chunks(ops, small_chunks, dtype):
     other[zero] = False
     assert torch.equal(torch.isfinite(ours[3][zero]), torch.isfinite(ref[3][zero]))
     if dtype == torch.float64:
-        for name, a, b in zip(("lse", "grad_x", "grad_weight"), (ours[0], ours[2], ours[3][other]),
-                              (ref[0], ref[2], ref[3][other])):
+        for name, a, b in zip(
+            ("lse", "grad_x", "grad_weight"), (ours[0], ours[2], ours[3][other]), (ref[0], ref[2], ref[3][other])
+        ):
             assert_close(name, a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
     else:
         assert_within_rule(ours, case, slack_rel=LOW_SLACK_CUDA, weight_rows=other)
@@ -109,10 +118,14 @@ def test_fast_backward_drops_the_lo_block(ops, small_chunks, monkeypatch):
 # matrix-product FLOPs of the chunk loop: unit = 2·B·R·D (R = weight rows it reads: C·k, or |class_index|·k);
 # 1 unit forward, 3 backward (cosines again, dX, dW); fp16 inputs 5 backward (dX and dW also on the lo block)
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [dict(B=37, D=61, C=300), dict(B=40, D=32, C=90, k=3, class_index=True)],
-                         ids=["plain", "k3_class_index"])
-@pytest.mark.parametrize("dtype,backward_units", [(torch.float64, 3), (torch.float32, 3), (torch.bfloat16, 3),
-                                                  (torch.float16, 5)], ids=["f64", "f32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "config", [dict(B=37, D=61, C=300), dict(B=40, D=32, C=90, k=3, class_index=True)], ids=["plain", "k3_class_index"]
+)
+@pytest.mark.parametrize(
+    "dtype,backward_units",
+    [(torch.float64, 3), (torch.float32, 3), (torch.bfloat16, 3), (torch.float16, 5)],
+    ids=["f64", "f32", "bf16", "fp16"],
+)
 def test_gemm_flops(ops, small_chunks, dtype, backward_units, config):
     case = Case(**config).on(dtype)
     B, D = case.x.shape
@@ -171,8 +184,9 @@ def test_chunked_kernels_clean_under_address_sanitizer():
         return str(path)
 
     script = Path(cuda_emulator.__file__).parent / "cuda_emu" / "memcheck_chunked.py"
-    env = child_env(LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libstdc++.so')}",
-                    ASAN_OPTIONS="detect_leaks=0:exitcode=86")
+    env = child_env(
+        LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libstdc++.so')}", ASAN_OPTIONS="detect_leaks=0:exitcode=86"
+    )
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1800)
     report = proc.stderr[-6000:] + proc.stdout[-1000:]
     assert "Sanitizer" not in proc.stderr, f"out-of-bounds access:\n{report}"

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, make_problem
 
 import marginops
-from helpers import assert_close, make_problem
 from marginops.compat import insightface, pml
 
 
@@ -143,9 +143,7 @@ def test_pml_weight_layout_state_dict_and_optimizer():
         loss_fn(emb, labels).backward()
         optimizer.step()
         plain_opt.zero_grad()
-        marginops.margin_cross_entropy(
-            emb, plain.t(), labels, loss_fn.margin_spec(), backend="reference"
-        ).backward()
+        marginops.margin_cross_entropy(emb, plain.t(), labels, loss_fn.margin_spec(), backend="reference").backward()
         plain_opt.step()
     assert loss_fn.W.t().is_contiguous()
     assert_close("SGD on the column-major W", loss_fn.W, plain, rtol=1e-12, atol=1e-12)
@@ -226,8 +224,9 @@ def test_combined_margin_module_on_logits_matches_insightface(margins, threshold
 @pytest.mark.parametrize("detach_margin", [True, False])
 def test_partial_fc_v2_single_rank_matches_materialized_insightface(backend, detach_margin):
     emb, weight, labels = make_problem(12, 9, 31, seed=7)
-    margin_loss = insightface.CombinedMarginLoss(64.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=0.4,
-                                                 detach_margin=detach_margin)
+    margin_loss = insightface.CombinedMarginLoss(
+        64.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=0.4, detach_margin=detach_margin
+    )
     module = insightface.PartialFC_V2(margin_loss, 9, 31, sample_rate=1.0, backend=backend).double()
     assert (module.world_size, module.class_start, module.num_local) == (1, 0, 31)
     with torch.no_grad():
@@ -243,10 +242,15 @@ def test_partial_fc_v2_single_rank_matches_materialized_insightface(backend, det
     else:  # exact gradients of s·cos(θ + m2), no fallback: marginops.CombinedMargin
         want, want_emb_grad, want_w_grad = _grads(
             lambda e, w: marginops.margin_cross_entropy(
-                e, w, labels, marginops.CombinedMargin(64.0, 1.0, 0.5, 0.0), backend="reference",
+                e,
+                w,
+                labels,
+                marginops.CombinedMargin(64.0, 1.0, 0.5, 0.0),
+                backend="reference",
                 interclass_filtering_threshold=0.4,
             ),
-            emb, weight,
+            emb,
+            weight,
         )
     assert_close("loss", got, want, rtol=1e-9, atol=1e-9)
     assert_close("embedding grad", got_emb_grad, want_emb_grad, rtol=1e-7, atol=1e-9)
@@ -265,8 +269,13 @@ def test_detached_margin_differs_from_exact_only_in_gradient():
 
 def test_partial_fc_v2_sampling_state_dict_and_foreign_margin_modules():
     emb, weight, labels = make_problem(16, 8, 40, seed=9)
-    module = insightface.PartialFC_V2(insightface.CombinedMarginLoss(64, 1.0, 0.5, 0.0), 8, 40, sample_rate=0.25,
-                                      backend="reference").double().train()
+    module = (
+        insightface.PartialFC_V2(
+            insightface.CombinedMarginLoss(64, 1.0, 0.5, 0.0), 8, 40, sample_rate=0.25, backend="reference"
+        )
+        .double()
+        .train()
+    )
     assert module.num_sample == 10
     state = module.state_dict()
     assert list(state) == ["weight"], "insightface checkpoints hold only the weight"
@@ -287,8 +296,9 @@ def test_partial_fc_v2_sampling_state_dict_and_foreign_margin_modules():
             self.interclass_filtering_threshold = interclass_filtering_threshold
 
     theirs = insightface.PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.0, 0.4, 0.3), 8, 40, backend="reference").double()
-    ours = insightface.PartialFC_V2(insightface.CombinedMarginLoss(64, 1.0, 0.0, 0.4, 0.3), 8, 40,
-                                    backend="reference").double()
+    ours = insightface.PartialFC_V2(
+        insightface.CombinedMarginLoss(64, 1.0, 0.0, 0.4, 0.3), 8, 40, backend="reference"
+    ).double()
     assert theirs.margin == marginops.CosFace(s=64.0, m=0.4) and theirs.interclass_filtering_threshold == 0.3
     ours.load_state_dict(theirs.state_dict())
     assert_close("foreign margin module", theirs(emb, labels), ours(emb, labels), rtol=0, atol=0)

@@ -58,7 +58,7 @@ def reference_loss_grads(emb, weight, labels, margin, **kwargs):
 def make_module(margin, weight, backend, **kwargs):
     module = mdist.DistributedMarginLoss(margin, weight.shape[1], weight.shape[0], backend=backend, **kwargs).double()
     with torch.no_grad():
-        module.weight.copy_(weight[module.class_start: module.class_start + module.num_local])
+        module.weight.copy_(weight[module.class_start : module.class_start + module.num_local])
     return module
 
 
@@ -93,7 +93,7 @@ def check_against_reference(rank, world, backend, margin, emb, weight, labels, s
     close("embedding grad", emb_grad, world * ref_emb_grad[lo:hi])
     start, n = module.class_start, module.num_local
     assert module.weight.grad is not None, "shard weight got no gradient"
-    close("shard weight grad", module.weight.grad, ref_w_grad[start: start + n])
+    close("shard weight grad", module.weight.grad, ref_w_grad[start : start + n])
     return module
 
 
@@ -125,7 +125,14 @@ def case_combined_filter(rank, world, backend):
     sizes = [5] * world
     emb, weight, labels = problem(14, sum(sizes), 6, 17)
     check_against_reference(
-        rank, world, backend, marginops.CombinedMargin(s=12.0, m1=0.9, m2=0.3, m3=0.1), emb, weight, labels, sizes,
+        rank,
+        world,
+        backend,
+        marginops.CombinedMargin(s=12.0, m1=0.9, m2=0.3, m3=0.1),
+        emb,
+        weight,
+        labels,
+        sizes,
         interclass_filtering_threshold=0.2,
     )
 
@@ -207,7 +214,7 @@ def case_curricular_t_identical_everywhere(rank, world, backend):
     for loss, emb_grad, w_grad, ref_loss, ref_emb_grad, ref_w_grad in results:
         close("loss", loss, ref_loss)
         close("embedding grad", emb_grad, world * ref_emb_grad[lo:hi])
-        close("shard weight grad", w_grad, ref_w_grad[start: start + n])
+        close("shard weight grad", w_grad, ref_w_grad[start : start + n])
     close("t vs single process", module.t, single.t)
     assert all(bool(t == ts[0]) for t in ts), f"t differs between ranks: {[float(t) for t in ts]}"
 
@@ -239,7 +246,7 @@ def case_ddp_backbone_equals_single_process(rank, world, backend):
     close("loss", loss, ref_loss)
     close("backbone weight grad (DDP-averaged)", backbone.weight.grad, reference_backbone.weight.grad)
     close("backbone bias grad (DDP-averaged)", backbone.bias.grad, reference_backbone.bias.grad)
-    close("shard weight grad", head.weight.grad, w.grad[head.class_start: head.class_start + head.num_local])
+    close("shard weight grad", head.weight.grad, w.grad[head.class_start : head.class_start + head.num_local])
 
 
 def case_partial_fc_equals_unsharded_on_sampled_classes(rank, world, backend):
@@ -319,7 +326,7 @@ def case_insightface_partial_fc_v2(rank, world, backend):
     module = insightface.PartialFC_V2(margin_loss, 8, classes, sample_rate=1.0, backend=backend).double()
     assert (module.class_start, module.num_local) == mdist.shard_range(classes, world, rank)
     with torch.no_grad():
-        module.weight.copy_(weight[module.class_start: module.class_start + module.num_local])
+        module.weight.copy_(weight[module.class_start : module.class_start + module.num_local])
     loss, emb_grad = distributed_loss_grads(module, emb, labels.view(-1, 1), sizes, rank)
     # insightface's computation, materialized: cosines, its margin module on the logits, mean cross-entropy
     e = emb.clone().requires_grad_(True)
@@ -330,8 +337,12 @@ def case_insightface_partial_fc_v2(rank, world, backend):
     lo, hi = offsets(sizes, rank)
     close("loss", loss, ref_loss, rtol=1e-9, atol=1e-9)
     close("embedding grad", emb_grad, world * e.grad[lo:hi], atol=1e-9)
-    close("shard weight grad", module.weight.grad, w.grad[module.class_start: module.class_start + module.num_local],
-          atol=1e-9)
+    close(
+        "shard weight grad",
+        module.weight.grad,
+        w.grad[module.class_start : module.class_start + module.num_local],
+        atol=1e-9,
+    )
 
 
 def case_return_stats_equal_single_process(rank, world, backend):
@@ -379,16 +390,35 @@ def case_handshake_mismatch_raises_on_every_rank(rank, world, backend):
     sizes = [3] * world
     last = rank == world - 1
     variants = [  # (what the last rank changes, kwargs for DistributedMarginLoss, the name in the message)
-        ("embedding_size", dict(margin=marginops.ArcFace(s=8.0), embedding_size=6 if last else 5, num_classes=10),
-         "embedding_size"),
-        ("num_classes", dict(margin=marginops.ArcFace(s=8.0), embedding_size=5, num_classes=11 if last else 10),
-         "num_classes"),
-        ("margin class", dict(margin=marginops.SubCenterArcFace(s=8.0, k=2) if last else marginops.ArcFace(s=8.0),
-                              embedding_size=5, num_classes=10), "SubCenterArcFace"),
-        ("margin parameter", dict(margin=marginops.ArcFace(s=8.0, m=0.3 if last else 0.5), embedding_size=5,
-                                  num_classes=10), "margin.m"),
-        ("sample_rate", dict(margin=marginops.ArcFace(s=8.0), embedding_size=5, num_classes=10,
-                             sample_rate=0.5 if last else 1.0), "sample_rate"),
+        (
+            "embedding_size",
+            dict(margin=marginops.ArcFace(s=8.0), embedding_size=6 if last else 5, num_classes=10),
+            "embedding_size",
+        ),
+        (
+            "num_classes",
+            dict(margin=marginops.ArcFace(s=8.0), embedding_size=5, num_classes=11 if last else 10),
+            "num_classes",
+        ),
+        (
+            "margin class",
+            dict(
+                margin=marginops.SubCenterArcFace(s=8.0, k=2) if last else marginops.ArcFace(s=8.0),
+                embedding_size=5,
+                num_classes=10,
+            ),
+            "SubCenterArcFace",
+        ),
+        (
+            "margin parameter",
+            dict(margin=marginops.ArcFace(s=8.0, m=0.3 if last else 0.5), embedding_size=5, num_classes=10),
+            "margin.m",
+        ),
+        (
+            "sample_rate",
+            dict(margin=marginops.ArcFace(s=8.0), embedding_size=5, num_classes=10, sample_rate=0.5 if last else 1.0),
+            "sample_rate",
+        ),
     ]
     messages = []
     for what, kwargs, name in variants:
@@ -445,12 +475,20 @@ def case_reshard_full_state_dict_to_fewer_ranks(rank, world, backend):
     for kind in ("head", "partial_fc"):
         margin = marginops.ArcFace(s=8.0, m=0.4)
         if kind == "head":
+
             def build(group):
                 return mdist.DistributedMarginLoss(margin, dim, classes, process_group=group, backend=backend).double()
         else:
+
             def build(group):
-                return insightface.PartialFC_V2(insightface.CombinedMarginLoss(8.0, 1.0, 0.4, 0.0, detach_margin=False),
-                                                dim, classes, process_group=group, backend=backend).double()
+                return insightface.PartialFC_V2(
+                    insightface.CombinedMarginLoss(8.0, 1.0, 0.4, 0.0, detach_margin=False),
+                    dim,
+                    classes,
+                    process_group=group,
+                    backend=backend,
+                ).double()
+
         # single process: two SGD steps on the whole head
         w = weight.clone().requires_grad_(True)
         marginops.margin_cross_entropy(emb, w, labels, margin, backend="reference").backward()
@@ -460,7 +498,7 @@ def case_reshard_full_state_dict_to_fewer_ranks(rank, world, backend):
         # step 1 on every rank
         head = build(None)
         with torch.no_grad():
-            head.weight.copy_(weight[head.class_start: head.class_start + head.num_local])
+            head.weight.copy_(weight[head.class_start : head.class_start + head.num_local])
         lo, hi = offsets(sizes_all, rank)
         head(emb[lo:hi], labels[lo:hi]).backward()
         with torch.no_grad():
@@ -477,7 +515,7 @@ def case_reshard_full_state_dict_to_fewer_ranks(rank, world, backend):
             loss2.backward()
             close(f"{kind}: loss after resharding", loss2, ref_loss2)
             start, n = resumed.class_start, resumed.num_local
-            close(f"{kind}: shard weight grad after resharding", resumed.weight.grad, w1.grad[start: start + n])
+            close(f"{kind}: shard weight grad after resharding", resumed.weight.grad, w1.grad[start : start + n])
 
 
 class pytest_raises:  # noqa: N801  (pytest.raises without needing pytest's assertion machinery in workers)
@@ -496,7 +534,7 @@ class pytest_raises:  # noqa: N801  (pytest.raises without needing pytest's asse
         return True
 
 
-CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,7 +544,10 @@ CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items()) if na
 def _worker(rank, world, init_file, out_dir, backends):
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=int(os.environ.get("MARGINOPS_TEST_DIST_TIMEOUT", "60"))),
     )
     results = {}
@@ -558,7 +599,10 @@ def run_world(request, tmp_path_factory):
 
             out = tmp_path_factory.mktemp(f"world{world}")
             context = mp.start_processes(
-                _worker, args=(world, str(out / "init"), str(out), backends), nprocs=world, join=False,
+                _worker,
+                args=(world, str(out / "init"), str(out), backends),
+                nprocs=world,
+                join=False,
                 start_method="spawn",
             )
             deadline = time.monotonic() + 300

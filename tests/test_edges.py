@@ -230,7 +230,8 @@ def test_int8_labels_with_ignore_index():
     torch.testing.assert_close(
         marginops.margin_cross_entropy(x, w, y8, margin, backend="reference"),
         marginops.margin_cross_entropy(x, w, y64, margin, backend="reference"),
-        rtol=0, atol=0,
+        rtol=0,
+        atol=0,
     )
 
 
@@ -331,7 +332,7 @@ def _outliers_by_loop(W, k, emb, labels, threshold):
         idx = [i for i in range(len(labels)) if int(labels[i]) == c]
         if not idx:
             continue
-        centers = torch.nn.functional.normalize(W[:, c * k:(c + 1) * k], dim=0)
+        centers = torch.nn.functional.normalize(W[:, c * k : (c + 1) * k], dim=0)
         sims = x[idx] @ centers
         counts = [0] * k
         for j in sims.argmax(dim=1).tolist():
@@ -376,7 +377,9 @@ def _official_elastic_plus(cos, drawn):
 
 
 def test_elasticface_plus_assignments():
-    c = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7], dtype=torch.float64)  # argsort desc = [1, 4, 2, 3, 0], not an involution
+    c = torch.tensor(
+        [0.1, 0.9, 0.5, 0.3, 0.7], dtype=torch.float64
+    )  # argsort desc = [1, 4, 2, 3, 0], not an involution
     std, m = 0.05, 0.5
     gen = torch.Generator().manual_seed(3)
     drawn = (torch.randn(5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * std + m).tolist()
@@ -437,25 +440,42 @@ def test_bench_main_command_leaves_the_committed_results_alone(monkeypatch):
     runner, plot, results, ignored, root = _bench()
     committed = {p: p.read_bytes() for p in results.RESULTS_DIR.iterdir() if p.is_file()}
     monkeypatch.setattr(runner, "run_case", lambda spec, timeout: __import__("bench.cases").cases.run(spec))
-    argv = ["--sizes", "8x300x16,8x600x16", "--backends", "reference", "--repeats", "1", "--warmup", "0",
-            "--min-seconds", "0"]
+    argv = [
+        "--sizes",
+        "8x300x16,8x600x16",
+        "--backends",
+        "reference",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--min-seconds",
+        "0",
+    ]
     assert runner.main(argv) == 0
     assert plot.main([]) == 0
     after = {p: p.read_bytes() for p in results.RESULTS_DIR.iterdir() if p.is_file()}
     assert after == committed
     if (root / ".git").exists() and __import__("shutil").which("git"):
-        status = subprocess.run(["git", "status", "--porcelain", "--", "bench/results"], cwd=root,
-                                capture_output=True, text=True).stdout
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "bench/results"], cwd=root, capture_output=True, text=True
+        ).stdout
         assert status == "", status
 
 
 def test_bench_plot_names_cut_the_device_at_a_word():
     _, plot, _, _, _ = _bench()
-    name = plot.file_name("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz, 2 cores, 2 threads", "float32-b-128-d-128",
-                          "forward+backward", "num_classes")
+    name = plot.file_name(
+        "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz, 2 cores, 2 threads",
+        "float32-b-128-d-128",
+        "forward+backward",
+        "num_classes",
+    )
     device, full = name.split("_")[0], "intel-r-xeon-r-platinum-8375c-cpu-2-90ghz-2-cores-2-threads"
     assert len(device) <= 40 and full.startswith(device + "-"), name  # whole words only
-    assert plot.file_name("amd-epyc 2 cores 2 threads", "x", "forward", "batch").startswith("amd-epyc-2-cores-2-threads_")
+    assert plot.file_name("amd-epyc 2 cores 2 threads", "x", "forward", "batch").startswith(
+        "amd-epyc-2-cores-2-threads_"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -510,8 +530,11 @@ _COMPILE_MODULES = {
     "MagFace": lambda: mnn.MagFaceLoss(16, 30, s=16.0, backend="cpu"),
     "CurricularFace": pytest.param(
         lambda: mnn.CurricularFaceLoss(16, 30, s=16.0, backend="cpu"),
-        marks=pytest.mark.xfail(strict=True, reason="the op takes CurricularFace's t as a Python float (schema); "
-                                "tracing float(self.t) needs a tensor t in the op"),
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="the op takes CurricularFace's t as a Python float (schema); "
+            "tracing float(self.t) needs a tensor t in the op",
+        ),
     ),
 }
 

@@ -57,8 +57,9 @@ def test_plan_fits_the_budget():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_without_a_gpu_it_stops_at_once_and_says_so(tmp_path):
     out = tmp_path / "out"
-    run = subprocess.run(["bash", str(SCRIPT), str(out)], cwd=tmp_path, env=_env(), capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     summary = (out / "summary.txt").read_text()
     assert "no CUDA device" in summary
@@ -73,8 +74,9 @@ def test_dry_run_runs_every_stage_it_can(tmp_path):
     """--dry collects each test stage (a selection that matches nothing fails), runs each benchmark stage at
     a tiny CPU size, and packs every log into the one archive."""
     out = tmp_path / "out"
-    run = subprocess.run(["bash", str(SCRIPT), "--dry", str(out)], env=_env(), capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        ["bash", str(SCRIPT), "--dry", str(out)], env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr
     summary = (out / "summary.txt").read_text()
     stages, _, _ = _plan()

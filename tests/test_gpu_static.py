@@ -100,19 +100,28 @@ def test_cuda_split_planner_is_the_same_rule(tmp_path):
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         pytest.skip("no host C++ compiler")
-    cases = [(u, sl, w, lim) for u in (1, 2, 3, 7, 8, 16, 32, 59, 64, 128, 137, 512, 1999)
-             for sl in (108, 114, 132, 216, 264, 528) for w in (1, 2, 4) for lim in (1, 5, 32, 65535)]
+    cases = [
+        (u, sl, w, lim)
+        for u in (1, 2, 3, 7, 8, 16, 32, 59, 64, 128, 137, 512, 1999)
+        for sl in (108, 114, 132, 216, 264, 528)
+        for w in (1, 2, 4)
+        for lim in (1, 5, 32, 65535)
+    ]
     driver = tmp_path / "plan.cpp"
     driver.write_text(
         '#include <cstdio>\n#include "wave_plan.h"\nint main() {\n  long long u, s, w, l;\n'
         '  while (std::scanf("%lld %lld %lld %lld", &u, &s, &w, &l) == 4)\n'
-        '    std::printf("%lld\\n", (long long)marginops::cuda::whole_wave_splits(u, s, w, l));\n}\n')
+        '    std::printf("%lld\\n", (long long)marginops::cuda::whole_wave_splits(u, s, w, l));\n}\n'
+    )
     exe = tmp_path / "plan"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-I", str(ROOT / "csrc" / "cuda"), str(driver), "-o", str(exe)],
-                   check=True)
+    subprocess.run(
+        [compiler, "-std=c++17", "-O1", "-I", str(ROOT / "csrc" / "cuda"), str(driver), "-o", str(exe)], check=True
+    )
     stdin = "".join(f"{u} {sl} {w} {lim}\n" for u, sl, w, lim in cases)
-    got = [int(v) for v in subprocess.run([str(exe)], input=stdin, capture_output=True, text=True,
-                                          check=True).stdout.split()]
+    got = [
+        int(v)
+        for v in subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split()
+    ]
     plan = _waves_module().whole_wave_splits
     assert got == [plan(*case) for case in cases]
     # the CUDA forward at B = 1024 (64-row tiles) on 132 SMs x 2 CTAs, and dX (16 row tiles, 1 d-chunk) on 132 x 1
@@ -129,8 +138,14 @@ def report(tmp_path_factory):
     pytest.importorskip("triton")
     out = tmp_path_factory.mktemp("gpu_static")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "bench.gpu_static", "--out", str(out), "--default-configs",
-                          "--cuda-if-built"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_static", "--out", str(out), "--default-configs", "--cuda-if-built"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     return gpu_static.read_csv(out / "gpu_static.csv")
 
@@ -153,7 +168,11 @@ def test_report_covers_every_kernel_and_dtype(triton_rows, cuda_rows, tmp_path):
     for label, _, _ in gpu_static.TRITON_DTYPES:
         for kernel in STREAMING_TRITON:
             assert (kernel, label) in kinds
-    assert {r["kernel"] for r in cuda_rows} >= {"fused_lse_fwd_kernel", "fused_lse_bwd_w_kernel", "fused_lse_bwd_x_kernel"}
+    assert {r["kernel"] for r in cuda_rows} >= {
+        "fused_lse_fwd_kernel",
+        "fused_lse_bwd_w_kernel",
+        "fused_lse_bwd_x_kernel",
+    }
     path = tmp_path / "gpu_static.csv"
     gpu_static.write_csv(triton_rows + cuda_rows, path)
     header = path.read_text().splitlines()[0].split(",")
@@ -196,19 +215,28 @@ def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch
             continue
         dtype = getattr(torch, r["dtype"].split("-")[0])
         split = names[r["kernel"]] == "dx" and launch._split_grad_dots(dtype)
-        planned = configs.default_plan(names[r["kernel"]], gpu_static.REPORT_D, dtype, split,
-                                       r["dtype"].endswith("tf32"))
+        planned = configs.default_plan(
+            names[r["kernel"]], gpu_static.REPORT_D, dtype, split, r["dtype"].endswith("tf32")
+        )
         assert planned[1] == r["ctas_per_sm"], (r["kernel"], r["dtype"], r["config"], planned, r["ctas_per_sm"])
 
 
 def test_triton_default_configs_do_not_spill(triton_rows):
-    spilling = [(r["kernel"], r["dtype"], r["config"], r["spill_bytes"]) for r in triton_rows
-                if r["kernel"] in STREAMING_TRITON and r["spill_bytes"]]
+    spilling = [
+        (r["kernel"], r["dtype"], r["config"], r["spill_bytes"])
+        for r in triton_rows
+        if r["kernel"] in STREAMING_TRITON and r["spill_bytes"]
+    ]
     assert not spilling
 
 
 def test_triton_grids_are_whole_waves(triton_rows):
     columns = ["wave_efficiency" + suffix for suffix in gpu_static.SHAPES]
-    short = [(r["kernel"], r["dtype"], c, r[c]) for r in triton_rows if r["kernel"] in STREAMING_TRITON
-             for c in columns if r[c] < MIN_WAVE_EFFICIENCY]
+    short = [
+        (r["kernel"], r["dtype"], c, r[c])
+        for r in triton_rows
+        if r["kernel"] in STREAMING_TRITON
+        for c in columns
+        if r[c] < MIN_WAVE_EFFICIENCY
+    ]
     assert not short

@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-
-import marginops
 from helpers import (
     KERNEL_BACKENDS,
     assert_close,
@@ -17,6 +15,8 @@ from helpers import (
     margins_under_test,
 )
 
+import marginops
+
 MARGINS = margins_under_test()
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -27,7 +27,13 @@ def _compare_to_reference(backend, margin, reduction, dtype, shape, ignore_rows,
     emb, weight, labels = make_problem(batch, dim, classes, ignore_rows=ignore_rows, subcenters=margin.subcenters)
     truth = loss_and_grads(emb, weight, labels, margin, reduction=reduction, backend="reference", **kwargs)
     got = loss_and_grads(
-        emb.to(device, dtype), weight.to(device, dtype), labels.to(device), margin, reduction=reduction, backend=backend, **kwargs
+        emb.to(device, dtype),
+        weight.to(device, dtype),
+        labels.to(device),
+        margin,
+        reduction=reduction,
+        backend=backend,
+        **kwargs,
     )
     names = ("loss", "grad embeddings", "grad weight")
     if dtype == torch.float64:
@@ -175,7 +181,9 @@ def test_reference_matches_hand_computed_logits():
     """The oracle itself against a loop over rows written straight from docs/DESIGN.md §1 (CurricularFace)."""
     emb, weight, labels = make_problem(5, 7, 13)
     s, m, t = 10.0, 0.5, 0.25
-    loss = marginops.reference.margin_cross_entropy(emb, weight, labels, marginops.CurricularFace(s, m, t), reduction="none")
+    loss = marginops.reference.margin_cross_entropy(
+        emb, weight, labels, marginops.CurricularFace(s, m, t), reduction="none"
+    )
     xn = emb / emb.norm(dim=1, keepdim=True)
     wn = weight / weight.norm(dim=1, keepdim=True)
     for i in range(5):

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import KERNEL_BACKENDS, assert_close, device_for, make_problem
 
 import marginops
-from helpers import KERNEL_BACKENDS, assert_close, device_for, make_problem
 
 
 def _target_cos_and_norm(emb, weight, labels):
@@ -65,9 +65,19 @@ def test_elasticface_draws_are_seeded_and_match_formula():
             ordered[torch.argsort(cos, descending=True)] = torch.sort(m).values
             m = ordered
         target = 30.0 * (torch.cos(torch.acos(cos) + m) if kind == "arc" else cos - m)
-        assert_close(f"ElasticFace {kind} plus={plus}", got, _loss_from_target(emb, weight, labels, target, 30.0), rtol=1e-10, atol=1e-10)
-    a = marginops.margin_cross_entropy(emb, weight, labels, marginops.ElasticFace(generator=torch.Generator().manual_seed(1)), backend="cpu")
-    b = marginops.margin_cross_entropy(emb, weight, labels, marginops.ElasticFace(generator=torch.Generator().manual_seed(1)), backend="cpu")
+        assert_close(
+            f"ElasticFace {kind} plus={plus}",
+            got,
+            _loss_from_target(emb, weight, labels, target, 30.0),
+            rtol=1e-10,
+            atol=1e-10,
+        )
+    a = marginops.margin_cross_entropy(
+        emb, weight, labels, marginops.ElasticFace(generator=torch.Generator().manual_seed(1)), backend="cpu"
+    )
+    b = marginops.margin_cross_entropy(
+        emb, weight, labels, marginops.ElasticFace(generator=torch.Generator().manual_seed(1)), backend="cpu"
+    )
     assert a == b
 
 
@@ -100,8 +110,12 @@ def test_magface_against_formula_and_norm_gradient():
 
 @pytest.mark.parametrize(
     "margin",
-    [marginops.AdaFace(s=8.0, batch_mean=10.0, batch_std=3.0), marginops.MagFace(s=8.0), marginops.SubCenterArcFace(s=8.0, k=2),
-     marginops.ElasticFace(s=8.0, sample=False)],
+    [
+        marginops.AdaFace(s=8.0, batch_mean=10.0, batch_std=3.0),
+        marginops.MagFace(s=8.0),
+        marginops.SubCenterArcFace(s=8.0, k=2),
+        marginops.ElasticFace(s=8.0, sample=False),
+    ],
     ids=["adaface", "magface", "subcenter", "elastic"],
 )
 def test_gradcheck_new_margins(margin):
@@ -127,7 +141,9 @@ def test_subcenter_cosine_is_max_and_dominant_helper():
     target = s * torch.where(torch.acos(c_y) <= math.pi - m, torch.cos(torch.acos(c_y) + m), c_y - m * math.sin(m))
     logits[torch.arange(30), labels] = target
     expected = torch.logsumexp(logits, 1) - target
-    got = marginops.margin_cross_entropy(emb, weight, labels, marginops.SubCenterArcFace(s, m, 3), reduction="none", backend="cpu")
+    got = marginops.margin_cross_entropy(
+        emb, weight, labels, marginops.SubCenterArcFace(s, m, 3), reduction="none", backend="cpu"
+    )
     assert_close("sub-center loss", got, expected, rtol=1e-10, atol=1e-10)
     dominant, counts = marginops.margins.dominant_subcenters(emb, weight, labels, 3)
     chosen = cos[torch.arange(30), labels].argmax(1)
@@ -144,8 +160,12 @@ def test_subcenter_cosine_is_max_and_dominant_helper():
 def test_return_stats(backend):
     device = device_for(backend) if backend != "reference" else torch.device("cpu")
     emb, weight, labels = make_problem(12, 10, 50, device=device, ignore_rows=(3,))
-    loss, stats = marginops.margin_cross_entropy(emb, weight, labels, marginops.ArcFace(s=20.0), backend=backend, return_stats=True)
-    truth_loss, truth = marginops.margin_cross_entropy(emb, weight, labels, marginops.ArcFace(s=20.0), backend="reference", return_stats=True)
+    loss, stats = marginops.margin_cross_entropy(
+        emb, weight, labels, marginops.ArcFace(s=20.0), backend=backend, return_stats=True
+    )
+    truth_loss, truth = marginops.margin_cross_entropy(
+        emb, weight, labels, marginops.ArcFace(s=20.0), backend="reference", return_stats=True
+    )
     cos = torch.nn.functional.normalize(emb) @ torch.nn.functional.normalize(weight).t()
     assert_close("loss", loss, truth_loss, rtol=1e-10, atol=1e-10)
     assert_close("lse", stats.lse, truth.lse, rtol=1e-10, atol=1e-10)

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, make_problem
 
 import marginops
-from helpers import assert_close, make_problem
 
 MODULES = [
     (marginops.nn.NormFaceLoss, marginops.NormFace, {"s": 20.0}),

@@ -92,8 +92,12 @@ def test_cpu_narrower_vector_kernels(cpu_ops, width, tmp_path):
         pytest.skip("the extension was not loaded from a file torch.ops knows")
     out = tmp_path / "out.pt"
     env = dict(os.environ, MARGINOPS_CPU_VECTOR=width)
-    subprocess.run([sys.executable, "-c", _WIDTH_CHILD, library, os.path.dirname(__file__), str(out)], env=env,
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", _WIDTH_CHILD, library, os.path.dirname(__file__), str(out)],
+        env=env,
+        check=True,
+        timeout=300,
+    )
     results = torch.load(out)
     for name, case in width_cases():
         ours = results[name]
@@ -103,8 +107,13 @@ def test_cpu_narrower_vector_kernels(cpu_ops, width, tmp_path):
             default = run_op(cpu_ops, case)
             for field, a, b in zip(NAMES, ours, default):
                 if field != "argmax":
-                    assert_close(f"{field} ({width}-bit vs default)", a, b, rtol=VECTOR_WIDTH_RTOL,
-                                 atol=VECTOR_WIDTH_ATOL * float(b.abs().max()))
+                    assert_close(
+                        f"{field} ({width}-bit vs default)",
+                        a,
+                        b,
+                        rtol=VECTOR_WIDTH_RTOL,
+                        atol=VECTOR_WIDTH_ATOL * float(b.abs().max()),
+                    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -167,7 +176,7 @@ def test_cuda_offsets_beyond_2_31_full_weight(cuda_ops):
     m = torch.full((B,), float("-inf"), device=DEV)
     s = torch.zeros(B, device=DEV)
     for r0 in range(0, R, chunk):
-        w = weight[r0:r0 + chunk].float()
+        w = weight[r0 : r0 + chunk].float()
         inv = 1.0 / w.norm(dim=1).clamp_min(1e-12)
         z = rs[:, None] * ((xf @ w.t()) * inv)
         cols = torch.arange(r0, r0 + w.shape[0], device=DEV)
@@ -182,7 +191,7 @@ def test_cuda_offsets_beyond_2_31_full_weight(cuda_ops):
     check_rows = torch.cat([planted, torch.tensor([4_194_400, 4_150_000, 17], device=DEV)])
     ref_rows = {}
     for r0 in range(0, R, chunk):
-        w = weight[r0:r0 + chunk].float()
+        w = weight[r0 : r0 + chunk].float()
         inv = 1.0 / w.norm(dim=1).clamp_min(1e-12)
         cos = (xf @ w.t()) * inv
         cols = torch.arange(r0, r0 + w.shape[0], device=DEV)
@@ -195,11 +204,17 @@ def test_cuda_offsets_beyond_2_31_full_weight(cuda_ops):
                 j = r - r0
                 dc = dcos[:, j]
                 ref_rows[r] = (dc @ xf) * inv[j] - (dc * cos[:, j]).sum() * w[j] * inv[j] ** 2
-    assert_close("grad_x (2^31 offsets)", gx.float(), ref_gx, rtol=BIG_GRAD_TOL,
-                 atol=BIG_GRAD_TOL * float(ref_gx.abs().max()))
+    assert_close(
+        "grad_x (2^31 offsets)", gx.float(), ref_gx, rtol=BIG_GRAD_TOL, atol=BIG_GRAD_TOL * float(ref_gx.abs().max())
+    )
     for r, ref in ref_rows.items():
-        assert_close(f"grad_weight[{r}] (2^31 offsets)", gw[r].float(), ref, rtol=BIG_GRAD_TOL,
-                     atol=BIG_GRAD_TOL * float(ref.abs().max()) + 1e-30)
+        assert_close(
+            f"grad_weight[{r}] (2^31 offsets)",
+            gw[r].float(),
+            ref,
+            rtol=BIG_GRAD_TOL,
+            atol=BIG_GRAD_TOL * float(ref.abs().max()) + 1e-30,
+        )
     ref_gtl = grad * torch.exp(tl - ref_lse) * (labels >= 0)
     assert_close("grad_target_logit (2^31 offsets)", gtl, ref_gtl, rtol=BIG_TARGET_RTOL, atol=BIG_TARGET_ATOL)
     assert bool(torch.isfinite(grs).all())
@@ -239,8 +254,9 @@ def test_cuda_emu_kernels_clean_under_sanitizer(sanitizer):
         pytest.fail(f"sanitizer runtime not found by c++ -print-file-name: {library} / libstdc++.so")
     script = Path(__file__).resolve().parent / "cuda_emu" / "memcheck.py"
     env = child_env(LD_PRELOAD=" ".join(preload), **options)
-    proc = subprocess.run([sys.executable, str(script), sanitizer], env=env, capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, str(script), sanitizer], env=env, capture_output=True, text=True, timeout=1800
+    )
     report = proc.stderr[-6000:] + proc.stdout[-1000:]
     assert "Sanitizer" not in proc.stderr, f"{finding}:\n{report}"
     assert proc.returncode == 0 and "memcheck: clean" in proc.stdout, report

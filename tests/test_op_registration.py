@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import KERNEL_BACKENDS, device_for, make_problem
 
 import marginops
-from helpers import KERNEL_BACKENDS, device_for, make_problem
 from marginops import ops
 
 

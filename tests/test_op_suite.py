@@ -17,8 +17,8 @@ from op_backends import BF16, DEFAULT_SIZES, F16, F32, F64, LOW, OpBackend, para
 from op_cases import (
     ARGMAX_TOL,
     F32_ATOL,
-    F64_RTOL,
     F32_RTOL,
+    F64_RTOL,
     FAST_BWD_ATOL,
     FAST_BWD_SLACK,
     FILTER_OFF,
@@ -80,8 +80,13 @@ def check_rule(ops, backend, case, deterministic=True):
     if case.dtype == F32:
         for name, a, t in zip(NAMES, ours, truth):
             if name != "argmax":
-                assert_close(name + " (float32 elementwise)", a, t.to(a.dtype), rtol=F32_RTOL,
-                             atol=F32_ATOL * float(t.abs().max()) + 1e-30)
+                assert_close(
+                    name + " (float32 elementwise)",
+                    a,
+                    t.to(a.dtype),
+                    rtol=F32_RTOL,
+                    atol=F32_ATOL * float(t.abs().max()) + 1e-30,
+                )
     return ours
 
 
@@ -131,8 +136,12 @@ def _grid(b):
 @pytest.mark.parametrize("backend,shape", params(_grid))
 def test_float64_matches_reference(use, monkeypatch, backend, shape, k, non_target, filter_threshold, class_index):
     ops = use(backend)
-    case, det = make(backend, monkeypatch, F64, **dict(shape, k=k, class_index=class_index, non_target=non_target,
-                                                         filter_threshold=filter_threshold))
+    case, det = make(
+        backend,
+        monkeypatch,
+        F64,
+        **dict(shape, k=k, class_index=class_index, non_target=non_target, filter_threshold=filter_threshold),
+    )
     check_float64(ops, backend, case, det)
 
 
@@ -183,8 +192,12 @@ def test_rows_without_target(use, monkeypatch, backend):
 # float32 / bf16 / fp16: the docs/DESIGN.md §4 rule
 # ------------------------------------------------------------------------------------------------------------
 def _precision(b):
-    return [(f"{DTYPE_IDS[dt]}-{cid}", (dt, {k: v for k, v in spec.items() if k != "dtypes"}))
-            for dt in (F32, BF16, F16) for cid, spec in b.precision_cases.items() if dt in spec.get("dtypes", (dt,))]
+    return [
+        (f"{DTYPE_IDS[dt]}-{cid}", (dt, {k: v for k, v in spec.items() if k != "dtypes"}))
+        for dt in (F32, BF16, F16)
+        for cid, spec in b.precision_cases.items()
+        if dt in spec.get("dtypes", (dt,))
+    ]
 
 
 @pytest.mark.parametrize("backend,dtype,spec", params(_precision))
@@ -206,8 +219,12 @@ def test_large_upstream_gradient(use, monkeypatch, backend, dtype, factor):
 
 
 def _small_norm(b):
-    return [(f"{DTYPE_IDS[dt]}-k{k}-{'det' if det else 'atomic'}", (dt, k, det))
-            for dt in LOW for k in (1, 3) for det in (True, False)]
+    return [
+        (f"{DTYPE_IDS[dt]}-k{k}-{'det' if det else 'atomic'}", (dt, k, det))
+        for dt in LOW
+        for k in (1, 3)
+        for det in (True, False)
+    ]
 
 
 @pytest.mark.parametrize("backend,dtype,k,deterministic", params(_small_norm))
@@ -230,15 +247,23 @@ def test_small_norm_rows_and_tiny_row_gradients(use, monkeypatch, backend, dtype
     tiny = torch.zeros(case.x.shape[0], dtype=torch.bool)
     tiny[1::2] = True
     truth, same = run_reference(low.on_exact()), run_reference(low)
-    assert_within_reference_error("grad_x (tiny-gradient rows)", ours[2][tiny], truth[2][tiny], same[2][tiny],
-                                  slack=backend.low_slack * float(truth[2][tiny].abs().max()))
+    assert_within_reference_error(
+        "grad_x (tiny-gradient rows)",
+        ours[2][tiny],
+        truth[2][tiny],
+        same[2][tiny],
+        slack=backend.low_slack * float(truth[2][tiny].abs().max()),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # switches: TF32 and the fast 16-bit backward
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [dict(), dict(k=3, class_index=True, non_target=1, filter_threshold=0.2)],
-                         ids=["plain", "k3_curricular_filter"])
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(k=3, class_index=True, non_target=1, filter_threshold=0.2)],
+    ids=["plain", "k3_curricular_filter"],
+)
 @pytest.mark.parametrize("backend", params())
 def test_tf32_opt_in(use, monkeypatch, backend, config):
     ops = use(backend)
@@ -297,8 +322,13 @@ def test_zero_norm_weight_rows(use, monkeypatch, backend, dtype, class_index):
     truth = run_reference(case.on_exact())
     if dtype == F64:
         assert_matches_float64(ours[:3] + ours[4:], truth[:3] + truth[4:])
-        assert_close("grad_weight (other rows)", ours[3][other], truth[3][other], rtol=F64_RTOL,
-                     atol=F64_RTOL * float(truth[3][other].abs().max()))
+        assert_close(
+            "grad_weight (other rows)",
+            ours[3][other],
+            truth[3][other],
+            rtol=F64_RTOL,
+            atol=F64_RTOL * float(truth[3][other].abs().max()),
+        )
     else:
         assert_within_rule(ours, case, slack_rel=slack(backend, dtype), weight_rows=other, truth=truth)
     # ≈ 1e10 here: fp16 cannot hold it (inf, as the reference run in fp16), the other dtypes agree with float64.
@@ -308,8 +338,13 @@ def test_zero_norm_weight_rows(use, monkeypatch, backend, dtype, class_index):
     else:
         assert bool(torch.isfinite(ours[3][zero]).all())
         tol = F64_RTOL if dtype == F64 else ZERO_ROW_RTOL
-        assert_close("grad_weight (zero rows)", ours[3][zero], truth.to(ours[3].dtype), rtol=tol,
-                     atol=tol * float(truth.abs().max()))
+        assert_close(
+            "grad_weight (zero rows)",
+            ours[3][zero],
+            truth.to(ours[3].dtype),
+            rtol=tol,
+            atol=tol * float(truth.abs().max()),
+        )
 
 
 @pytest.mark.parametrize("backend,dtype", params(_dtypes(F64, BF16)))
@@ -346,8 +381,13 @@ def test_nan_input_propagates(use, monkeypatch, backend, dtype):
     assert_close("lse (other rows)", ours[0][others], ref[0][others], rtol=tol, atol=tol)
     assert_argmax_near_max(ours[1][others], _rows(case, others), tol=ARGMAX_TOL[dtype])
     if dtype == F64:
-        assert_close("grad_x (other rows)", ours[2][others], ref[2][others], rtol=tol,
-                     atol=tol * float(ref[2][others].abs().max()))
+        assert_close(
+            "grad_x (other rows)",
+            ours[2][others],
+            ref[2][others],
+            rtol=tol,
+            atol=tol * float(ref[2][others].abs().max()),
+        )
     assert torch.equal(torch.isnan(ours[3]), torch.isnan(ref[3])), "grad_weight: NaN where the reference's"
 
     case.x = x

@@ -62,8 +62,11 @@ def test_every_switch_named_in_the_sources_is_in_the_table():
 def test_readme_lists_every_switch():
     readme = _read(ROOT / "README.md")
     # MARGINOPS_{CUDA,TRITON}_TF32 names both switches
-    readme = re.sub(r"MARGINOPS_\{([A-Z,]+)\}_([A-Z0-9_]+)",
-                    lambda m: " ".join(f"MARGINOPS_{part}_{m.group(2)}" for part in m.group(1).split(",")), readme)
+    readme = re.sub(
+        r"MARGINOPS_\{([A-Z,]+)\}_([A-Z0-9_]+)",
+        lambda m: " ".join(f"MARGINOPS_{part}_{m.group(2)}" for part in m.group(1).split(",")),
+        readme,
+    )
     missing = [name for name in config.SWITCHES if name not in readme]
     assert not missing
 

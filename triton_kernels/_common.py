@@ -82,9 +82,20 @@ def _class_rows(ci_ptr, cols_ld, SUBC: tl.constexpr, HAS_CI: tl.constexpr):
 
 
 @triton.jit
-def _cos_tile(x_ptr, w_ptr, rows_ld, base_r, D,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              SUBC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _cos_tile(
+    x_ptr,
+    w_ptr,
+    rows_ld,
+    base_r,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SUBC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Cosine tile c (BLOCK_M, BLOCK_N), the subcenter achieving it and that subcenter row's 1/n_r.
 
     c_ij = max_s (x_i . w_{r_s(j)}) / max(||w_{r_s(j)}||, eps) with r_s(j) = base_r[j] + s.

@@ -149,15 +149,21 @@ def bwd_dw_configs(dp2: int, dcls: str, split: bool, tf32: bool) -> list[triton.
 # that moves the occupancy fails there rather than silently leaving a second, almost empty wave.
 _DEFAULT_CTAS_PER_SM = {
     # (kind, dtype class, split, tf32)
-    ("fwd", "half", False, False): 1, ("fwd", "fp32", False, True): 1, ("fwd", "fp32", False, False): 2,
+    ("fwd", "half", False, False): 1,
+    ("fwd", "fp32", False, True): 1,
+    ("fwd", "fp32", False, False): 2,
     ("fwd", "fp64", False, False): 4,
-    ("dx", "half", False, False): 1, ("dx", "half", True, False): 1, ("dx", "fp32", False, True): 1,
-    ("dx", "fp32", False, False): 3, ("dx", "fp64", False, False): 2,
+    ("dx", "half", False, False): 1,
+    ("dx", "half", True, False): 1,
+    ("dx", "fp32", False, True): 1,
+    ("dx", "fp32", False, False): 3,
+    ("dx", "fp64", False, False): 2,
 }
 
 
-def default_plan(kind: str, D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False
-                 ) -> tuple[int, int, int]:
+def default_plan(
+    kind: str, D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False
+) -> tuple[int, int, int]:
     """(BLOCK_M, CTAs per SM, BLOCK_N) of the default candidate of ``kind`` ("fwd", "dx"): what the grid
     planners need to size whole waves."""
     dcls = _dtype_class(dtype)
@@ -190,8 +196,7 @@ def kernel(kind: str, D: int, dtype: torch.dtype, split: bool = False, tf32: boo
     ``tune=False`` pins the first candidate (used by the atomic backward, whose accumulating outputs must not
     be run once per candidate).
     """
-    return _tuned(kind, d_pow2(D), _dtype_class(dtype), split, tf32, interpreting(),
-                  tune and _autotune_enabled())
+    return _tuned(kind, d_pow2(D), _dtype_class(dtype), split, tf32, interpreting(), tune and _autotune_enabled())
 
 
 def tile_k_dv(D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False) -> dict:

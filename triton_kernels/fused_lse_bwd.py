@@ -53,14 +53,35 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _cast, _class_rows, _cos_tile, _load_k, _logits, _mma, _nontarget_max_abs_dphi, _nontarget_phi, _row_inv_norm,
+    _cast,
+    _class_rows,
+    _cos_tile,
+    _load_k,
+    _logits,
+    _mma,
+    _nontarget_max_abs_dphi,
+    _nontarget_phi,
+    _row_inv_norm,
     _split_tiles,
 )
 
 
 @triton.jit
-def _bwd_tile(c, col0, col_mask, lab, tgt, rscale, thr, lse, g, curricular_t, filter_threshold,
-              NON_TARGET: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_tile(
+    c,
+    col0,
+    col_mask,
+    lab,
+    tgt,
+    rscale,
+    thr,
+    lse,
+    g,
+    curricular_t,
+    filter_threshold,
+    NON_TARGET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dc (BLOCK_M, BLOCK_N) and this tile's contributions to grad_target_logit and grad_row_scale."""
     phi, dphi = _nontarget_phi(c, thr, curricular_t, filter_threshold, NON_TARGET)
     z, is_t = _logits(c, phi, col0, col_mask, lab, tgt, rscale, BLOCK_N)
@@ -153,14 +174,38 @@ def _row_vectors(labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr, rows,
 
 @triton.jit
 def _bwd_dw_kernel(
-    x_ptr, w_ptr, ci_ptr, labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr,
-    dw_ptr, dx_acc_ptr, gtl_acc_ptr, grs_acc_ptr,
-    B, N, D,
-    t_ptr, filt_ptr, ds_ptr,
-    SUBC: tl.constexpr, NON_TARGET: tl.constexpr, HAS_CI: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FUSE_DX: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    ci_ptr,
+    labels_ptr,
+    tgt_ptr,
+    rscale_ptr,
+    thr_ptr,
+    lse_ptr,
+    g_ptr,
+    dw_ptr,
+    dx_acc_ptr,
+    gtl_acc_ptr,
+    grs_acc_ptr,
+    B,
+    N,
+    D,
+    t_ptr,
+    filt_ptr,
+    ds_ptr,
+    SUBC: tl.constexpr,
+    NON_TARGET: tl.constexpr,
+    HAS_CI: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FUSE_DX: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     in_ty: tl.constexpr = w_ptr.dtype.element_ty
@@ -189,12 +234,15 @@ def _bwd_dw_kernel(
     proj = tl.zeros((BLOCK_N,), acc_ty)
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        rows_ld, lab, tgt, rscale, thr, lse, g = _row_vectors(labels_ptr, tgt_ptr, rscale_ptr, thr_ptr,
-                                                              lse_ptr, g_ptr, rows, B)
-        c, sub, _inv = _cos_tile(x_ptr, w_ptr, rows_ld, base_r, D,
-                                 BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST)
-        dc, gtl, grs = _bwd_tile(c, col0, col_mask, lab, tgt, rscale, thr, lse, g,
-                                 curricular_t, filter_threshold, NON_TARGET, BLOCK_N)
+        rows_ld, lab, tgt, rscale, thr, lse, g = _row_vectors(
+            labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr, rows, B
+        )
+        c, sub, _inv = _cos_tile(
+            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
+        )
+        dc, gtl, grs = _bwd_tile(
+            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, curricular_t, filter_threshold, NON_TARGET, BLOCK_N
+        )
         dcs = tl.where(sub == s_own, dc, 0.0)
         proj += tl.sum(dcs * c, axis=0)
         xv = _load_k(x_ptr + rows_ld[:, None] * D + dcols[None, :], dcols, D, EVEN_DV).to(prod_ty)
@@ -212,8 +260,9 @@ def _bwd_dw_kernel(
                 hi, lo = _split(dcs * inv_own[None, :], prod_ty, SPLIT, UPCAST)
             dxc = _mma_split(hi, lo, w_own_t, tl.zeros((BLOCK_M, BLOCK_DV), acc_ty), SPLIT, DOT_PREC, UPCAST)
             dxc = dxc / xs[:, None]
-            tl.atomic_add(dx_acc_ptr + rows_ld[:, None] * D + dcols[None, :], dxc,
-                          mask=(rows < B)[:, None] & (dcols < D)[None, :])
+            tl.atomic_add(
+                dx_acc_ptr + rows_ld[:, None] * D + dcols[None, :], dxc, mask=(rows < B)[:, None] & (dcols < D)[None, :]
+            )
             if (s_own == 0) & (pid_d == 0):
                 tl.atomic_add(gtl_acc_ptr + rows_ld, gtl, mask=rows < B)
                 tl.atomic_add(grs_acc_ptr + rows_ld, grs, mask=rows < B)
@@ -221,20 +270,45 @@ def _bwd_dw_kernel(
     w_own = _load_k(w_own_ptrs, dcols, D, EVEN_DV).to(acc_ty)
     coef = tl.where(has_proj, proj * inv_own * inv_own, 0.0)
     dw = dacc * (inv_own / dscale)[:, None] - coef[:, None] * w_own
-    tl.store(dw_ptr + r_own[:, None] * D + dcols[None, :], _cast(dw, dw_ptr.dtype.element_ty, UPCAST),
-             mask=col_mask[:, None] & (dcols < D)[None, :])
+    tl.store(
+        dw_ptr + r_own[:, None] * D + dcols[None, :],
+        _cast(dw, dw_ptr.dtype.element_ty, UPCAST),
+        mask=col_mask[:, None] & (dcols < D)[None, :],
+    )
 
 
 @triton.jit
 def _bwd_dx_kernel(
-    x_ptr, w_ptr, ci_ptr, labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr,
-    dx_part_ptr, gtl_part_ptr, grs_part_ptr,
-    B, N, D, SPLITS,
-    t_ptr, filt_ptr,
-    SUBC: tl.constexpr, NON_TARGET: tl.constexpr, HAS_CI: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    ci_ptr,
+    labels_ptr,
+    tgt_ptr,
+    rscale_ptr,
+    thr_ptr,
+    lse_ptr,
+    g_ptr,
+    dx_part_ptr,
+    gtl_part_ptr,
+    grs_part_ptr,
+    B,
+    N,
+    D,
+    SPLITS,
+    t_ptr,
+    filt_ptr,
+    SUBC: tl.constexpr,
+    NON_TARGET: tl.constexpr,
+    HAS_CI: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     in_ty: tl.constexpr = w_ptr.dtype.element_ty
@@ -251,8 +325,9 @@ def _bwd_dx_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
-    rows_ld, lab, tgt, rscale, thr, lse, g = _row_vectors(labels_ptr, tgt_ptr, rscale_ptr, thr_ptr,
-                                                          lse_ptr, g_ptr, rows, B)
+    rows_ld, lab, tgt, rscale, thr, lse, g = _row_vectors(
+        labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr, rows, B
+    )
     dcols = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
 
     dacc = tl.zeros((BLOCK_M, BLOCK_DV), acc_ty)
@@ -266,10 +341,12 @@ def _bwd_dx_kernel(
         col0 = t * BLOCK_N
         col_mask = tl.arange(0, BLOCK_N) < N - col0
         base_r = _class_rows(ci_ptr, tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1), SUBC, HAS_CI)
-        c, sub, inv_sel = _cos_tile(x_ptr, w_ptr, rows_ld, base_r, D,
-                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST)
-        dc, gtl, grs = _bwd_tile(c, col0, col_mask, lab, tgt, rscale, thr, lse, g,
-                                 curricular_t, filter_threshold, NON_TARGET, BLOCK_N)
+        c, sub, inv_sel = _cos_tile(
+            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
+        )
+        dc, gtl, grs = _bwd_tile(
+            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, curricular_t, filter_threshold, NON_TARGET, BLOCK_N
+        )
         gtl_acc += gtl
         grs_acc += grs
         for s in tl.static_range(SUBC):
@@ -291,8 +368,11 @@ def _bwd_dx_kernel(
             dacc = _mma_split_k(hi, lo, wv, dacc, SPLIT, DOT_PREC, UPCAST)
 
     prow = pid_s.to(tl.int64) * B + rows
-    tl.store(dx_part_ptr + prow[:, None] * D + dcols[None, :], dacc / xs[:, None],
-             mask=row_mask[:, None] & (dcols < D)[None, :])
+    tl.store(
+        dx_part_ptr + prow[:, None] * D + dcols[None, :],
+        dacc / xs[:, None],
+        mask=row_mask[:, None] & (dcols < D)[None, :],
+    )
     if pid_d == 0:
         tl.store(gtl_part_ptr + prow, gtl_acc, mask=row_mask)
         tl.store(grs_part_ptr + prow, grs_acc, mask=row_mask)
@@ -300,9 +380,18 @@ def _bwd_dx_kernel(
 
 @triton.jit
 def _bwd_reduce_kernel(
-    dx_part_ptr, gtl_part_ptr, grs_part_ptr, dx_ptr, gtl_ptr, grs_ptr,
-    B, D, SPLITS,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FIX: tl.constexpr,
+    dx_part_ptr,
+    gtl_part_ptr,
+    grs_part_ptr,
+    dx_ptr,
+    gtl_ptr,
+    grs_ptr,
+    B,
+    D,
+    SPLITS,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FIX: tl.constexpr,
 ):
     """grad_x = sum_s dx_part[s] (cast to x's dtype), and the per-row grads, summed in split order."""
     acc_ty: tl.constexpr = gtl_ptr.dtype.element_ty

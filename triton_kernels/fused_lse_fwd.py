@@ -28,13 +28,32 @@ from ._common import _class_rows, _cos_tile, _logits, _nontarget_phi, _split_til
 
 @triton.jit
 def _lse_fwd_kernel(
-    x_ptr, w_ptr, ci_ptr, labels_ptr, tgt_ptr, rscale_ptr, thr_ptr,
-    m_part_ptr, l_part_ptr, best_part_ptr, arg_part_ptr,
-    B, N, D, SPLITS,
-    t_ptr, filt_ptr,
-    SUBC: tl.constexpr, NON_TARGET: tl.constexpr, HAS_CI: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    ci_ptr,
+    labels_ptr,
+    tgt_ptr,
+    rscale_ptr,
+    thr_ptr,
+    m_part_ptr,
+    l_part_ptr,
+    best_part_ptr,
+    arg_part_ptr,
+    B,
+    N,
+    D,
+    SPLITS,
+    t_ptr,
+    filt_ptr,
+    SUBC: tl.constexpr,
+    NON_TARGET: tl.constexpr,
+    HAS_CI: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
@@ -61,8 +80,9 @@ def _lse_fwd_kernel(
         col0 = t * BLOCK_N
         col_mask = tl.arange(0, BLOCK_N) < N - col0
         base_r = _class_rows(ci_ptr, tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1), SUBC, HAS_CI)
-        c, _sub, _inv = _cos_tile(x_ptr, w_ptr, rows_ld, base_r, D,
-                                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST)
+        c, _sub, _inv = _cos_tile(
+            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
+        )
 
         # argmax of the raw cosine: NaN ranks above everything (as torch.argmax), smallest index on ties;
         # a later tile only wins with a strictly larger value
@@ -91,8 +111,14 @@ def _lse_fwd_kernel(
 
 @triton.jit
 def _lse_merge_kernel(
-    m_part_ptr, l_part_ptr, best_part_ptr, arg_part_ptr, lse_ptr, argmax_ptr,
-    B, SPLITS,
+    m_part_ptr,
+    l_part_ptr,
+    best_part_ptr,
+    arg_part_ptr,
+    lse_ptr,
+    argmax_ptr,
+    B,
+    SPLITS,
     BLOCK: tl.constexpr,
 ):
     """lse = M + log(sum_s l_s exp(m_s - M)); argmax from the first split holding the best value."""

@@ -98,8 +98,9 @@ def _sm_count(device: torch.device) -> int:
     return _num_sms(idx)
 
 
-def _fwd_splits(B: int, N: int, D: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                tf32: bool = False) -> int:
+def _fwd_splits(
+    B: int, N: int, D: int, device: torch.device, dtype: torch.dtype = torch.float32, tf32: bool = False
+) -> int:
     """Class splits of the forward grid (row tiles x splits), planned by whole waves (``whole_wave_splits``):
     up to ~4 waves of the default candidate's programs (``configs.default_plan``: its BLOCK_M and the CTAs per
     SM of its compiled code), at least 2 class tiles per split.  Other autotune candidates launch the same
@@ -107,12 +108,18 @@ def _fwd_splits(B: int, N: int, D: int, device: torch.device, dtype: torch.dtype
     if device.type != "cuda":
         return max(1, min(3, triton.cdiv(N, 32)))  # interpreter: 3 splits of 32-column tiles, some empty
     block_m, ctas_per_sm, block_n = configs.default_plan("fwd", D, dtype, False, tf32)
-    return whole_wave_splits(triton.cdiv(B, block_m), _sm_count(device) * ctas_per_sm, 4,
-                             triton.cdiv(N, 2 * block_n))
+    return whole_wave_splits(triton.cdiv(B, block_m), _sm_count(device) * ctas_per_sm, 4, triton.cdiv(N, 2 * block_n))
 
 
-def _dx_splits(B: int, N: int, D: int, device: torch.device, dtype: torch.dtype = torch.float32,
-               split: bool = False, tf32: bool = False) -> int:
+def _dx_splits(
+    B: int,
+    N: int,
+    D: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    split: bool = False,
+    tf32: bool = False,
+) -> int:
     """Class splits of the deterministic dX kernel, planned like ``_fwd_splits``: (row tiles x d-chunks of
     the real BLOCK_DV) programs per split, up to ~2 waves, fp32 partials (splits x B x D) capped near 64 MB,
     at least one class tile per split."""
@@ -143,12 +150,16 @@ def _launches(x: Tensor) -> bool:
 
     if not is_fake(x):
         return True
-    tracing = (isinstance(x, FunctionalTensor) or get_proxy_mode() is not None
-               or any(isinstance(m, FunctionalTensorMode) for m in _get_current_dispatch_mode_stack()))
+    tracing = (
+        isinstance(x, FunctionalTensor)
+        or get_proxy_mode() is not None
+        or any(isinstance(m, FunctionalTensorMode) for m in _get_current_dispatch_mode_stack())
+    )
     if tracing:
         raise NotImplementedError(
             "marginops' Triton kernels cannot be traced under the Triton interpreter (TRITON_INTERPRET=1): "
-            "torch.compile / make_fx of the triton backend needs a GPU")
+            "torch.compile / make_fx of the triton backend needs a GPU"
+        )
     return False
 
 
@@ -203,16 +214,42 @@ def fused_lse_forward(
         return (triton.cdiv(B, meta["BLOCK_M"]), splits)
 
     wrap_triton(kern)[grid](
-        x, weight, ci, labels, target_logit, row_scale, threshold,
-        m_part, l_part, best_part, arg_part,
-        B, N, D, splits, t_buf, f_buf,
-        SUBC=subcenters, NON_TARGET=non_target, HAS_CI=class_index is not None,
-        DOT_PREC="tf32" if tf32 else "ieee", UPCAST=_upcast(x.dtype),
-        EVEN_K=tiles["EVEN_K"], BLOCK_K=tiles["BLOCK_K"],
+        x,
+        weight,
+        ci,
+        labels,
+        target_logit,
+        row_scale,
+        threshold,
+        m_part,
+        l_part,
+        best_part,
+        arg_part,
+        B,
+        N,
+        D,
+        splits,
+        t_buf,
+        f_buf,
+        SUBC=subcenters,
+        NON_TARGET=non_target,
+        HAS_CI=class_index is not None,
+        DOT_PREC="tf32" if tf32 else "ieee",
+        UPCAST=_upcast(x.dtype),
+        EVEN_K=tiles["EVEN_K"],
+        BLOCK_K=tiles["BLOCK_K"],
     )
     merge_block = 128
     wrap_triton(_lse_merge_kernel)[(triton.cdiv(B, merge_block),)](
-        m_part, l_part, best_part, arg_part, lse, argmax, B, splits, BLOCK=merge_block,
+        m_part,
+        l_part,
+        best_part,
+        arg_part,
+        lse,
+        argmax,
+        B,
+        splits,
+        BLOCK=merge_block,
     )
     return lse, argmax
 
@@ -248,28 +285,69 @@ def fused_lse_backward(
     acc = target_logit.dtype
     dev = x.device
     if B == 0 or D == 0 or N == 0:
-        return (torch.zeros_like(x) if need_grad_x else x.new_empty(0),
-                torch.zeros_like(weight) if need_grad_weight else weight.new_empty(0),
-                torch.zeros((B,), dtype=acc, device=dev), torch.zeros((B,), dtype=acc, device=dev))
-    grads = _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                             curricular_t, non_target, filter_threshold, subcenters, deterministic,
-                             need_grad_weight or not deterministic)
+        return (
+            torch.zeros_like(x) if need_grad_x else x.new_empty(0),
+            torch.zeros_like(weight) if need_grad_weight else weight.new_empty(0),
+            torch.zeros((B,), dtype=acc, device=dev),
+            torch.zeros((B,), dtype=acc, device=dev),
+        )
+    grads = _backward_launch(
+        grad_lse,
+        lse,
+        x,
+        weight,
+        labels,
+        target_logit,
+        row_scale,
+        threshold,
+        class_index,
+        curricular_t,
+        non_target,
+        filter_threshold,
+        subcenters,
+        deterministic,
+        need_grad_weight or not deterministic,
+    )
     grad_x, grad_w, gtl, grs = grads
     return (grad_x if need_grad_x else x.new_empty(0), grad_w if need_grad_weight else weight.new_empty(0), gtl, grs)
 
 
-def _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                     curricular_t, non_target, filter_threshold, subcenters, deterministic, with_dw):
+def _backward_launch(
+    grad_lse,
+    lse,
+    x,
+    weight,
+    labels,
+    target_logit,
+    row_scale,
+    threshold,
+    class_index,
+    curricular_t,
+    non_target,
+    filter_threshold,
+    subcenters,
+    deterministic,
+    with_dw,
+):
     B, D = x.shape
     N = _num_columns(weight, class_index, subcenters)
     acc = target_logit.dtype
     dev = x.device
     # referenced rows are all written by the kernel; only a class_index leaves rows that must read 0
-    grad_w = (weight.new_empty(0) if not with_dw
-              else torch.zeros_like(weight) if class_index is not None else torch.empty_like(weight))
+    grad_w = (
+        weight.new_empty(0)
+        if not with_dw
+        else torch.zeros_like(weight)
+        if class_index is not None
+        else torch.empty_like(weight)
+    )
     if not _launches(x):
-        return (torch.empty_like(x), grad_w, torch.empty((B,), dtype=acc, device=dev),
-                torch.empty((B,), dtype=acc, device=dev))
+        return (
+            torch.empty_like(x),
+            grad_w,
+            torch.empty((B,), dtype=acc, device=dev),
+            torch.empty((B,), dtype=acc, device=dev),
+        )
     g = grad_lse.to(acc).contiguous()
     lse = lse.to(acc).contiguous()
     t_buf, f_buf = _scalars(curricular_t, filter_threshold, acc, dev)
@@ -278,9 +356,15 @@ def _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, 
     has_ci = class_index is not None
     split = _split_grad_dots(x.dtype)
     tf32 = _dot_precision(x.dtype) == "tf32"
-    common = dict(SUBC=subcenters, NON_TARGET=non_target, HAS_CI=has_ci,
-                  DOT_PREC="tf32" if tf32 else "ieee", UPCAST=_upcast(x.dtype), SPLIT=split,
-                  **configs.tile_k_dv(D, x.dtype, split, tf32))
+    common = dict(
+        SUBC=subcenters,
+        NON_TARGET=non_target,
+        HAS_CI=has_ci,
+        DOT_PREC="tf32" if tf32 else "ieee",
+        UPCAST=_upcast(x.dtype),
+        SPLIT=split,
+        **configs.tile_k_dv(D, x.dtype, split, tf32),
+    )
 
     def dw_grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(D, meta["BLOCK_DV"]), subcenters)
@@ -290,9 +374,27 @@ def _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, 
         gtl = torch.zeros((B,), dtype=acc, device=dev)
         grs = torch.zeros((B,), dtype=acc, device=dev)
         wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32, tune=False))[dw_grid](
-            x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
-            grad_w, dx_acc, gtl, grs,
-            B, N, D, t_buf, f_buf, ds_buf, FUSE_DX=True, **common,
+            x,
+            weight,
+            ci,
+            labels,
+            target_logit,
+            row_scale,
+            threshold,
+            lse,
+            g,
+            grad_w,
+            dx_acc,
+            gtl,
+            grs,
+            B,
+            N,
+            D,
+            t_buf,
+            f_buf,
+            ds_buf,
+            FUSE_DX=True,
+            **common,
         )
         if x.dtype == acc:
             return dx_acc, grad_w, gtl, grs
@@ -309,18 +411,52 @@ def _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, 
 
     if with_dw:
         wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32))[dw_grid](
-            x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
-            grad_w, dx_part, gtl_part, grs_part,  # the last three are unused with FUSE_DX=False
-            B, N, D, t_buf, f_buf, ds_buf, FUSE_DX=False, **common,
+            x,
+            weight,
+            ci,
+            labels,
+            target_logit,
+            row_scale,
+            threshold,
+            lse,
+            g,
+            grad_w,
+            dx_part,
+            gtl_part,
+            grs_part,  # the last three are unused with FUSE_DX=False
+            B,
+            N,
+            D,
+            t_buf,
+            f_buf,
+            ds_buf,
+            FUSE_DX=False,
+            **common,
         )
 
     def dx_grid(meta):
         return (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_DV"]), splits)
 
     wrap_triton(configs.kernel("dx", D, x.dtype, split, tf32))[dx_grid](
-        x, weight, ci, labels, target_logit, row_scale, threshold, lse, g,
-        dx_part, gtl_part, grs_part,
-        B, N, D, splits, t_buf, f_buf, **common,
+        x,
+        weight,
+        ci,
+        labels,
+        target_logit,
+        row_scale,
+        threshold,
+        lse,
+        g,
+        dx_part,
+        gtl_part,
+        grs_part,
+        B,
+        N,
+        D,
+        splits,
+        t_buf,
+        f_buf,
+        **common,
     )
 
     grad_x = torch.empty_like(x)
@@ -328,6 +464,17 @@ def _backward_launch(grad_lse, lse, x, weight, labels, target_logit, row_scale, 
     grs = torch.empty((B,), dtype=acc, device=dev)
     red_m, red_d = 32, min(128, triton.next_power_of_2(D))
     wrap_triton(_bwd_reduce_kernel)[(triton.cdiv(B, red_m) * triton.cdiv(D, red_d),)](
-        dx_part, gtl_part, grs_part, grad_x, gtl, grs, B, D, splits, BLOCK_M=red_m, BLOCK_D=red_d, FIX=_upcast(x.dtype),
+        dx_part,
+        gtl_part,
+        grs_part,
+        grad_x,
+        gtl,
+        grs,
+        B,
+        D,
+        splits,
+        BLOCK_M=red_m,
+        BLOCK_D=red_d,
+        FIX=_upcast(x.dtype),
     )
     return grad_x, grad_w, gtl, grs

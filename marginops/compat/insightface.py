@@ -151,8 +151,15 @@ class PartialFC_V2(DistributedMarginLoss):  # noqa: N801  (insightface's name)
     ):
         margin, filter_threshold = _margin_from(margin_loss)
         super().__init__(
-            margin, embedding_size, num_classes, sample_rate, process_group, backend,
-            seed=seed, interclass_filtering_threshold=filter_threshold, deterministic=deterministic,
+            margin,
+            embedding_size,
+            num_classes,
+            sample_rate,
+            process_group,
+            backend,
+            seed=seed,
+            interclass_filtering_threshold=filter_threshold,
+            deterministic=deterministic,
         )
         self.margin_softmax = margin_loss if isinstance(margin_loss, nn.Module) else None
         self.fp16 = bool(fp16)

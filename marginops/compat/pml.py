@@ -126,7 +126,9 @@ class _WeightedMarginLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if labels is None:  # pml: c_f.labels_required, a ValueError (its test_losses_without_labels checks it)
-            raise ValueError(f"labels are required for this loss function ({type(self).__name__} is a classification loss)")
+            raise ValueError(
+                f"labels are required for this loss function ({type(self).__name__} is a classification loss)"
+            )
         if ref_emb is not None or ref_labels is not None:
             raise ValueError(f"{type(self).__name__} does not support ref_emb/ref_labels (neither does pml)")
         weight = self.class_weights()
@@ -208,8 +210,15 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     apply.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64,
-                 sub_centers: int = 3, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 28.6,
+        scale: float = 64,
+        sub_centers: int = 3,
+        **kwargs,
+    ):
         if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
             raise ValueError(f"sub_centers must be an integer >= 1, got {sub_centers!r}")
         if num_classes < 1:
@@ -230,8 +239,13 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         return float(self.scale) * cos.view(-1, self.num_classes, self.sub_centers).amax(dim=2)
 
     @torch.no_grad()
-    def get_outliers(self, embeddings: torch.Tensor, labels: torch.Tensor, threshold: float = 75,
-                     return_dominant_centers: bool = True) -> SubCenterOutliers:
+    def get_outliers(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        threshold: float = 75,
+        return_dominant_centers: bool = True,
+    ) -> SubCenterOutliers:
         """Sub-center ArcFace's cleaning step, as pml: for each class in the batch, its dominant sub-center (the one
         most of its samples are closest to; ties to the lower index) and its outliers, the samples whose cosine
         to the dominant sub-center is below cos(``threshold`` degrees).

@@ -17,8 +17,11 @@ from op_cases import Case, run_op  # noqa: E402
 
 ops = cuda_emulator.EmulatedOps(cuda_emulator.load(sanitize=sys.argv[1] if len(sys.argv) > 1 else "address"))
 for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-    for config in (dict(B=37, D=61, C=101, k=3, class_index=True, non_target=1, filter_threshold=0.2),
-                   dict(B=70, D=64, C=90), dict(B=3, D=8, C=5)):
+    for config in (
+        dict(B=37, D=61, C=101, k=3, class_index=True, non_target=1, filter_threshold=0.2),
+        dict(B=70, D=64, C=90),
+        dict(B=3, D=8, C=5),
+    ):
         # torch's CPU allocator gives each tensor its own exact-size malloc: ASan's redzones border every one
         case = Case(**config).on(dtype)
         outs = run_op(ops, case)

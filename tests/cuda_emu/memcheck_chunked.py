@@ -16,8 +16,11 @@ ops = cuda_emulator.EmulatedChunkedOps(cuda_emulator.load(sanitize="address"))
 os.environ["MARGINOPS_CHUNK_COLS"] = "37"
 os.environ["MARGINOPS_CHUNK_ROWS"] = "16"
 for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-    for config in (dict(B=37, D=61, C=101, k=3, class_index=True, non_target=1, filter_threshold=0.2),
-                   dict(B=70, D=64, C=90), dict(B=3, D=8, C=5)):
+    for config in (
+        dict(B=37, D=61, C=101, k=3, class_index=True, non_target=1, filter_threshold=0.2),
+        dict(B=70, D=64, C=90),
+        dict(B=3, D=8, C=5),
+    ):
         # torch's CPU allocator gives each tensor its own exact-size malloc: ASan's redzones border every one
         case = Case(**config).on(dtype)
         outs = run_op(ops, case)
