@@ -25,10 +25,10 @@ STAGES=(
   "env:20:5"
   "build:80:60"
   "tests_cuda:50:20"
-  "tests_triton:60:20"
-  "memcheck:30:20"
-  "bench_1m:75:40"
-  "bench_4m:45:30"
+  "tests_triton:50:20"
+  "memcheck:25:15"
+  "bench_1m:95:40"
+  "bench_4m:40:30"
 )
 
 plan() {
