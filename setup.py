@@ -5,12 +5,14 @@ install with --no-build-isolation); MARGINOPS_BUILD_CUDA=1 adds the CUDA kernels
 import glob
 import importlib.util
 import os
+import sys
 
 from setuptools import find_packages, setup
 
 # the package's switchboard (stdlib only), loaded by path: setup.py runs before marginops is importable
 _spec = importlib.util.spec_from_file_location("_marginops_config", os.path.join("marginops", "config.py"))
 config = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = config  # dataclasses look their module up while the class is built
 _spec.loader.exec_module(config)
 
 # csrc/ ships as data of the (import-less) packages marginops._csrc[.cpu|.cuda], compiled on first use
