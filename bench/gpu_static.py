@@ -536,7 +536,9 @@ def resources_markdown(rows: list[dict], versions: str) -> str:
         "hand. Read from the compiled code (no GPU involved): " + versions + ".",
         "",
         f"Triton kernels compiled for sm_90a at D = {REPORT_D}, C = {REPORT_C:,}; wave efficiency of the planned "
-        "grid at B = 1024 on 132 SMs (1.0 = whole waves). CUDA kernels read from the built extension.",
+        "grid at B = 1024 on 132 SMs (1.0 = whole waves). CUDA kernels read from the built extension; their "
+        "smem column is static shared memory only (the dynamic part is sized at launch and checked against the "
+        "device's limit by the op).",
         "",
         "The CUDA WMMA kernels' deeper rewrite (ldmatrix fragments, vectorized operand staging, a wgmma path "
         "for Hopper) waits for a GPU measurement of the chunked path against the fused one; the generic-load "
