@@ -7,8 +7,8 @@ lazily and cached, so the candidate list is already specialized to D and the dty
 (EVEN_K / EVEN_DV): BLOCK_K, the K chunk of the cosine GEMM, and BLOCK_DV, the slice of D whose dX / dW
 accumulator (BLOCK x BLOCK_DV fp32) a backward program keeps in registers for its whole reduction.
 
-Candidates target an H100/H200 (sm_90: 228 KB shared memory, 64K registers per SM).  None was timed (no GPU
-was available when they were written).  What they compile to is not written here (hand-copied numbers
+Candidates target an H100/H200 (sm_90: 228 KB shared memory, 64K registers per SM).  None has been timed on a
+GPU yet.  What they compile to is not written here (hand-copied numbers
 drift): ``python -m bench.gpu_static --out DIR --triton-only [--default-configs]`` compiles every candidate
 ahead of time for sm_90a and reports registers, spills, shared memory, CTAs per SM, wgmma use and the wave
 efficiency of the planned grid; tests/test_gpu_static.py requires the **default** candidate (the first of
