@@ -65,7 +65,9 @@ def test_runner_sweep_writes_csv_and_plots(tmp_path, monkeypatch, capsys):
         "forward,backward,forward+backward",
     )
     out = capsys.readouterr().out
-    assert "device:" in out and "× reference" in out and "GEMM" in out
+    assert "device:" in out
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):  # torch >= 2.13: the one provider here that runs
+        assert "× reference" in out and "GEMM" in out  # beside the reference and the GEMMs, so ratios print
     with (tmp_path / "cpu.csv").open() as fh:
         assert next(csv.reader(fh)) == results.FIELDS
     device = results.device_name("cpu")
