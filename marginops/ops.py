@@ -14,6 +14,11 @@ Contract of ``fused_lse`` (every backend: csrc/cpu, csrc/cuda, triton_kernels; o
 
 Backward returns gradients for x, weight, target_logit and row_scale; the target column's gradient
 reaches the margin through target_logit, i.e. through the autograd graph of the pre-pass.
+
+Dtypes: x and weight in one dtype, or mixed precision: x bf16 / fp16 with a float32 weight.  The matrix products
+run in x's dtype (weight rows rounded to it as they are used, never as a copy of all of W), norms and every other
+step in float32; grad_x comes back in x's dtype, grad_weight in float32.  target_logit, row_scale, threshold, lse
+and their gradients are in the accumulation dtype (float64 for float64 inputs, else float32).
 """
 
 from __future__ import annotations

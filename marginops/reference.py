@@ -59,6 +59,15 @@ def margin_cross_entropy(
     return reduced, make_stats(lse, pre.cos_target, cos.detach().argmax(dim=1), labels, valid)
 
 
+def product_rows(w: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """The weight rows as the op's matrix products see them: ``w`` (``weight`` in the accumulation dtype), rounded
+    to ``compute_dtype`` when that is narrower than ``weight`` (mixed precision: a float32 weight with 16-bit x).
+    The gradient passes straight through to the float32 rows, as the kernels form dW in float32."""
+    if compute_dtype in (torch.bfloat16, torch.float16) and weight.dtype != compute_dtype:
+        return w + (weight.detach().to(compute_dtype).to(w.dtype) - w.detach())
+    return w
+
+
 def fused_lse(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -79,7 +88,7 @@ def fused_lse(
     acc = target_logit.dtype
     w = weight.to(acc)
     inv_norm = 1.0 / torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)
-    cos_rows = (x.to(acc) @ w.t()) * inv_norm
+    cos_rows = (x.to(acc) @ product_rows(w, weight, x.dtype).t()) * inv_norm
     k = subcenters
     cos = cos_rows.reshape(cos_rows.shape[0], -1, k).max(dim=2).values
     if class_index is not None:

@@ -40,6 +40,8 @@ class OpBackend:
     device: str
     load: Callable[[], Any]  # -> the op (first use may compile)
     dtypes: tuple  # x / weight dtypes the kernels take
+    # mixed precision: the 16-bit x dtypes it takes with a float32 weight (products in x's dtype, dW in float32)
+    mixed_dtypes: tuple = ()
     unavailable: Callable[[], Optional[str]] = lambda: None  # why it cannot run here (-> skip), else None
     marks: tuple = ()
     # deterministic=False takes another code path (float atomics): results close, not bitwise equal
@@ -75,6 +77,12 @@ class OpBackend:
             pytest.skip(reason)
         if dtype is not None and dtype not in self.dtypes:
             pytest.skip(f"{self.name} kernels take {', '.join(str(d)[6:] for d in self.dtypes)} only")
+
+    def skip_unless_mixed(self, dtype):
+        """Skip unless this backend runs ``dtype`` x with a float32 weight."""
+        self.skip_unless()
+        if dtype not in self.mixed_dtypes:
+            pytest.skip(f"{self.name}: no mixed precision ({dtype} x with a float32 weight)")
 
 
 # Single-purpose sizes every backend starts from (a backend overrides what is too slow for it).

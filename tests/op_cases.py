@@ -148,11 +148,12 @@ class Case:
         self.grad = grad
         self.dtype, self.device = torch.float64, CPU
 
-    def on(self, dtype, device=CPU):
-        """x / weight in ``dtype``; per-row tensors in its accumulation dtype (float64 for float64, else float32)."""
+    def on(self, dtype, device=CPU, weight_dtype=None):
+        """x / weight in ``dtype``; per-row tensors in its accumulation dtype (float64 for float64, else float32).
+        weight_dtype: the weight in another dtype (mixed precision: float32 weight, 16-bit x)."""
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         other = copy.copy(self)
-        other.x, other.weight = self.x.to(device, dtype), self.weight.to(device, dtype)
+        other.x, other.weight = self.x.to(device, dtype), self.weight.to(device, weight_dtype or dtype)
         for name in PER_ROW:
             setattr(other, name, getattr(self, name).to(device, acc))
         other.labels = self.labels.to(device)

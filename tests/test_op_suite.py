@@ -200,11 +200,50 @@ def _precision(b):
     ]
 
 
+def _dtypes(*dtypes):
+    return lambda b: [(DTYPE_IDS[d], (d,)) for d in dtypes]
+
+
+def _mixed(b):
+    return [
+        (f"{DTYPE_IDS[dt]}-{cid}", (dt, {k: v for k, v in b.precision_cases[cid].items() if k != "dtypes"}))
+        for dt in LOW
+        for cid in list(b.precision_cases)[:2]
+    ]
+
+
 @pytest.mark.parametrize("backend,dtype,spec", params(_precision))
 def test_within_reference_error(use, monkeypatch, backend, dtype, spec):
     ops = use(backend)
     case, det = make(backend, monkeypatch, dtype, **spec)
     check_rule(ops, backend, case, det)
+
+
+@pytest.mark.parametrize("backend,dtype,spec", params(_mixed))
+def test_mixed_precision(use, monkeypatch, backend, dtype, spec):
+    """A float32 weight with 16-bit x: products in x's dtype, the docs/DESIGN.md §4 rule against the reference run
+    the same way (weight rows rounded to x's dtype for the products), grad_x in x's dtype, grad_weight in float32."""
+    backend.skip_unless_mixed(dtype)
+    ops = use(backend)
+    spec = dict(spec)
+    for key, value in spec.pop("env", {}).items():
+        monkeypatch.setenv(key, value)
+    deterministic = spec.pop("deterministic", True)
+    case = Case(**spec).on(dtype, backend.device, weight_dtype=F32)
+    ours = check_rule(ops, backend, case, deterministic)
+    assert ours[2].dtype == dtype and ours[3].dtype == F32
+
+
+@pytest.mark.parametrize("backend,dtype", params(_dtypes(BF16, F16)))
+def test_mixed_precision_rejected_clearly(use, monkeypatch, backend, dtype):
+    """A backend without mixed precision rejects a float32 weight with 16-bit x by saying so (never runs it)."""
+    backend.skip_unless(dtype)
+    if dtype in backend.mixed_dtypes or not backend.checks_arguments:
+        pytest.skip(f"{backend.name} runs {dtype} x with a float32 weight, or relies on marginops/_validation.py")
+    ops = use(backend)
+    case = Case(B=5, D=8, C=7).on(dtype, backend.device, weight_dtype=F32)
+    with pytest.raises(RuntimeError, match="dtype"):
+        run_op(ops, case)
 
 
 @pytest.mark.parametrize("backend,dtype,factor", params(lambda b: [("bf16", (BF16, 2.0**20)), ("fp16", (F16, 2.0**8))]))
@@ -300,9 +339,6 @@ def test_fast_backward_single_rounding(use, monkeypatch, backend, dtype):
 # ------------------------------------------------------------------------------------------------------------
 # edge cases
 # ------------------------------------------------------------------------------------------------------------
-def _dtypes(*dtypes):
-    return lambda b: [(DTYPE_IDS[d], (d,)) for d in dtypes]
-
 
 @pytest.mark.parametrize("class_index", [False, True], ids=["all_classes", "class_index"])
 @pytest.mark.parametrize("backend,dtype", params(_dtypes(F64, F32, BF16, F16)))
