@@ -7,6 +7,20 @@
 // Extra memory: O(threads * B * chunk) for the blocks, O(B * num_chunks) for the partials, and
 // O(threads * B * D) for the grad_x partial sums of the backward; never O(B * C).
 //
+// Dtypes: x and weight both float32 or both float64 (T = their dtype), both bfloat16 or both
+// float16, or x bfloat16 / float16 with a float32 weight (mixed precision); with 16-bit x, T =
+// float and the per-row tensors (target_logit, row_scale, threshold, grad_lse, lse) are float32.
+// 16-bit x is widened to float32 once (B x D, exact). Each chunk's weight rows are widened into
+// the thread's workspace (rounded through x's dtype first for a float32 weight), on the same pass as
+// the class_index gather, and the float32 products and epilogue run on them: products of two 16-bit
+// values are exact in float32, so this is a 16-bit GEMM with float32 accumulation (ATen's public
+// CPU API has no bf16 / fp16 GEMM with float32 output). Mixed precision takes the row norms and
+// the norm term of grad_weight from the float32 rows, as the contract says. grad_x is summed in
+// float32 and cast to x's dtype at the end; 16-bit grad_weight rows are formed in the workspace and
+// cast as they are written. Extra memory of 16-bit inputs: B x D float32 for x, and per thread
+// k * chunk x D float32 rows (always, not only with class_index) plus, in the backward with a
+// 16-bit weight, as many for their gradient.
+//
 // Determinism: the forward writes one partial (max, sum, best cosine, its column) per chunk and
 // row and merges them in chunk order, so its result does not depend on the thread count or on
 // which thread ran which chunk. The backward sums grad_x per fixed group of consecutive chunks and
@@ -29,6 +43,13 @@
 #include "epilogue.h"
 #include "margin_math.h"
 
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define MARGINOPS_F16C 1
+#include <immintrin.h>
+#else
+#define MARGINOPS_F16C 0
+#endif
+
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #pragma message("marginops: built without -fopenmp, so the CPU op runs on one thread")
 #endif
@@ -39,12 +60,111 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
+// 16-bit weight rows (S: c10::BFloat16 or c10::Half) to and from the float32 rows of the products.
+
+// fp16 <-> float32 eight values at a time with F16C (every AVX2 CPU has it): c10::Half converts
+// with bit manipulation per value unless the build targets F16C, which made an fp16 forward +
+// backward about a third slower than bf16. Both round to nearest even, so the bits are the same.
+// Each returns how many leading values it converted; the scalar loops do the rest.
+#if MARGINOPS_F16C
+bool has_f16c() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  }();
+  return yes;
+}
+
+__attribute__((target("avx,f16c"))) int64_t half_to_float(const c10::Half* src, float* dst,
+                                                          int64_t n) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e));
+    _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(h));
+  }
+  return e;
+}
+
+__attribute__((target("avx,f16c"))) int64_t float_to_half(const float* src, c10::Half* dst,
+                                                          int64_t n) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + e), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + e), h);
+  }
+  return e;
+}
+
+__attribute__((target("avx,f16c"))) int64_t round_through_half(const float* src, float* dst,
+                                                               int64_t n) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + e), _MM_FROUND_TO_NEAREST_INT);
+    _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(h));
+  }
+  return e;
+}
+#endif
+
+template <typename S>
+void widen_rows(const void* base, int64_t first, float* dst, int64_t n) {
+  const S* src = static_cast<const S*>(base) + first;
+  int64_t e = 0;
+#if MARGINOPS_F16C
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    if (has_f16c()) e = half_to_float(src, dst, n);
+  }
+#endif
+  for (; e < n; ++e) dst[e] = static_cast<float>(src[e]);
+}
+
+// A float32 weight as 16-bit x's products see it: each value rounded to S (nearest even, as
+// Tensor.to does) and widened back.
+template <typename S>
+void round_rows(const void* base, int64_t first, float* dst, int64_t n) {
+  const float* src = static_cast<const float*>(base) + first;
+  int64_t e = 0;
+#if MARGINOPS_F16C
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    if (has_f16c()) e = round_through_half(src, dst, n);
+  }
+#endif
+  for (; e < n; ++e) dst[e] = static_cast<float>(static_cast<S>(src[e]));
+}
+
+template <typename S>
+void narrow_rows(const float* src, void* base, int64_t first, int64_t n) {
+  S* dst = static_cast<S*>(base) + first;
+  int64_t e = 0;
+#if MARGINOPS_F16C
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    if (has_f16c()) e = float_to_half(src, dst, n);
+  }
+#endif
+  for (; e < n; ++e) dst[e] = static_cast<S>(src[e]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Chunk plumbing.
+
+// Weight rows turned into the T rows of the products (16-bit inputs; T = float): base is the
+// stored weight, first and n count elements.
+template <typename T>
+using ConvertRows = void (*)(const void* base, int64_t first, T* dst, int64_t n);
+// Gradient rows in T cast to the stored 16-bit weight's dtype.
+template <typename T>
+using StoreRows = void (*)(const T* src, void* base, int64_t first, int64_t n);
 
 template <typename T>
 struct Problem {
-  const T* x;
-  const T* weight;
+  const T* x;       // in T (16-bit x: its float32 copy)
+  const T* weight;  // the weight if stored in T, else nullptr
+  const void* weight_raw;
+  // nullptr: the products use the weight rows in place. Else the rows are converted into the
+  // workspace: widened (16-bit weight) or rounded through x's dtype (float32 weight, 16-bit x).
+  ConvertRows<T> convert;
+  bool rounds;           // convert rounds: norms and the norm term come from the stored rows
+  StoreRows<T> narrow;   // 16-bit weight: how grad_weight rows are written; nullptr: in place
   const int64_t* labels;
   const T* target_logit;
   const T* row_scale;
@@ -63,8 +183,8 @@ struct Workspace {
   T* sumsq;      // k * chunk: squared row norms
   T* inv;        // k * chunk: 1 / max(norm, eps)
   T* colsum;     // k * chunk: sum_i dcos cos / n (backward)
-  T* rows;       // k * chunk x D: gathered weight rows (class_index only)
-  T* grad_rows;  // k * chunk x D: their gradient before the scatter (backward, class_index only)
+  T* rows;       // k * chunk x D: gathered or converted weight rows (class_index or 16-bit)
+  T* grad_rows;  // k * chunk x D: their gradient before the scatter or cast (backward)
 
   static int64_t aligned(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -81,8 +201,8 @@ struct Workspace {
     sumsq = take(nr);
     inv = take(nr);
     colsum = take(nr);
-    rows = P.class_index ? take(nr * P.D) : nullptr;
-    grad_rows = P.class_index && backward ? take(nr * P.D) : nullptr;
+    rows = P.class_index || P.convert ? take(nr * P.D) : nullptr;
+    grad_rows = (P.class_index || P.narrow) && backward ? take(nr * P.D) : nullptr;
     return used;
   }
 
@@ -112,12 +232,35 @@ ChunkRange chunk_range(const Problem<T>& P, int64_t chunk_id) {
   return {c0, nc, nc * P.k};
 }
 
+template <typename T>
+int64_t chunk_class(const Problem<T>& P, const ChunkRange& ch, int64_t j) {
+  return P.class_index ? P.class_index[ch.first_col + j] : ch.first_col + j;
+}
+
+// Row r of the chunk as stored, in T: the product rows w unless those are a rounding (mixed
+// precision), whose norms and norm term come from the float32 rows.
+template <typename T>
+const T* stored_row(const Problem<T>& P, const ChunkRange& ch, const T* w, int64_t r) {
+  if (!P.rounds) return w + r * P.D;
+  return P.weight + (chunk_class(P, ch, r / P.k) * P.k + r % P.k) * P.D;
+}
+
 // The chunk's weight rows (k per column, in column order), their norms and x . w^T.
 template <typename T>
 const T* load_chunk(const Problem<T>& P, Workspace<T>& ws, const ChunkRange& ch) {
   const int64_t D = P.D;
   const T* w;
-  if (P.class_index) {
+  if (P.convert) {
+    const int64_t block = P.k * D;
+    if (P.class_index) {
+      for (int64_t j = 0; j < ch.cols; ++j) {
+        P.convert(P.weight_raw, chunk_class(P, ch, j) * block, ws.rows + j * block, block);
+      }
+    } else {
+      P.convert(P.weight_raw, ch.first_col * block, ws.rows, ch.cols * block);
+    }
+    w = ws.rows;
+  } else if (P.class_index) {
     const int64_t block = P.k * D;
     for (int64_t j = 0; j < ch.cols; ++j) {
       const int64_t cls = P.class_index[ch.first_col + j];
@@ -127,7 +270,16 @@ const T* load_chunk(const Problem<T>& P, Workspace<T>& ws, const ChunkRange& ch)
   } else {
     w = P.weight + ch.first_col * P.k * D;
   }
-  cpu::row_norms(w, ch.rows, D, ws.sumsq, ws.inv);
+  if (!P.rounds) {
+    cpu::row_norms(w, ch.rows, D, ws.sumsq, ws.inv);
+  } else if (P.class_index) {
+    for (int64_t j = 0; j < ch.cols; ++j) {
+      const int64_t r = j * P.k;
+      cpu::row_norms(stored_row(P, ch, w, r), P.k, D, ws.sumsq + r, ws.inv + r);
+    }
+  } else {
+    cpu::row_norms(stored_row(P, ch, w, 0), ch.rows, D, ws.sumsq, ws.inv);
+  }
   Tensor dots = wrap(ws.dots, P.B, ch.rows);
   at::mm_out(dots, wrap(P.x, P.B, D), wrap(w, ch.rows, D).t());
   return w;
@@ -176,7 +328,7 @@ void forward_chunk(const Problem<T>& P, Workspace<T>& ws, int64_t chunk_id,
 
 template <typename T>
 void backward_chunk(const Problem<T>& P, Workspace<T>& ws, int64_t chunk_id, const T* grad_lse,
-                    const T* lse, T* grad_target, T* grad_scale_partial, T* grad_weight,
+                    const T* lse, T* grad_target, T* grad_scale_partial, void* grad_weight,
                     T* grad_x_part) {
   const ChunkRange ch = chunk_range(P, chunk_id);
   const T* w = load_chunk(P, ws, ch);
@@ -196,20 +348,29 @@ void backward_chunk(const Problem<T>& P, Workspace<T>& ws, int64_t chunk_id, con
   }
   if (grad_weight == nullptr) return;  // a frozen weight: no product, nothing written
   // grad w_r = sum_i dcos_ir x_i / n_r - (sum_i dcos_ir cos_ir) w_r / n_r^2
-  T* gw = P.class_index ? ws.grad_rows : grad_weight + ch.first_col * P.k * D;
+  const int64_t block = P.k * D;
+  T* gw = P.class_index || P.narrow ? ws.grad_rows
+                                    : static_cast<T*>(grad_weight) + ch.first_col * block;
   Tensor gw_t = wrap(gw, ch.rows, D);
   at::mm_out(gw_t, g.t(), wrap(P.x, P.B, D));
   for (int64_t r = 0; r < ch.rows; ++r) {
     const T coef = norm_has_projection(ws.sumsq[r]) ? ws.colsum[r] * ws.inv[r] : T(0);
     T* dst = gw + r * D;
-    const T* src = w + r * D;
+    const T* src = stored_row(P, ch, w, r);
     for (int64_t d = 0; d < D; ++d) dst[d] -= coef * src[d];
   }
-  if (P.class_index) {
-    const int64_t block = P.k * D;
+  if (P.narrow) {
+    if (P.class_index) {
+      for (int64_t j = 0; j < ch.cols; ++j) {
+        P.narrow(gw + j * block, grad_weight, chunk_class(P, ch, j) * block, block);
+      }
+    } else {
+      P.narrow(gw, grad_weight, ch.first_col * block, ch.cols * block);
+    }
+  } else if (P.class_index) {
     for (int64_t j = 0; j < ch.cols; ++j) {
       const int64_t cls = P.class_index[ch.first_col + j];
-      std::memcpy(grad_weight + cls * block, gw + j * block, sizeof(T) * block);
+      std::memcpy(static_cast<T*>(grad_weight) + cls * block, gw + j * block, sizeof(T) * block);
     }
   }
 }
@@ -240,8 +401,12 @@ void check_vector(const Tensor& t, const char* name, int64_t B, at::ScalarType d
               dtype, ", got ", t.scalar_type());
 }
 
+bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
 struct Checked {
   Tensor x, weight, labels, target_logit, row_scale, threshold;
+  Tensor x_acc;         // x in the accumulation dtype (16-bit x: widened to float32)
+  at::ScalarType acc;   // float64 for float64 inputs, else float32
   std::optional<Tensor> class_index;
   int64_t B, D, R, k, C_total, N;
 };
@@ -255,11 +420,12 @@ Checked check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels
               "x and weight must be CPU tensors, got ", x.device(), " and ", weight.device());
   TORCH_CHECK(x.dim() == 2, op, "x must be 2-D (B, D), got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 2, op, "weight must be 2-D (R, D), got shape ", weight.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              "x must be float32 or float64 (the CPU kernels have no other dtypes), got ",
-              x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, "weight dtype ", weight.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
+  const auto xt = x.scalar_type(), wt = weight.scalar_type();
+  TORCH_CHECK(is_16bit(xt) || xt == at::kFloat || xt == at::kDouble, op,
+              "x must be bfloat16, float16, float32 or float64, got ", xt);
+  TORCH_CHECK(wt == xt || (is_16bit(xt) && wt == at::kFloat), op, "weight dtype ", wt,
+              " does not go with x dtype ", xt, ": weight must have x's dtype, or be float32 ",
+              "with bfloat16 / float16 x (mixed precision)");
   TORCH_CHECK(weight.size(1) == x.size(1), op, "weight has ", weight.size(1),
               " features per row but x has ", x.size(1));
   TORCH_CHECK(subcenters >= 1, op, "subcenters must be >= 1, got ", subcenters);
@@ -270,7 +436,7 @@ Checked check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels
               non_target);
   const int64_t B = x.size(0);
   check_vector(labels, "labels", B, at::kLong);
-  const auto acc = x.scalar_type();
+  const auto acc = xt == at::kDouble ? at::kDouble : at::kFloat;
   check_vector(target_logit, "target_logit", B, acc);
   check_vector(row_scale, "row_scale", B, acc);
   check_vector(threshold, "threshold", B, acc);
@@ -281,7 +447,9 @@ Checked check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels
   c.R = weight.size(0);
   c.k = subcenters;
   c.C_total = c.R / subcenters;
+  c.acc = acc;
   c.x = x.contiguous();
+  c.x_acc = c.x.to(acc);  // a no-op for float32 / float64 x
   c.weight = weight.contiguous();
   c.labels = labels.contiguous();
   c.target_logit = target_logit.contiguous();
@@ -324,8 +492,28 @@ template <typename T>
 Problem<T> make_problem(const Checked& c, double curricular_t, int64_t non_target,
                         double filter_threshold) {
   Problem<T> P;
-  P.x = c.x.data_ptr<T>();
-  P.weight = c.weight.data_ptr<T>();
+  P.x = c.x_acc.data_ptr<T>();
+  const auto xt = c.x.scalar_type(), wt = c.weight.scalar_type();
+  P.weight = wt == c.acc ? c.weight.data_ptr<T>() : nullptr;
+  P.weight_raw = c.weight.data_ptr();
+  P.convert = nullptr;
+  P.rounds = false;
+  P.narrow = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (wt == at::kBFloat16) {
+      P.convert = widen_rows<c10::BFloat16>;
+      P.narrow = narrow_rows<c10::BFloat16>;
+    } else if (wt == at::kHalf) {
+      P.convert = widen_rows<c10::Half>;
+      P.narrow = narrow_rows<c10::Half>;
+    } else if (xt == at::kBFloat16) {
+      P.convert = round_rows<c10::BFloat16>;
+      P.rounds = true;
+    } else if (xt == at::kHalf) {
+      P.convert = round_rows<c10::Half>;
+      P.rounds = true;
+    }
+  }
   P.labels = c.labels.data_ptr<int64_t>();
   P.target_logit = c.target_logit.data_ptr<T>();
   P.row_scale = c.row_scale.data_ptr<T>();
@@ -352,7 +540,7 @@ int64_t num_slices(const Problem<T>& P) {
 template <typename T>
 void forward_impl(const Checked& c, const Problem<T>& P, Tensor& lse, Tensor& argmax) {
   const int64_t B = P.B, nch = P.num_chunks;
-  const auto opts = c.x.options();
+  const auto opts = c.x_acc.options();
   Tensor partials = at::empty({3, nch, B}, opts);
   Tensor best_col = at::empty({nch, B}, opts.dtype(at::kLong));
   ForwardPartials<T> out{partials[0].data_ptr<T>(), partials[1].data_ptr<T>(),
@@ -404,11 +592,12 @@ void backward_impl(const Checked& c, const Problem<T>& P, const Tensor& grad_lse
                    bool need_x, bool need_weight, Tensor& grad_x, Tensor& grad_weight, Tensor& grad_target,
                    Tensor& grad_scale) {
   const int64_t B = P.B, D = P.D, nch = P.num_chunks;
-  const auto opts = c.x.options();
+  const auto opts = c.x_acc.options();
+  const auto w_opts = c.weight.options();
   // With class_index only the gathered classes' rows are written; the rest must be exactly 0.  An unwanted
   // gradient is an empty tensor: no C x D (or B x D) allocation, no matrix product.
-  grad_weight = !need_weight ? at::empty({0}, opts)
-                : P.class_index ? at::zeros({c.R, D}, opts) : at::empty({c.R, D}, opts);
+  grad_weight = !need_weight ? at::empty({0}, w_opts)
+                : P.class_index ? at::zeros({c.R, D}, w_opts) : at::empty({c.R, D}, w_opts);
   grad_target = at::zeros({B}, opts);
   Tensor scale_partial = at::empty({nch, B}, opts);
   const int64_t slices = num_slices(P);
@@ -425,7 +614,7 @@ void backward_impl(const Checked& c, const Problem<T>& P, const Tensor& grad_lse
   const T* l = lse.data_ptr<T>();
   T* gt = grad_target.data_ptr<T>();
   T* gsp = scale_partial.data_ptr<T>();
-  T* gw = need_weight ? grad_weight.data_ptr<T>() : nullptr;
+  void* gw = need_weight ? grad_weight.data_ptr() : nullptr;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -440,7 +629,14 @@ void backward_impl(const Checked& c, const Problem<T>& P, const Tensor& grad_lse
     }
   });
 
-  if (need_x) {
+  if (need_x && c.x.scalar_type() != c.acc) {
+    // 16-bit x: the groups are summed in float32 into the first one, then cast once
+    for (int64_t grp = 1; grp < groups; ++grp) {
+      const T* part = gxp + grp * B * D;
+      for (int64_t e = 0; e < B * D; ++e) gxp[e] += part[e];
+    }
+    grad_x = grad_x_parts[0].to(c.x.scalar_type());
+  } else if (need_x) {
     grad_x = at::empty({B, D}, opts);  // not a view of the partials: they are freed on return
     T* gx = grad_x.data_ptr<T>();
     std::copy(gxp, gxp + B * D, gx);
@@ -449,7 +645,7 @@ void backward_impl(const Checked& c, const Problem<T>& P, const Tensor& grad_lse
       for (int64_t e = 0; e < B * D; ++e) gx[e] += part[e];
     }
   } else {
-    grad_x = at::empty({0}, opts);
+    grad_x = at::empty({0}, c.x.options());
   }
   grad_scale = at::empty({B}, opts);
   T* gs = grad_scale.data_ptr<T>();
@@ -471,9 +667,9 @@ std::tuple<Tensor, Tensor> fused_lse_cpu(const Tensor& x, const Tensor& weight,
                                  non_target, subcenters, /*need_unique_classes=*/false);
   Tensor lse, argmax;
   if (c.B == 0) {
-    return {at::empty({0}, x.options()), at::empty({0}, x.options().dtype(at::kLong))};
+    return {at::empty({0}, x.options().dtype(c.acc)), at::empty({0}, x.options().dtype(at::kLong))};
   }
-  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "marginops_fused_lse_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(c.acc, "marginops_fused_lse_cpu", [&] {
     const auto P = make_problem<scalar_t>(c, curricular_t, non_target, filter_threshold);
     forward_impl<scalar_t>(c, P, lse, argmax);
   });
@@ -488,8 +684,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_backward_cpu(
     bool need_grad_x, bool need_grad_weight) {
   const Checked c = check_inputs(x, weight, labels, target_logit, row_scale, threshold, class_index,
                                  non_target, subcenters, /*need_unique_classes=*/true);
-  check_vector(grad_lse, "grad_lse", c.B, c.x.scalar_type());
-  check_vector(lse, "lse", c.B, c.x.scalar_type());
+  check_vector(grad_lse, "grad_lse", c.B, c.acc);
+  check_vector(lse, "lse", c.B, c.acc);
   const Tensor g = grad_lse.contiguous();
   const Tensor l = lse.contiguous();
   Tensor grad_x, grad_weight, grad_target, grad_scale;
@@ -498,7 +694,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_backward_cpu(
             need_grad_weight ? at::zeros_like(c.weight) : at::empty({0}, c.weight.options()),
             at::zeros_like(c.target_logit), at::zeros_like(c.row_scale)};
   }
-  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "marginops_fused_lse_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(c.acc, "marginops_fused_lse_backward_cpu", [&] {
     const auto P = make_problem<scalar_t>(c, curricular_t, non_target, filter_threshold);
     backward_impl<scalar_t>(c, P, g, l, need_grad_x, need_grad_weight, grad_x, grad_weight, grad_target,
                             grad_scale);
