@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Union
 
 import pytest
 import torch
-from op_cases import F32_SLACK, F32_SLACK_CPU, LOW_SLACK_CUDA, LOW_SLACK_TRITON_GPU
+from op_cases import F32_SLACK, F32_SLACK_CPU, LOW_SLACK_CPU, LOW_SLACK_CUDA, LOW_SLACK_TRITON_GPU
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -209,14 +209,16 @@ BACKENDS = [
         name="cpu",
         device="cpu",
         load=_cpu_ops,
-        dtypes=(F64, F32),
+        dtypes=(F64, F32, BF16, F16),
+        mixed_dtypes=(BF16, F16),
         grid_shapes={"ragged": dict(B=37, D=61, C=1001), "many_chunks": dict(B=9, D=16, C=20000)},
         float64_shapes=_CUDA_FLOAT64_SHAPES,
         precision_cases={
             k: _CUDA_PRECISION[k] for k in ("ragged", "k3_class_index", "curricular_filter", "many_splits")
         },
         f32_slack=F32_SLACK_CPU,
-        bad_input_dtypes=(F64, F16, F32),
+        low_slack=LOW_SLACK_CPU,
+        bad_input_dtypes=(F64, torch.int32, F32),
     ),
     OpBackend(
         name="triton",
