@@ -78,6 +78,31 @@ def check_module_options(*, backend: str, reduction: str, ignore_index, intercla
     check_number("interclass_filtering_threshold", interclass_filtering_threshold, why="<= 0 turns filtering off")
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_compute_dtype(compute_dtype) -> None:
+    """TypeError unless ``compute_dtype`` is None or a floating dtype the op can run its products in."""
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise TypeError(
+            f"compute_dtype must be None, torch.bfloat16, torch.float16, torch.float32 or torch.float64, "
+            f"got {compute_dtype!r}"
+        )
+
+
+def compute_dtype_problem(compute_dtype, weight_dtype: torch.dtype) -> "str | None":
+    """Why the products cannot run in ``compute_dtype`` for a weight of ``weight_dtype`` (None: they can): the
+    weight's own dtype, or bf16 / fp16 products on a float32 weight (mixed precision)."""
+    if compute_dtype is None or compute_dtype == weight_dtype:
+        return None
+    if weight_dtype == torch.float32 and compute_dtype in (torch.bfloat16, torch.float16):
+        return None
+    return (
+        f"compute_dtype {compute_dtype} does not fit a {weight_dtype} weight: use the weight's dtype, or "
+        "torch.bfloat16 / torch.float16 with a float32 weight (mixed precision)"
+    )
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -91,8 +116,10 @@ def check_loss_inputs(
     reduction: str,
     ignore_index: int,
     backend: str,
+    compute_dtype=None,
 ) -> None:
-    """Raise ValueError/TypeError for anything the kernels must never see."""
+    """Raise ValueError/TypeError for anything the kernels must never see.  compute_dtype: the dtype of the
+    products (None: the weight's); the embeddings may come in it instead of the weight's dtype."""
     from .margins import Margin
     from .ops import BACKENDS
 
@@ -117,11 +144,16 @@ def check_loss_inputs(
         raise ValueError("embeddings is an empty batch (0 rows); the loss needs at least one row")
     if not embeddings.is_floating_point():
         raise TypeError(f"embeddings must be a floating-point tensor, got {_describe(embeddings)}")
-    if weight.dtype != embeddings.dtype:
+    check_compute_dtype(compute_dtype)
+    if weight.dtype != embeddings.dtype and embeddings.dtype != compute_dtype:
         raise TypeError(
             f"weight dtype {weight.dtype} differs from embeddings dtype {embeddings.dtype}; cast one of them "
-            "(e.g. embeddings.to(weight.dtype))"
+            "(e.g. embeddings.to(weight.dtype)), or ask for mixed precision (compute_dtype=torch.bfloat16 / "
+            "torch.float16 with a float32 weight, or torch.autocast)"
         )
+    problem = compute_dtype_problem(compute_dtype, weight.dtype)
+    if problem is not None:
+        raise ValueError(problem)
     if weight.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"embedding size mismatch: embeddings has {embeddings.shape[1]} features ({_describe(embeddings)}) but "

@@ -53,8 +53,16 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from ._validation import REDUCTIONS, check_backend_fits, check_label_values, check_number, label_dtype_problem
-from .functional import resolve_backend_for
+from ._validation import (
+    REDUCTIONS,
+    check_backend_fits,
+    check_compute_dtype,
+    check_label_values,
+    check_number,
+    compute_dtype_problem,
+    label_dtype_problem,
+)
+from .functional import autocast_compute_dtype, compute_dtype_on, resolve_backend_for
 from .loss_assembly import make_stats, reduce_loss
 from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype, subcenter_cosines
 
@@ -286,8 +294,10 @@ class DistributedMarginLoss(nn.Module):
     ``margin``: a marginops margin spec (ArcFace(), CosFace(), CurricularFace(), ...).  ``forward(
     local_embeddings, local_labels)`` takes this rank's batch (batch sizes may differ between ranks) and
     returns the loss over the *global* batch — the same scalar on every rank; call ``backward`` on it on
-    every rank.  Embeddings are cast to the weight's dtype, and so is the loss.  Without an initialized
-    process group it runs as a single rank (a plain head, with Partial FC if asked).
+    every rank.  Embeddings are cast to the weight's dtype, and so is the loss; ``compute_dtype`` (or
+    torch.autocast) bf16 / fp16 on a float32 weight runs the products in that dtype (mixed precision, see
+    margin_cross_entropy).  Without an initialized process group it runs as a single rank (a plain head, with
+    Partial FC if asked).
 
     Attributes: ``weight`` (num_local·k, embedding_size) this rank's rows (k = margin.subcenters),
     ``class_start``, ``num_local``, ``weight_index`` (the local class ids sampled in the last training
@@ -319,6 +329,7 @@ class DistributedMarginLoss(nn.Module):
         reduction: str = "mean",
         curricular_alpha: float = 0.01,
         deterministic: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if not isinstance(margin, Margin):
@@ -334,6 +345,8 @@ class DistributedMarginLoss(nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         check_number("curricular_alpha", curricular_alpha, 0.0, 1.0, why="the EMA rate of CurricularFace's t")
+        check_compute_dtype(compute_dtype)
+        self.compute_dtype = compute_dtype
         check_number("interclass_filtering_threshold", interclass_filtering_threshold, why="<= 0 turns filtering off")
         self.margin = margin
         self.embedding_size = embedding_size
@@ -493,10 +506,19 @@ class DistributedMarginLoss(nn.Module):
         ``MarginStats`` of the global batch (rows in rank order: this rank's rows are
         ``[sum(sizes[:rank]), sum(sizes[:rank + 1]))``), identical on every rank; ``predicted`` is the global
         class of the highest raw cosine over every shard's columns (the sampled ones under Partial FC)."""
+        compute = self._products_dtype()
         if isinstance(self.weight, torch.Tensor) and torch.is_autocast_enabled(self.weight.device.type):
-            # autocast: the head runs in the weight's dtype (embeddings are cast to it) with autocast off
+            # autocast: the products in its bf16 / fp16 on a float32 weight, the rest with autocast off
+            compute = compute or autocast_compute_dtype(self.weight, self.weight.device.type)
             with torch.autocast(self.weight.device.type, enabled=False):
-                return self.forward(local_embeddings, local_labels, return_stats)
+                return self._forward(local_embeddings, local_labels, return_stats, compute)
+        return self._forward(local_embeddings, local_labels, return_stats, compute)
+
+    def _products_dtype(self):
+        """The products' dtype asked for outside autocast (None: the weight's)."""
+        return self.compute_dtype
+
+    def _forward(self, local_embeddings, local_labels, return_stats, compute_dtype):
         group, world, rank = self.process_group, self.world_size, self.rank
         weight = self.weight
         device = weight.device
@@ -506,7 +528,9 @@ class DistributedMarginLoss(nn.Module):
         # 1. sizes, with a validity flag, so that one rank's bad input raises on every rank (no hang), and the
         # handshake: every rank's configuration fingerprint, in the same fixed-size all-gather (every forward,
         # so also after load_state_dict or a reassigned margin); a mismatch raises the same error everywhere
-        problem = self._local_problem(local_embeddings, local_labels)
+        problem = self._local_problem(local_embeddings, local_labels) or compute_dtype_problem(
+            compute_dtype, weight.dtype
+        )
         rows = local_embeddings.shape[0] if problem is None else 0
         info = torch.tensor([[rows, int(problem is None)] + self._fingerprint()], dtype=torch.float64, device=device)
         infos = _gather_rows(info, [1] * world, group).tolist()
@@ -524,7 +548,8 @@ class DistributedMarginLoss(nn.Module):
         if sum(sizes) == 0:
             raise ValueError("DistributedMarginLoss: the global batch is empty (0 rows on every rank)")
         check_backend_fits(self.backend, local_embeddings.to(weight.dtype))
-        backend = resolve_backend_for(self.backend, local_embeddings.to(weight.dtype))
+        backend = resolve_backend_for(self.backend, weight)
+        compute_dtype = compute_dtype_on(backend, compute_dtype, weight)
 
         # 2. the global batch
         x_all = _GatherEmbeddings.apply(
@@ -589,7 +614,7 @@ class DistributedMarginLoss(nn.Module):
         if have_rows and (class_index is None or class_index.numel() > 0):
             lse_local, argmax_local = ops.fused_lse(
                 backend,
-                x_hat.to(weight.dtype),
+                x_hat.to(compute_dtype),
                 weight,
                 op_labels,
                 z_local,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -28,6 +28,34 @@ def to_weight_dtype(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     if isinstance(weight, torch.Tensor) and embeddings.is_floating_point() and weight.is_floating_point():
         return embeddings.to(weight.dtype)
     return embeddings
+
+
+# Backends that run mixed precision (16-bit products on a float32 weight, marginops/ops.py); the others run such a
+# call in the weight's dtype, with one warning.
+MIXED_PRECISION_BACKENDS = ("reference", "cuda")
+
+
+def autocast_compute_dtype(weight: torch.Tensor, device_type: str):
+    """The products' dtype autocast asks for on a float32 weight (its bf16 / fp16), else None."""
+    if not torch.is_autocast_enabled(device_type) or weight.dtype != torch.float32:
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def compute_dtype_on(backend: str, compute_dtype, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the products run in on a concrete ``backend``: ``compute_dtype`` (validated), or the weight's when
+    it is None or the backend has no mixed precision (one warning)."""
+    if compute_dtype is None or compute_dtype == weight.dtype:
+        return weight.dtype
+    if backend not in MIXED_PRECISION_BACKENDS:
+        ops._warn_once(
+            f"marginops: backend {backend!r} runs the head in the weight's dtype ({weight.dtype}), not "
+            f"{compute_dtype}; mixed precision (16-bit products on a float32 weight) runs on "
+            f"{', '.join(repr(b) for b in MIXED_PRECISION_BACKENDS)}"
+        )
+        return weight.dtype
+    return compute_dtype
 
 
 def resolve_backend_for(backend: str, embeddings: torch.Tensor) -> str:
@@ -56,6 +84,7 @@ def margin_cross_entropy(
     interclass_filtering_threshold: float = 0.0,
     deterministic: bool = True,
     return_stats: bool = False,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, MarginStats]]:
     """Angular-margin softmax cross-entropy without materializing the (batch, num_classes) logits.
 
@@ -65,9 +94,14 @@ def margin_cross_entropy(
     interclass_filtering_threshold > 0: non-target cosines above it get logit 0 and no gradient
     (insightface semantics).  backend: "auto", "reference", "cpu", "cuda" or "triton".
     return_stats: also return MarginStats (per-row lse, target cosine, prediction, batch accuracy).
-    Under torch.autocast the embeddings are cast to the weight's dtype and the loss runs with autocast off.
+    compute_dtype: the dtype of the head's matrix products.  None: the weight's, or under torch.autocast on a float32
+    weight autocast's bf16 / fp16 (mixed precision: the weight and its gradient stay float32, each class chunk is
+    rounded as it is used, the loss comes back in float32).  The embeddings may be in the weight's dtype or in
+    compute_dtype.  Under torch.autocast the loss itself runs with autocast off, as PyTorch's cross_entropy does.
     """
     if autocast_active(embeddings):
+        if compute_dtype is None and isinstance(weight, torch.Tensor):
+            compute_dtype = autocast_compute_dtype(weight, embeddings.device.type)
         with torch.autocast(embeddings.device.type, enabled=False):
             return margin_cross_entropy(
                 to_weight_dtype(embeddings, weight),
@@ -80,6 +114,7 @@ def margin_cross_entropy(
                 interclass_filtering_threshold=interclass_filtering_threshold,
                 deterministic=deterministic,
                 return_stats=return_stats,
+                compute_dtype=compute_dtype,
             )
     check_loss_inputs(
         embeddings,
@@ -89,8 +124,12 @@ def margin_cross_entropy(
         reduction=reduction,
         ignore_index=ignore_index,
         backend=backend,
+        compute_dtype=compute_dtype,
     )
-    backend = resolve_backend_for(backend, embeddings)
+    backend = resolve_backend_for(backend, weight)
+    compute_dtype = compute_dtype_on(backend, compute_dtype, weight)
+    # the pre-pass (norms, target cosine, margin) and the loss in the weight's dtype; only the products are narrower
+    embeddings = embeddings.to(weight.dtype)
     if backend == "reference":
         from . import reference  # the oracle, only for the reference backend
 
@@ -103,6 +142,7 @@ def margin_cross_entropy(
             ignore_index=ignore_index,
             interclass_filtering_threshold=interclass_filtering_threshold,
             return_stats=return_stats,
+            compute_dtype=compute_dtype,
         )
     labels = labels.long()
     valid = labels != ignore_index
@@ -110,7 +150,7 @@ def margin_cross_entropy(
     pre = pre_pass(margin, embeddings, weight, torch.where(valid, labels, torch.zeros_like(labels)))
     lse, predicted = ops.fused_lse(
         backend,
-        pre.x_hat.to(embeddings.dtype),
+        pre.x_hat.to(compute_dtype),
         weight_for_op,
         torch.where(valid, labels, torch.full_like(labels, -1)),
         pre.target_logit,

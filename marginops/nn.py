@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from . import margins
-from ._validation import check_loss_inputs, check_module_options, check_number
-from .functional import autocast_active, margin_cross_entropy, to_weight_dtype
+from ._validation import check_compute_dtype, check_loss_inputs, check_module_options, check_number
+from .functional import autocast_active, autocast_compute_dtype, margin_cross_entropy, to_weight_dtype
 from .pair_losses import ContrastiveLoss, TripletLoss
 
 
@@ -26,6 +26,7 @@ class MarginLoss(nn.Module):
         ignore_index: int = -100,
         interclass_filtering_threshold: float = 0.0,
         rows_per_class: int = 1,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
@@ -36,9 +37,12 @@ class MarginLoss(nn.Module):
             ignore_index=ignore_index,
             interclass_filtering_threshold=interclass_filtering_threshold,
         )
+        check_compute_dtype(compute_dtype)
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.backend = backend
+        # the dtype of the head's matrix products (None: the weight's, or autocast's on a float32 weight)
+        self.compute_dtype = compute_dtype
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.interclass_filtering_threshold = interclass_filtering_threshold
@@ -55,14 +59,19 @@ class MarginLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
         """The loss (and with return_stats, MarginStats: per-row lse, target cosine, prediction, accuracy).
-        Under torch.autocast: computed in the weight's dtype with autocast off (16-bit embeddings are cast up)."""
+        Under torch.autocast on a float32 weight: the products in autocast's bf16 / fp16 (unless compute_dtype says
+        otherwise), the rest in float32 with autocast off."""
         if autocast_active(embeddings):
+            compute = self.compute_dtype or autocast_compute_dtype(self.weight, embeddings.device.type)
             with torch.autocast(embeddings.device.type, enabled=False):
-                return self.forward(to_weight_dtype(embeddings, self.weight), labels, return_stats)
+                return self._forward(to_weight_dtype(embeddings, self.weight), labels, return_stats, compute)
+        return self._forward(embeddings, labels, return_stats, self.compute_dtype)
+
+    def _forward(self, embeddings, labels, return_stats, compute_dtype):
         if self.training:
             # validate first: a call that raises must not advance the state (SphereFace's λ, EMAs)
-            self._check(embeddings, labels)
-            self.update_state(embeddings, labels)
+            self._check(embeddings, labels, compute_dtype)
+            self.update_state(embeddings.to(self.weight.dtype), labels)
         return margin_cross_entropy(
             embeddings,
             self.weight,
@@ -73,9 +82,10 @@ class MarginLoss(nn.Module):
             backend=self.backend,
             interclass_filtering_threshold=self.interclass_filtering_threshold,
             return_stats=return_stats,
+            compute_dtype=compute_dtype,
         )
 
-    def _check(self, embeddings, labels):
+    def _check(self, embeddings, labels, compute_dtype=None):
         """Validate before state is read from the inputs (the functional validates again, later)."""
         check_loss_inputs(
             embeddings,
@@ -85,6 +95,7 @@ class MarginLoss(nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             backend=self.backend,
+            compute_dtype=compute_dtype,
         )
 
     def extra_repr(self) -> str:

@@ -29,10 +29,13 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     interclass_filtering_threshold: float = 0.0,
     return_stats: bool = False,
+    compute_dtype: Optional[torch.dtype] = None,
 ):
     """Loss per docs/DESIGN.md §1 with every logit materialized.  Inputs are assumed validated.
 
     With return_stats, also the functional's MarginStats (lse, target cosine, prediction, accuracy).
+    compute_dtype bf16 / fp16 with a float32 weight: the cosine products see x̂ and the weight rows rounded to it
+    (mixed precision, as the kernels run it); everything else stays in the weight's dtype.
     """
     acc = accumulation_dtype(embeddings.dtype)
     subcenters = margin.subcenters
@@ -42,8 +45,12 @@ def margin_cross_entropy(
     pre = pre_pass(margin, embeddings, weight, safe_labels)
 
     w = weight.to(acc)
-    w_hat = w / torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)[:, None]
-    cos = pre.x_hat @ w_hat.t()
+    inv_norm = 1.0 / torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)
+    x_hat = pre.x_hat
+    if compute_dtype is not None and compute_dtype != weight.dtype:
+        x_hat = x_hat.to(compute_dtype).to(acc)
+        w = product_rows(w, weight, compute_dtype)
+    cos = x_hat @ (w * inv_norm[:, None]).t()
     if subcenters > 1:
         cos = cos.reshape(cos.shape[0], -1, subcenters).max(dim=2).values
     logits = pre.row_scale[:, None] * margin.phi(cos, pre.threshold)

@@ -569,44 +569,7 @@ def _compile_and_compare(make, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 16-bit on the CPU: autocast (the loss runs in the weight's dtype) and backend="auto" with bf16/fp16 inputs
-
-
-@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
-def test_module_under_cpu_autocast_runs_in_the_weight_dtype(backend):
-    torch.manual_seed(0)
-    backbone = torch.nn.Linear(12, 8)
-    head = mnn.ArcFaceLoss(8, 10, s=16.0, backend=backend)
-    inputs = torch.randn(6, 12)
-    labels = torch.randint(0, 10, (6,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        emb = backbone(inputs)
-        assert emb.dtype == torch.bfloat16
-        loss = head(emb, labels)
-    assert loss.dtype == torch.float32
-    expected = head(emb.detach().float(), labels)
-    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
-    loss.backward()
-    assert backbone.weight.grad is not None and head.weight.grad is not None
-    assert torch.isfinite(backbone.weight.grad).all()
-
-
-def test_functional_and_distributed_head_under_cpu_autocast():
-    from marginops import distributed as mdist
-
-    x, w, y = _problem(dtype=torch.float32)
-    margin = marginops.CosFace(s=16.0)
-    plain = marginops.margin_cross_entropy(x, w, y, margin, backend="reference")
-    head = mdist.DistributedMarginLoss(margin, 8, 10, backend="reference")
-    with torch.no_grad():
-        head.weight.copy_(w)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        functional = marginops.margin_cross_entropy(x.bfloat16(), w, y, margin, backend="reference")
-        distributed = head(x.bfloat16(), y)
-    reference = marginops.margin_cross_entropy(x.bfloat16().float(), w, y, margin, backend="reference")
-    torch.testing.assert_close(functional, reference, rtol=0, atol=0)
-    torch.testing.assert_close(distributed, reference, rtol=1e-6, atol=1e-6)
-    assert abs(float(plain) - float(reference)) < 0.1  # bf16 rounding of the embeddings only
+# 16-bit on the CPU: backend="auto" with bf16/fp16 inputs (autocast: tests/test_mixed_precision.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -29,8 +29,8 @@ insightface.  Other differences: the loss is −log p_target without insightface
 (which caps a row's loss at 69); Partial FC samples with a seeded generator (reproducible, see
 DistributedMarginLoss) and only in training mode (eval computes the full softmax); batch sizes may differ
 between ranks; labels may be (B,) or (B, 1); without an initialized process group it runs as one rank;
-``fp16`` is accepted for the signature — the op runs in the weight's dtype with fp32 accumulation, the
-embeddings are cast to it, and the sampling step is not saved in ``state_dict`` (so that insightface
+``fp16=True`` runs the head's products in float16 on the float32 weight (mixed precision, fp32 accumulation and
+float32 dW), as insightface's autocast does; the sampling step is not saved in ``state_dict`` (so that insightface
 checkpoints load unchanged; set ``sample_step`` yourself to resume the exact sample sequence).
 """
 
@@ -164,6 +164,12 @@ class PartialFC_V2(DistributedMarginLoss):  # noqa: N801  (insightface's name)
         self.margin_softmax = margin_loss if isinstance(margin_loss, nn.Module) else None
         self.fp16 = bool(fp16)
         self.num_sample = int(self.sample_rate * self.num_local)
+
+    def _products_dtype(self):
+        # insightface computes the logits under fp16 autocast; a non-float32 weight keeps its own dtype
+        if self.fp16 and self.weight.dtype == torch.float32:
+            return torch.float16
+        return self.compute_dtype
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         return super().forward(local_embeddings, local_labels.reshape(-1))
