@@ -340,6 +340,7 @@ def test_fast_backward_single_rounding(use, monkeypatch, backend, dtype):
 # edge cases
 # ------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("class_index", [False, True], ids=["all_classes", "class_index"])
 @pytest.mark.parametrize("backend,dtype", params(_dtypes(F64, F32, BF16, F16)))
 def test_zero_norm_weight_rows(use, monkeypatch, backend, dtype, class_index):

@@ -47,6 +47,10 @@
 //   B = 1024:  Rc = 16384: forward 64 MiB, backward 64 + 32 + 16 + 32 + 2 + 1 = 147 MiB (+16 class_index)
 //   B = 8192:  Rc = 8192:  forward 256 MiB, backward 256 + 128 + 8 + 16 + 16 + 8 = 432 MiB (+8)
 //   B = 65536: bt = 8192, Rc = 8192: forward 256 MiB, backward 256 + 128 + 8 + 16 + 128 + 64 = 600 MiB (+8)
+// Mixed precision (a float32 weight with bf16 / fp16 x): the products run in x's dtype on the chunk's weight rows
+// cast into a buffer of Rc*D*2 bytes (16 MiB at Rc = 16384, D = 512) as each chunk is used, never a 16-bit copy of
+// all of W; row norms, the dX operand (w_r 2^e_r in fp16, rounded once from float32) and grad_weight come from
+// the float32 rows, grad_weight in float32.  The epilogue's element type is the weight's.
 // MARGINOPS_CHUNK_COLS / MARGINOPS_CHUNK_ROWS (read per call) override the classes per chunk and the rows
 // per tile (tests: many chunks and row tiles at small shapes).
 #pragma once
@@ -221,6 +225,15 @@ inline bool is_16bit(const Problem& P) {
   return P.x.scalar_type() == at::kHalf || P.x.scalar_type() == at::kBFloat16;
 }
 
+// Mixed precision: the weight (float32) is wider than x (16-bit); products need its rows in x's dtype.
+inline bool casts_weight(const Problem& P) { return P.weight.scalar_type() != P.x.scalar_type(); }
+
+// The chunk's rows as the products see them: W itself, or W rounded into `cast` (x's dtype).
+inline at::Tensor product_rows(const at::Tensor& W, at::Tensor& cast) {
+  if (!cast.defined()) return W;
+  return cast.narrow(0, 0, W.size(0)).copy_(W);
+}
+
 // The chunk's weight rows (k per class, in class order): a view of weight, or gathered into `gathered`
 // through class_index (the bounded gather of Partial FC).
 inline at::Tensor chunk_rows(const Problem& P, int64_t c0, int64_t cols, at::Tensor& gathered) {
@@ -258,6 +271,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& P, Epi& epi) {
   at::Tensor S = at::empty({bt * rmax}, opts);
   at::Tensor sumsq = at::empty({rmax}, opts), inv = at::empty({rmax}, opts);
   at::Tensor gathered = P.class_index.has_value() ? at::empty({rmax, P.D}, P.weight.options()) : at::Tensor();
+  at::Tensor cast = casts_weight(P) ? at::empty({rmax, P.D}, P.x.options()) : at::Tensor();
   EpiArgs<T> a = base_args<T>(P);
   a.inv = inv.data_ptr<T>();
   a.run_max = run_max.data_ptr<T>();
@@ -268,10 +282,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& P, Epi& epi) {
     const int64_t cols = std::min(cmax, P.N - c0), rows = cols * P.k;
     const at::Tensor W = chunk_rows(P, c0, cols, gathered);
     epi.row_norms(W, sumsq, inv, at::Tensor());
+    const at::Tensor Wp = product_rows(W, cast);
     for (int64_t r0 = 0; r0 < B; r0 += bt) {
       const int64_t n = std::min(bt, B - r0);
       at::Tensor block = S.narrow(0, 0, n * rows).view({n, rows});
-      gemm(block, P.x.narrow(0, r0, n), W.t(), false);
+      gemm(block, P.x.narrow(0, r0, n), Wp.t(), false);
       a.S = block.data_ptr<T>();
       a.ld = rows;
       a.bt = n;
@@ -311,6 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
   at::Tensor G = half ? at::empty({(split ? 2 : 1) * bt * rmax}, P.x.options().dtype(at::kHalf)) : S;  // 32/64: in place
   at::Tensor sumsq = at::empty({rmax}, opts), inv = at::empty({rmax}, opts);
   at::Tensor gathered = P.class_index.has_value() ? at::empty({rmax, D}, P.weight.options()) : at::Tensor();
+  at::Tensor cast = casts_weight(P) ? at::empty({rmax, D}, P.x.options()) : at::Tensor();
   at::Tensor W_hat = half && need_x ? at::empty({rmax, D}, P.x.options().dtype(at::kHalf)) : at::Tensor();
   at::Tensor U = need_weight ? at::empty({rmax, D}, opts) : at::Tensor();
 
@@ -353,13 +369,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
     const at::Tensor W = chunk_rows(P, c0, cols, gathered);
     const at::Tensor Wh = W_hat.defined() ? W_hat.narrow(0, 0, rows) : at::Tensor();
     epi.row_norms(W, sumsq, inv, Wh);
+    const at::Tensor Wp = product_rows(W, cast);
     at::Tensor Uc = need_weight ? U.narrow(0, 0, rows) : at::Tensor();
     for (int64_t r0 = 0; r0 < B; r0 += bt) {
       const int64_t n = std::min(bt, B - r0);
       at::Tensor block = S.narrow(0, 0, n * rows).view({n, rows});
       at::Tensor gblock = G.narrow(0, 0, n * rows).view({n, rows});
       at::Tensor glo = split ? G.narrow(0, bt * rmax, n * rows).view({n, rows}) : at::Tensor();
-      gemm(block, P.x.narrow(0, r0, n), W.t(), false);
+      gemm(block, P.x.narrow(0, r0, n), Wp.t(), false);
       a.S = block.data_ptr<T>();
       a.G = gblock.data_ptr();
       a.G_lo = split ? glo.data_ptr() : nullptr;

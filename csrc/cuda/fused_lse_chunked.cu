@@ -1,5 +1,7 @@
 // The class-chunked CUDA path: the chunk loop of csrc/cpu/chunk_loop.h (matrix products by cuBLAS through
-// ATen) instantiated with the CUDA epilogue kernels of chunked_epilogue.cuh, per input dtype.
+// ATen) instantiated with the CUDA epilogue kernels of chunked_epilogue.cuh, per weight dtype (the epilogue reads
+// and writes weight rows; x only meets the matrix products, so a float32 weight with 16-bit x, mixed precision,
+// runs the float32 epilogue).
 #include "chunked.h"
 #include "chunked_epilogue.cuh"
 
@@ -7,7 +9,7 @@ namespace marginops {
 namespace cuda {
 
 std::tuple<at::Tensor, at::Tensor> chunked_forward(const chunked::Problem& P, cudaStream_t stream) {
-  switch (P.x.scalar_type()) {
+  switch (P.weight.scalar_type()) {
     case at::kFloat: {
       detail::CudaEpilogue<float, float> epi{stream};
       return chunked::forward<float>(P, epi);
@@ -33,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward(cons
                                                                             const at::Tensor& grad_lse,
                                                                             const at::Tensor& lse, bool need_x,
                                                                             bool need_weight, cudaStream_t stream) {
-  switch (P.x.scalar_type()) {
+  switch (P.weight.scalar_type()) {
     case at::kFloat: {
       detail::CudaEpilogue<float, float> epi{stream};
       return chunked::backward<float>(P, grad_lse, lse, need_x, need_weight, epi);

@@ -84,7 +84,8 @@ struct Problem {
 
 Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
                  const at::Tensor& target_logit, const at::Tensor& row_scale, const at::Tensor& threshold,
-                 const std::optional<at::Tensor>& class_index, int64_t non_target, int64_t subcenters) {
+                 const std::optional<at::Tensor>& class_index, int64_t non_target, int64_t subcenters,
+                 bool mixed_precision = false) {
   Problem pr;
   TORCH_CHECK(x.is_cuda(), "marginops.fused_lse (cuda): x must be a CUDA tensor, got ", x.device());
   const at::Device device = x.device();
@@ -95,8 +96,12 @@ Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
               "marginops.fused_lse (cuda): x must be bfloat16, float16, float32 or float64, got ", dt);
   TORCH_CHECK(weight.device() == device, "marginops.fused_lse (cuda): weight must be on ", device, ", got ",
               weight.device());
-  TORCH_CHECK(weight.scalar_type() == dt, "marginops.fused_lse (cuda): weight dtype ", weight.scalar_type(),
-              " must match x dtype ", dt);
+  const bool mixed = weight.scalar_type() == at::kFloat && (dt == at::kBFloat16 || dt == at::kHalf);
+  TORCH_CHECK(weight.scalar_type() == dt || (mixed && mixed_precision), "marginops.fused_lse (cuda): weight dtype ",
+              weight.scalar_type(), " must match x dtype ", dt,
+              mixed ? " in the fused CUDA kernels (a float32 weight with 16-bit x, mixed precision, runs on the "
+                      "chunked path: backend='cuda')"
+                    : " (or be float32 with bfloat16 / float16 x: mixed precision)");
   TORCH_CHECK(weight.dim() == 2, "marginops.fused_lse (cuda): weight must be 2-D (R, D), got shape ", weight.sizes());
   TORCH_CHECK(weight.size(1) == x.size(1), "marginops.fused_lse (cuda): weight has ", weight.size(1),
               " features but x has ", x.size(1));
@@ -373,8 +378,8 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_chunked_cuda(const at::Tensor& x, c
                                                           double filter_threshold, int64_t subcenters,
                                                           bool deterministic) {
   (void)deterministic;  // always deterministic (no atomics)
-  const Problem pr =
-      validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
+  const Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target,
+                              subcenters, /*mixed_precision=*/true);
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_class_index_values(pr, class_index, /*need_unique=*/false);
   if (pr.B == 0) {
@@ -392,8 +397,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_ch
     int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
     bool need_grad_weight) {
   (void)deterministic;
-  const Problem pr =
-      validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
+  const Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target,
+                              subcenters, /*mixed_precision=*/true);
   const at::Tensor grad_lse = grad_lse_in.contiguous();
   check_row_vector(grad_lse, "grad_lse", pr.B, pr.acc, x.device());
   check_row_vector(lse, "lse", pr.B, pr.acc, x.device());
