@@ -400,6 +400,9 @@ def print_table(table, device: str, versions: str) -> None:
             if mm is not None:
                 gemms = {"forward": "the 1 GEMM", "backward": "the 2 GEMMs"}.get(mode, "the 3 GEMMs")
                 parts.append(f"time {p50 / mm[0]:.2f}× {gemms} of the matmul anchor")
+            other = PROVIDERS[provider].compare_to
+            if other is not None and (other, margin) in by:
+                parts.append(f"time {p50 / by[(other, margin)][0]:.3f}× {other} (same run)")
             if parts:
                 tag = f"{provider} ({margin})" if provider not in anchors else f"{provider} (no-margin anchor)"
                 lines.append(f"{tag} at {b}×{c}×{d} {mode}: " + ", ".join(parts))

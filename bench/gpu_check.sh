@@ -90,7 +90,7 @@ BACKENDS="$("$PY" - <<'EOF' 2>/dev/null || echo reference,cuda,triton,matmul
 import sys
 sys.path.insert(0, ".")
 from bench.providers import PROVIDERS
-wanted = ["reference", "insightface", "cuda", "cuda_fused", "triton", "matmul"]
+wanted = ["reference", "insightface", "cuda", "cuda_mixed", "cuda_fused", "triton", "matmul"]
 print(",".join(p for p in wanted if p in PROVIDERS))
 EOF
 )"

@@ -55,6 +55,7 @@ class Provider:
     note: str
     check: Callable[[str], Optional[str]]  # device -> None if usable, else why not
     build: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor, bool], Case]
+    compare_to: Optional[str] = None  # the provider its time is also printed as a ratio of (same run, same size)
 
     def unavailable(self, device: str) -> Optional[str]:
         if device not in self.devices:
@@ -68,19 +69,29 @@ class Provider:
 # ----------------------------------------------------------------------------- marginops backends
 
 
-def _marginops_case(backend: str):
+def _marginops_case(backend: str, frozen_weight: bool = False, mixed: bool = False):
+    """marginops on ``backend``.  frozen_weight: the weight does not require grad (a fine-tuned backbone on a
+    fixed head).  mixed: a float32 weight with the products in the case's dtype (compute_dtype), as autocast
+    training runs it; the embeddings keep the case's dtype."""
+
     def build(spec, emb, weight, labels, grad):
         import marginops
 
         margin = MARGINS[spec["margin"]]()
+        compute = emb.dtype if mixed and emb.dtype in (torch.bfloat16, torch.float16) else None
+        if mixed:
+            weight = weight.float()
         emb.requires_grad_(grad)
-        weight.requires_grad_(grad)
+        weight.requires_grad_(grad and not frozen_weight)
+
+        def loss():
+            return marginops.margin_cross_entropy(emb, weight, labels, margin, backend=backend, compute_dtype=compute)
 
         def forward():
             if not grad:
                 with torch.no_grad():
-                    return marginops.margin_cross_entropy(emb, weight, labels, margin, backend=backend)
-            return marginops.margin_cross_entropy(emb, weight, labels, margin, backend=backend)
+                    return loss()
+            return loss()
 
         return Case([emb, weight, labels], forward, lambda loss: loss.backward())
 
@@ -261,12 +272,39 @@ PROVIDERS = {
         ),
         Provider("cpu", True, ("cpu",), "marginops C++ CPU kernels", _check_compiled("cpu"), _marginops_case("cpu")),
         Provider(
+            "cpu_frozen",
+            True,
+            ("cpu",),
+            "marginops C++ CPU kernels, weight frozen (no dW product, no C×D gradient)",
+            _check_compiled("cpu"),
+            _marginops_case("cpu", frozen_weight=True),
+            compare_to="cpu",
+        ),
+        Provider(
+            "cpu_mixed",
+            True,
+            ("cpu",),
+            "marginops C++ CPU kernels, fp32 weight with products in the case's dtype (mixed precision)",
+            _check_compiled("cpu"),
+            _marginops_case("cpu", mixed=True),
+            compare_to="insightface",
+        ),
+        Provider(
             "cuda",
             True,
             ("cuda",),
             "marginops CUDA: class-chunked path (cuBLAS + one epilogue per chunk)",
             _check_compiled("cuda"),
             _marginops_case("cuda"),
+        ),
+        Provider(
+            "cuda_mixed",
+            True,
+            ("cuda",),
+            "marginops CUDA chunked path, fp32 weight with products in the case's dtype (mixed precision)",
+            _check_compiled("cuda"),
+            _marginops_case("cuda", mixed=True),
+            compare_to="insightface",
         ),
         Provider(
             "cuda_fused",
