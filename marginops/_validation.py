@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # annotations only: margins imports this module's checks
     from .margins import Margin
 
 REDUCTIONS = ("mean", "sum", "none")
-_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+_CPU_KERNEL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # every integer dtype: labels are widened to int64 before any comparison (uint8 cannot hold -100)
 LABEL_DTYPES = (
     torch.int64,
@@ -186,8 +186,8 @@ def check_backend_fits(backend: str, embeddings: torch.Tensor) -> None:
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}; use backend='auto'")
         if embeddings.dtype not in _CPU_KERNEL_DTYPES:
             raise TypeError(
-                f"backend='cpu' supports float32 and float64, got {embeddings.dtype}; use backend='reference' "
-                "or cast to float32"
+                f"backend='cpu' supports float64, float32, bfloat16 and float16, got {embeddings.dtype}; use "
+                "backend='reference' or cast to float32"
             )
     elif backend in ("cuda", "cuda_fused") and device.type != "cuda":
         raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")

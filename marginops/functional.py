@@ -13,9 +13,6 @@ from .margins import FILTER_OFF, Margin, pre_pass
 
 __all__ = ["MarginStats", "make_stats", "margin_cross_entropy"]
 
-# dtypes the C++ CPU kernels take (16-bit CPU inputs go to the reference backend under backend="auto")
-_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
-
 
 def autocast_active(tensor: torch.Tensor) -> bool:
     """Whether autocast is on for ``tensor``'s device type (False for non-tensors)."""
@@ -32,7 +29,7 @@ def to_weight_dtype(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Ten
 
 # Backends that run mixed precision (16-bit products on a float32 weight, marginops/ops.py); the others run such a
 # call in the weight's dtype, with one warning.
-MIXED_PRECISION_BACKENDS = ("reference", "cuda")
+MIXED_PRECISION_BACKENDS = ("reference", "cpu", "cuda")
 
 
 def autocast_compute_dtype(weight: torch.Tensor, device_type: str):
@@ -58,18 +55,9 @@ def compute_dtype_on(backend: str, compute_dtype, weight: torch.Tensor) -> torch
     return compute_dtype
 
 
-def resolve_backend_for(backend: str, embeddings: torch.Tensor) -> str:
-    """ops.resolve_backend, and with backend="auto" on the CPU, 16-bit inputs to the reference backend (the C++
-    CPU kernels take float32 and float64; one warning)."""
-    resolved = ops.resolve_backend(backend, embeddings.device)
-    if backend == "auto" and resolved == "cpu" and embeddings.dtype not in _CPU_KERNEL_DTYPES:
-        ops._warn_once(
-            f"marginops: the C++ CPU kernels take float32 and float64, not {embeddings.dtype}; backend='auto' uses "
-            "the reference backend (it materializes the (batch, classes) logits). Cast to float32, or use "
-            "torch.autocast (the loss then runs in the weight's dtype), for the fused kernels"
-        )
-        return "reference"
-    return resolved
+def resolve_backend_for(backend: str, tensor: torch.Tensor) -> str:
+    """ops.resolve_backend for ``tensor``'s device (kept as the one place a dtype could steer the choice)."""
+    return ops.resolve_backend(backend, tensor.device)
 
 
 def margin_cross_entropy(

@@ -80,8 +80,8 @@ def test_backend_device_and_dtype_mismatch(problem):
     emb, weight, labels = problem
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
         _call(emb, weight, labels, backend="cuda")
-    with pytest.raises(TypeError, match="backend='cpu' supports float32 and float64"):
-        _call(emb.bfloat16(), weight.bfloat16(), labels, backend="cpu")
+    with pytest.raises(TypeError, match="backend='cpu' supports float64, float32, bfloat16 and float16"):
+        _call(emb.to(torch.float8_e5m2), weight.to(torch.float8_e5m2), labels, backend="cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to place tensors on two devices")
