@@ -5,6 +5,7 @@ Everything here is a small ``@triton.jit`` function inlined into the kernels:
 * ``_mma``            — ``tl.dot`` with the accumulator in fp32 (fp64 for fp64 inputs); works around the
                         interpreter's broken bf16 dot by upcasting there (``UPCAST``, a constexpr).
 * ``_cast``          — downcast with round-to-nearest-even also under the interpreter.
+* ``_as_operand``    — a W tile rounded to x's dtype for the products (mixed precision: float32 W, 16-bit x).
 * ``_load_k``        — tile load masked only along D (row indices are clamped into range instead).
 * ``_cos_tile``       — the recomputed (BLOCK_M x BLOCK_N) cosine tile: for every subcenter s of the
                         column's class, one K-loop over D that both accumulates x . w_r (``tl.dot``) and the
@@ -50,6 +51,16 @@ def _cast(v, ty: tl.constexpr, FIX: tl.constexpr):
             bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
             v = bits.to(tl.float32, bitcast=True)
     return v.to(ty)
+
+
+@triton.jit
+def _as_operand(w, ty: tl.constexpr, FIX: tl.constexpr):
+    """A W tile as a product operand of x's dtype ``ty``.  Mixed precision (float32 W, 16-bit x): rounded here,
+    tile by tile as it is loaded (never a 16-bit copy of W); the same dtype passes through untouched, so the
+    pure-dtype kernels compile to the same code."""
+    if w.dtype == ty:
+        return w
+    return _cast(w, ty, FIX)
 
 
 @triton.jit
@@ -116,9 +127,9 @@ def _cos_tile(
             kk = k0 + tl.arange(0, BLOCK_K)
             xt = _load_k(x_row + kk[None, :], kk, D, EVEN_K)
             wt = _load_k(w_row + kk[None, :], kk, D, EVEN_K)
-            wf = wt.to(acc_ty)
+            wf = wt.to(acc_ty)  # norms from W as stored (float32 in mixed precision)
             sumsq += tl.sum(wf * wf, axis=1)
-            acc = _mma(xt, tl.trans(wt), acc, DOT_PREC, UPCAST)
+            acc = _mma(xt, tl.trans(_as_operand(wt, xt.dtype, UPCAST)), acc, DOT_PREC, UPCAST)
         # eps as an acc-dtype constant: a bare 1e-12 literal would be rounded to fp32 in fp64 kernels
         inv = 1.0 / tl.maximum(tl.sqrt(sumsq), tl.full((BLOCK_N,), NORM_EPS, acc_ty))
         cos = acc * inv[None, :]

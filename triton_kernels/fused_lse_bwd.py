@@ -20,6 +20,9 @@ max |g * s|, so that |dc * dscale| < 2^15 whatever the upstream gradient) and th
 The dX products scale per row instead (``xs``: a row's dX depends on its own g only, so a tiny upstream
 gradient keeps its precision) and split 1/n_r = f 2^k into the gradient operand (f) and the W rows (2^k,
 exact), so that a tiny-norm W row cannot overflow either operand.  Nothing saturates: NaN and inf propagate.
+Mixed precision (float32 W, 16-bit x): ``in_ty`` is x's dtype; W tiles are rounded to it before they become
+product operands (``_as_operand``), the norms and the w_r term of grad_w use the float32 values, and grad_w is
+stored in float32.
 
 Two modes (the op's ``deterministic`` flag):
 
@@ -53,6 +56,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    _as_operand,
     _cast,
     _class_rows,
     _cos_tile,
@@ -208,7 +212,7 @@ def _bwd_dw_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    in_ty: tl.constexpr = w_ptr.dtype.element_ty
+    in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
     prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
     SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
@@ -254,7 +258,7 @@ def _bwd_dw_kernel(
                 f_own, p2_own = _pow2_split(inv_own)
                 xs = _pow2_scale(tl.abs(g * rscale) * dphi_max)
                 hi, lo = _split(dcs * f_own[None, :] * xs[:, None], prod_ty, SPLIT, UPCAST)
-                w_own_t = _rows_to_prod(w_own_t, p2_own, in_ty, prod_ty)
+                w_own_t = _rows_to_prod(_as_operand(w_own_t, in_ty, UPCAST), p2_own, in_ty, prod_ty)
             else:
                 xs = tl.full((BLOCK_M,), 1.0, acc_ty)
                 hi, lo = _split(dcs * inv_own[None, :], prod_ty, SPLIT, UPCAST)
@@ -311,7 +315,7 @@ def _bwd_dx_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    in_ty: tl.constexpr = w_ptr.dtype.element_ty
+    in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
     prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
     SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
     curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
@@ -358,7 +362,7 @@ def _bwd_dx_kernel(
                 inv_s = tl.max(tl.where(mine, inv_sel, 0.0), axis=0)  # 1/n of row base_r + s (0: unselected)
                 f_s, p2_s = _pow2_split(inv_s)
                 dcn = dc * xs[:, None] * f_s[None, :]
-                wv = _rows_to_prod(wv, p2_s, in_ty, prod_ty)
+                wv = _rows_to_prod(_as_operand(wv, in_ty, UPCAST), p2_s, in_ty, prod_ty)
             else:
                 dcn = dc * inv_sel  # dc / n_r of the selected row, W stays raw
             if SUBC == 1:
