@@ -24,6 +24,9 @@ wgmma for 16-bit / TF32 inputs and to fill whole waves.  The choices the report 
   K = 2 x BLOCK_N product (``fused_lse_bwd._mma_split_k``; two chained ones spilled), which leaves room for
   64 x 64 tiles there; bf16 (one fp16 product) and fp16 with ``FAST_GRAD_DOTS`` run BLOCK_DV = 512 (D <= 512
   in one d-chunk).  IEEE fp32 runs 64-wide d-chunks.
+* mixed precision (16-bit x, float32 W) runs the 16-bit candidates: the forward's float32 W tiles double their
+  shared memory, which every candidate still fits in 227 KB; the backward kernels whose dX product stages
+  float32 W rows (dX, atomic dW) take 256-wide d-chunks (``block_dv``), 512 spilled.
 * ``_DEFAULT_CTAS_PER_SM`` below holds the CTAs per SM of the default candidates, which the split planners
   (launch.py) size whole waves with; the report test checks it against the compiled code.
 
@@ -78,20 +81,23 @@ def block_k(dcls: str) -> int:
     return {"half": 64, "fp32": 32, "fp64": 16}[dcls]
 
 
-def block_dv(dp2: int, dcls: str, split: bool, tf32: bool) -> int:
+def block_dv(dp2: int, dcls: str, split: bool, tf32: bool, mixed: bool = False) -> int:
     """Slice of D owned by one backward program (the grid gets ceil(D / BLOCK_DV) d-chunks, each of which
-    recomputes the cosine tiles; one chunk is cheapest while the accumulator fits in registers)."""
+    recomputes the cosine tiles; one chunk is cheapest while the accumulator fits in registers).  ``mixed``: the
+    program's dX product stages float32 W rows (mixed precision), twice the registers of 16-bit ones."""
     if interpreting():
         return min(dp2, 32)
     if dcls == "half":
-        return min(dp2, 256 if split else 512)
+        # float32 W rows of 512 columns spilled next to the dX accumulator (bench.gpu_static, bf16 x + fp32 W)
+        return min(dp2, 256 if split or mixed else 512)
     if dcls == "fp32":
         # IEEE fp32 dots run on FMA units with register-hungry operand layouts: 64-wide chunks
         return min(dp2, 256 if tf32 else 64)
     return min(dp2, 64)
 
 
-def fwd_configs(dp2: int, dcls: str, split: bool, tf32: bool) -> list[triton.Config]:
+def fwd_configs(dp2: int, dcls: str, split: bool, tf32: bool, mixed: bool = False) -> list[triton.Config]:
+    # mixed precision stages float32 W tiles (2x their shared memory): every half candidate still fits in 227 KB
     if interpreting():
         return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32)]
     if dcls == "half":
@@ -105,20 +111,22 @@ def fwd_configs(dp2: int, dcls: str, split: bool, tf32: bool) -> list[triton.Con
     return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in table]
 
 
-# default dX candidate of 16-bit inputs, without / with the hi + lo gradient split
+# default dX candidate of 16-bit inputs, with 512 / 256-wide d-chunks (without / with the hi + lo gradient split or
+# mixed precision)
 HALF_DX_DEFAULT = {False: (64, 32, 8, 3), True: (64, 64, 8, 3)}
 
 
-def _bwd_configs(dp2: int, dcls: str, split: bool, tf32: bool, acc_rows: str) -> list[triton.Config]:
+def _bwd_configs(dp2: int, dcls: str, split: bool, tf32: bool, mixed: bool, acc_rows: str) -> list[triton.Config]:
     """Backward candidates; ``acc_rows`` names the tile dimension of the register accumulator ("BLOCK_M" for
     dX, "BLOCK_N" for dW).  Candidates whose accumulator would exceed 128 fp32 registers per thread are
     dropped."""
     if interpreting():
         return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32)]
-    dv = block_dv(dp2, dcls, split, tf32)
+    dv = block_dv(dp2, dcls, split, tf32, mixed)
     if dcls == "half":
         # first: BLOCK_N = 32, the narrow side of the product tile (see the module docstring)
-        table = [HALF_DX_DEFAULT[split] if acc_rows == "BLOCK_M" else (64, 32, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2)]
+        first = HALF_DX_DEFAULT[split or mixed] if acc_rows == "BLOCK_M" else (64, 32, 8, 3)
+        table = [first, (64, 64, 8, 3), (64, 64, 8, 2)]
         if dv <= 256:
             table += [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
     elif dcls == "fp32" and tf32:
@@ -135,12 +143,12 @@ def _bwd_configs(dp2: int, dcls: str, split: bool, tf32: bool, acc_rows: str) ->
     return out or [_cfg(4, 2, BLOCK_M=32, BLOCK_N=32)]
 
 
-def bwd_dx_configs(dp2: int, dcls: str, split: bool, tf32: bool) -> list[triton.Config]:
-    return _bwd_configs(dp2, dcls, split, tf32, "BLOCK_M")
+def bwd_dx_configs(dp2: int, dcls: str, split: bool, tf32: bool, mixed: bool = False) -> list[triton.Config]:
+    return _bwd_configs(dp2, dcls, split, tf32, mixed, "BLOCK_M")
 
 
-def bwd_dw_configs(dp2: int, dcls: str, split: bool, tf32: bool) -> list[triton.Config]:
-    return _bwd_configs(dp2, dcls, split, tf32, "BLOCK_N")
+def bwd_dw_configs(dp2: int, dcls: str, split: bool, tf32: bool, mixed: bool = False) -> list[triton.Config]:
+    return _bwd_configs(dp2, dcls, split, tf32, mixed, "BLOCK_N")
 
 
 # CTAs per SM of each streaming kernel's default candidate (the first one), as bench.gpu_static reads it from
@@ -162,12 +170,12 @@ _DEFAULT_CTAS_PER_SM = {
 
 
 def default_plan(
-    kind: str, D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False
+    kind: str, D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False, mixed: bool = False
 ) -> tuple[int, int, int]:
     """(BLOCK_M, CTAs per SM, BLOCK_N) of the default candidate of ``kind`` ("fwd", "dx"): what the grid
-    planners need to size whole waves."""
+    planners need to size whole waves.  Mixed precision keeps the 16-bit occupancy (one CTA per SM)."""
     dcls = _dtype_class(dtype)
-    cfg = _KERNELS[kind][1](d_pow2(D), dcls, split, tf32)[0]
+    cfg = _KERNELS[kind][1](d_pow2(D), dcls, split, tf32, mixed)[0]
     key = (kind, dcls, split and dcls == "half" and kind != "fwd", tf32 and dcls == "fp32")
     ctas = 1 if interpreting() else _DEFAULT_CTAS_PER_SM[key]
     return cfg.kwargs["BLOCK_M"], ctas, cfg.kwargs["BLOCK_N"]
@@ -181,26 +189,37 @@ _KERNELS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, dp2: int, dcls: str, split: bool, tf32: bool, interp: bool, autotune: bool):
+def _tuned(kind: str, dp2: int, dcls: str, split: bool, tf32: bool, mixed: bool, interp: bool, autotune: bool):
     fn, make = _KERNELS[kind]
-    cfgs = make(dp2, dcls, split, tf32)
+    cfgs = make(dp2, dcls, split, tf32, mixed)
     if not autotune:
         cfgs = cfgs[:1]
     return triton.autotune(configs=cfgs, key=["D"], cache_results=len(cfgs) > 1)(fn)
 
 
-def kernel(kind: str, D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False, *, tune: bool = True):
-    """The autotuned kernel ``kind`` ("fwd", "dx", "dw") for feature size D, input dtype, gradient split
+def kernel(
+    kind: str,
+    D: int,
+    dtype: torch.dtype,
+    split: bool = False,
+    tf32: bool = False,
+    *,
+    tune: bool = True,
+    mixed: bool = False,
+):
+    """The autotuned kernel ``kind`` ("fwd", "dx", "dw") for feature size D, input (x) dtype, gradient split
     (bf16/fp16 backward) and TF32 (fp32) modes.
 
     ``tune=False`` pins the first candidate (used by the atomic backward, whose accumulating outputs must not
-    be run once per candidate).
+    be run once per candidate).  ``mixed``: the kernel's dX product stages float32 W rows (a float32 weight with
+    16-bit x), which narrows its d-chunks (``block_dv``).
     """
-    return _tuned(kind, d_pow2(D), _dtype_class(dtype), split, tf32, interpreting(), tune and _autotune_enabled())
+    dcls = _dtype_class(dtype)
+    return _tuned(kind, d_pow2(D), dcls, split, tf32, mixed, interpreting(), tune and _autotune_enabled())
 
 
-def tile_k_dv(D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False) -> dict:
+def tile_k_dv(D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False, mixed: bool = False) -> dict:
     """BLOCK_K, BLOCK_DV and the EVEN_* flags that let the kernels drop their D masks."""
     dcls = _dtype_class(dtype)
-    bk, dv = block_k(dcls), block_dv(d_pow2(D), dcls, split, tf32)
+    bk, dv = block_k(dcls), block_dv(d_pow2(D), dcls, split, tf32, mixed)
     return dict(BLOCK_K=bk, EVEN_K=D % bk == 0, BLOCK_DV=dv, EVEN_DV=D % dv == 0)

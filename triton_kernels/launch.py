@@ -9,6 +9,10 @@ contiguous (checked by marginops/ops.py).
 Scalars ``curricular_t`` and ``filter_threshold`` are passed to the kernels as one-element tensors of the
 accumulation dtype, so that float64 runs compare and multiply in float64 exactly like the reference.
 
+Mixed precision (16-bit x, float32 weight): the kernels round each W tile to x's dtype as they load it for a
+product (never a 16-bit copy of W), take the norms from the float32 values and write grad_weight in float32; the
+launchers pick the 16-bit configurations, with narrower d-chunks where a dX product stages float32 W rows.
+
 Float32 dot products: IEEE fp32 by default (exact against the reference); set
 ``marginops.triton_kernels.ALLOW_TF32 = True`` or the environment variable ``MARGINOPS_TRITON_TF32=1`` to let
 ``tl.dot`` use TF32 tensor cores (about 8x the fp32 throughput, ~1e-3 relative error on the cosines).
@@ -119,14 +123,15 @@ def _dx_splits(
     dtype: torch.dtype = torch.float32,
     split: bool = False,
     tf32: bool = False,
+    mixed: bool = False,
 ) -> int:
     """Class splits of the deterministic dX kernel, planned like ``_fwd_splits``: (row tiles x d-chunks of
     the real BLOCK_DV) programs per split, up to ~2 waves, fp32 partials (splits x B x D) capped near 64 MB,
     at least one class tile per split."""
     if device.type != "cuda":
         return max(1, min(3, triton.cdiv(N, 32)))
-    block_m, ctas_per_sm, block_n = configs.default_plan("dx", D, dtype, split, tf32)
-    units = triton.cdiv(B, block_m) * triton.cdiv(D, configs.tile_k_dv(D, dtype, split, tf32)["BLOCK_DV"])
+    block_m, ctas_per_sm, block_n = configs.default_plan("dx", D, dtype, split, tf32, mixed)
+    units = triton.cdiv(B, block_m) * triton.cdiv(D, configs.tile_k_dv(D, dtype, split, tf32, mixed)["BLOCK_DV"])
     by_mem = max(1, (64 << 20) // max(1, B * D * 4))
     return whole_wave_splits(units, _sm_count(device) * ctas_per_sm, 2, min(by_mem, triton.cdiv(N, block_n)))
 
@@ -165,6 +170,11 @@ def _launches(x: Tensor) -> bool:
 
 def _scalars(t: float, f: float, acc: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     return (torch.full((1,), t, dtype=acc, device=device), torch.full((1,), f, dtype=acc, device=device))
+
+
+def _mixed(x: Tensor, weight: Tensor) -> bool:
+    """Mixed precision: 16-bit x with a float32 weight (the only other pair marginops/ops.py lets through)."""
+    return weight.dtype != x.dtype
 
 
 def _num_columns(weight: Tensor, class_index: Optional[Tensor], subcenters: int) -> int:
@@ -356,6 +366,7 @@ def _backward_launch(
     has_ci = class_index is not None
     split = _split_grad_dots(x.dtype)
     tf32 = _dot_precision(x.dtype) == "tf32"
+    mixed = _mixed(x, weight)
     common = dict(
         SUBC=subcenters,
         NON_TARGET=non_target,
@@ -363,7 +374,6 @@ def _backward_launch(
         DOT_PREC="tf32" if tf32 else "ieee",
         UPCAST=_upcast(x.dtype),
         SPLIT=split,
-        **configs.tile_k_dv(D, x.dtype, split, tf32),
     )
 
     def dw_grid(meta):
@@ -373,7 +383,8 @@ def _backward_launch(
         dx_acc = torch.zeros((B, D), dtype=acc, device=dev)
         gtl = torch.zeros((B,), dtype=acc, device=dev)
         grs = torch.zeros((B,), dtype=acc, device=dev)
-        wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32, tune=False))[dw_grid](
+        # its fused dX product stages float32 W rows under mixed precision: the dX kernel's narrower d-chunks
+        wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32, tune=False, mixed=mixed))[dw_grid](
             x,
             weight,
             ci,
@@ -395,6 +406,7 @@ def _backward_launch(
             ds_buf,
             FUSE_DX=True,
             **common,
+            **configs.tile_k_dv(D, x.dtype, split, tf32, mixed),
         )
         if x.dtype == acc:
             return dx_acc, grad_w, gtl, grs
@@ -404,7 +416,7 @@ def _backward_launch(
         wrap_triton(_cast_rows_kernel)[cast_grid](dx_acc, grad_x, numel, BLOCK=1024, FIX=_upcast(x.dtype))
         return grad_x, grad_w, gtl, grs
 
-    splits = _dx_splits(B, N, D, dev, x.dtype, split, tf32)
+    splits = _dx_splits(B, N, D, dev, x.dtype, split, tf32, mixed)
     dx_part = torch.empty((splits, B, D), dtype=acc, device=dev)
     gtl_part = torch.empty((splits, B), dtype=acc, device=dev)
     grs_part = torch.empty((splits, B), dtype=acc, device=dev)
@@ -432,12 +444,13 @@ def _backward_launch(
             ds_buf,
             FUSE_DX=False,
             **common,
+            **configs.tile_k_dv(D, x.dtype, split, tf32),  # stages x rows only: the 16-bit d-chunks
         )
 
     def dx_grid(meta):
         return (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_DV"]), splits)
 
-    wrap_triton(configs.kernel("dx", D, x.dtype, split, tf32))[dx_grid](
+    wrap_triton(configs.kernel("dx", D, x.dtype, split, tf32, mixed=mixed))[dx_grid](
         x,
         weight,
         ci,
@@ -457,6 +470,7 @@ def _backward_launch(
         t_buf,
         f_buf,
         **common,
+        **configs.tile_k_dv(D, x.dtype, split, tf32, mixed),
     )
 
     grad_x = torch.empty_like(x)
