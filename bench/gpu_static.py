@@ -193,14 +193,20 @@ _TRITON_DTYPES = {
 TRITON_DTYPES = [
     ("bfloat16", "bfloat16", {}),
     ("float16", "float16", {}),
+    # mixed precision: 16-bit x with float32 W (staged in float32, rounded per tile: other shared memory needs)
+    ("bfloat16-w32", "bfloat16", {"weight": "float32"}),
+    ("float16-w32", "float16", {"weight": "float32"}),
     ("float32", "float32", {}),
     ("float32-tf32", "float32", {"tf32": True}),
     ("float64", "float64", {}),
 ]
 
 
-def _capture_triton(dtype_name: str, tf32: bool, B: int, sms: int, deterministic: bool = True) -> list[Launch]:
-    """Run both launchers on fake CUDA tensors; return every kernel launch they would make."""
+def _capture_triton(
+    dtype_name: str, tf32: bool, B: int, sms: int, deterministic: bool = True, weight_name: Optional[str] = None
+) -> list[Launch]:
+    """Run both launchers on fake CUDA tensors (W in ``weight_name``, default x's dtype); return every kernel
+    launch they would make."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -209,6 +215,7 @@ def _capture_triton(dtype_name: str, tf32: bool, B: int, sms: int, deterministic
     kernels = ops.triton_kernels()
     launch = sys.modules["marginops.triton_kernels.launch"]
     dtype = getattr(torch, dtype_name)
+    weight_dtype = getattr(torch, weight_name or dtype_name)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     captured: list[Launch] = []
 
@@ -232,7 +239,7 @@ def _capture_triton(dtype_name: str, tf32: bool, B: int, sms: int, deterministic
             dev = torch.device("cuda:0")
             D, C = REPORT_D, REPORT_C
             x = torch.empty((B, D), dtype=dtype, device=dev)
-            w = torch.empty((C, D), dtype=dtype, device=dev)
+            w = torch.empty((C, D), dtype=weight_dtype, device=dev)
             labels = torch.empty((B,), dtype=torch.int64, device=dev)
             rows = [torch.empty((B,), dtype=acc, device=dev) for _ in range(3)]
             args = (x, w, labels, *rows, None, 0.0, 0, 2.0, 1)
@@ -347,7 +354,11 @@ def triton_rows(all_configs: bool = True) -> list[dict]:
         workdir = Path(tmp)
         for label, dtype_name, opts in TRITON_DTYPES:
             tf32 = opts.get("tf32", False)
-            plans = {suffix: _capture_triton(dtype_name, tf32, B, sms) for suffix, (B, sms) in SHAPES.items()}
+            weight = opts.get("weight")
+            plans = {
+                suffix: _capture_triton(dtype_name, tf32, B, sms, weight_name=weight)
+                for suffix, (B, sms) in SHAPES.items()
+            }
             base = plans[""]
             for index, launch in enumerate(base):
                 configs = list(getattr(launch.kernel, "configs", None) or [None])
