@@ -216,7 +216,12 @@ def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch
         dtype = getattr(torch, r["dtype"].split("-")[0])
         split = names[r["kernel"]] == "dx" and launch._split_grad_dots(dtype)
         planned = configs.default_plan(
-            names[r["kernel"]], gpu_static.REPORT_D, dtype, split, r["dtype"].endswith("tf32")
+            names[r["kernel"]],
+            gpu_static.REPORT_D,
+            dtype,
+            split,
+            r["dtype"].endswith("tf32"),
+            mixed=r["dtype"].endswith("-w32"),  # x in the dtype, a float32 weight
         )
         assert planned[1] == r["ctas_per_sm"], (r["kernel"], r["dtype"], r["config"], planned, r["ctas_per_sm"])
 
