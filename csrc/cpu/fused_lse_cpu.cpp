@@ -43,6 +43,13 @@
 #include "epilogue.h"
 #include "margin_math.h"
 
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define MARGINOPS_F16C 1
+#include <immintrin.h>
+#else
+#define MARGINOPS_F16C 0
+#endif
+
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #pragma message("marginops: built without -fopenmp, so the CPU op runs on one thread")
 #endif
@@ -54,13 +61,62 @@ using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
 // 16-bit weight rows (S: c10::BFloat16 or c10::Half) to and from the float32 rows of the products.
-// Plain per-value conversions: a chunk converts k * chunk * D values for B times as many
-// multiply-adds, and F16C intrinsics for fp16 measured no faster (B = 256, D = 256).
+
+// fp16 <-> float32 eight values at a time with F16C (every AVX2 CPU has it): c10::Half converts
+// with bit manipulation per value unless the build targets F16C, which made an fp16 forward +
+// backward 1.2x the time of float32 (B = D = 256, C = 20000, one thread); with F16C it is 1.0x.
+// Both round to nearest even, so the bits are the same. Each returns how many leading values it
+// converted; the scalar loops do the rest.
+#if MARGINOPS_F16C
+bool has_f16c() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  }();
+  return yes;
+}
+
+__attribute__((target("avx,f16c"))) int64_t half_to_float(const c10::Half* src, float* dst,
+                                                          int64_t n) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e));
+    _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(h));
+  }
+  return e;
+}
+
+__attribute__((target("avx,f16c"))) int64_t float_to_half(const float* src, c10::Half* dst,
+                                                          int64_t n) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + e), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + e), h);
+  }
+  return e;
+}
+
+__attribute__((target("avx,f16c"))) int64_t round_through_half(const float* src, float* dst,
+                                                               int64_t n) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + e), _MM_FROUND_TO_NEAREST_INT);
+    _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(h));
+  }
+  return e;
+}
+#endif
 
 template <typename S>
 void widen_rows(const void* base, int64_t first, float* dst, int64_t n) {
   const S* src = static_cast<const S*>(base) + first;
-  for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<float>(src[e]);
+  int64_t e = 0;
+#if MARGINOPS_F16C
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    if (has_f16c()) e = half_to_float(src, dst, n);
+  }
+#endif
+  for (; e < n; ++e) dst[e] = static_cast<float>(src[e]);
 }
 
 // A float32 weight as 16-bit x's products see it: each value rounded to S (nearest even, as
@@ -68,13 +124,25 @@ void widen_rows(const void* base, int64_t first, float* dst, int64_t n) {
 template <typename S>
 void round_rows(const void* base, int64_t first, float* dst, int64_t n) {
   const float* src = static_cast<const float*>(base) + first;
-  for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<float>(static_cast<S>(src[e]));
+  int64_t e = 0;
+#if MARGINOPS_F16C
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    if (has_f16c()) e = round_through_half(src, dst, n);
+  }
+#endif
+  for (; e < n; ++e) dst[e] = static_cast<float>(static_cast<S>(src[e]));
 }
 
 template <typename S>
 void narrow_rows(const float* src, void* base, int64_t first, int64_t n) {
   S* dst = static_cast<S*>(base) + first;
-  for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<S>(src[e]);
+  int64_t e = 0;
+#if MARGINOPS_F16C
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    if (has_f16c()) e = float_to_half(src, dst, n);
+  }
+#endif
+  for (; e < n; ++e) dst[e] = static_cast<S>(src[e]);
 }
 
 // ---------------------------------------------------------------------------------------------
