@@ -242,7 +242,8 @@ def _capture_triton(
             w = torch.empty((C, D), dtype=weight_dtype, device=dev)
             labels = torch.empty((B,), dtype=torch.int64, device=dev)
             rows = [torch.empty((B,), dtype=acc, device=dev) for _ in range(3)]
-            args = (x, w, labels, *rows, None, 0.0, 0, 2.0, 1)
+            t = torch.zeros((), dtype=torch.float64)  # non_target_param (a CPU scalar tensor)
+            args = (x, w, labels, *rows, None, t, 0, 2.0, 1)
             kernels.fused_lse_forward(*args, deterministic)
             lse = torch.empty((B,), dtype=acc, device=dev)
             kernels.fused_lse_backward(lse, lse, *args, deterministic)

@@ -42,7 +42,7 @@ MARGINOPS_HD bool is_nontarget_mode(int64_t mode) { return mode >= 0 && mode < k
 template <typename acc_t>
 struct NonTargetParams {
   int mode;            // NonTargetMode
-  acc_t curricular_t;  // the mode's scalar: CurricularFace's t (the op's curricular_t)
+  acc_t param;         // the mode's scalar: CurricularFace's t (the op's non_target_param)
   acc_t filter;        // inter-class filtering: c > filter -> logit 0, no gradient (2 = off)
 };
 
@@ -70,7 +70,7 @@ MARGINOPS_HD V nontarget_phi_dphi(V c, V row_threshold, int mode, V modulation_t
 template <typename acc_t>
 MARGINOPS_HD acc_t nontarget_phi(acc_t c, acc_t row_threshold, const NonTargetParams<acc_t>& p,
                                  acc_t* dphi) {
-  return nontarget_phi_dphi<acc_t>(c, row_threshold, p.mode, p.curricular_t, p.filter, dphi);
+  return nontarget_phi_dphi<acc_t>(c, row_threshold, p.mode, p.param, p.filter, dphi);
 }
 
 // max over c in [-1, 1] of |dphi / dc| (filtered columns have 0): the bound on |dcos| / |g * s| that the

@@ -621,7 +621,7 @@ class DistributedMarginLoss(nn.Module):
                 row_scale,
                 threshold,
                 class_index,
-                margin.curricular_t,
+                margin.non_target_param,
                 margin.non_target_mode,
                 filter_threshold,
                 margin.subcenters,

@@ -145,7 +145,7 @@ def margin_cross_entropy(
         pre.row_scale,
         pre.threshold,
         None,
-        margin.curricular_t,
+        margin.non_target_param,
         margin.non_target_mode,
         interclass_filtering_threshold if interclass_filtering_threshold > 0 else FILTER_OFF,
         margin.subcenters,

@@ -71,7 +71,8 @@ class Margin:
     """
 
     non_target_mode: int = NON_TARGET_PLAIN
-    curricular_t: float = 0.0
+    # the non-target mode's scalar (the op's non_target_param): CurricularFace's t, a number or a 0-dim tensor
+    non_target_param: float = 0.0
     # class c owns rows c·k … c·k+k−1 of the weight; its cosine is the max over them (Sub-center ArcFace)
     subcenters: int = 1
 
@@ -96,7 +97,7 @@ class Margin:
 
     def phi(self, cos: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         """Non-target value for a (B, N) block of cosines; threshold is (B,) (marginops/non_target.py)."""
-        return non_target_phi(self.non_target_mode, cos, threshold, self.curricular_t)
+        return non_target_phi(self.non_target_mode, cos, threshold, self.non_target_param)
 
     def validate(self) -> None:
         pass
@@ -246,8 +247,9 @@ class CurricularFace(Margin):
             raise ValueError(f"CurricularFace.m must be in [0, pi), got {self.m!r}")
 
     @property
-    def curricular_t(self) -> float:
-        return float(self.t)
+    def non_target_param(self):
+        # a module's t buffer stays a tensor (torch.compile traces it), a number becomes a float
+        return self.t if isinstance(self.t, torch.Tensor) else float(self.t)
 
     def psi(self, c):
         return arcface_psi(c, float(self.m))

@@ -222,7 +222,8 @@ class CurricularFaceLoss(MarginLoss):
         self.t.copy_(torch.where(count > 0, updated, self.t))
 
     def margin(self):
-        return margins.CurricularFace(self.s, self.m, float(self.t))
+        # t as the buffer itself: no host read, so torch.compile(fullgraph=True) traces it
+        return margins.CurricularFace(self.s, self.m, self.t.detach())
 
 
 class SubCenterArcFaceLoss(MarginLoss):

@@ -44,9 +44,10 @@ def _mode(mode: int) -> NonTargetMode:
 
 def non_target_phi(mode: int, cos: torch.Tensor, threshold: torch.Tensor, modulation_t: float, *, with_dphi=False):
     """φ(c) of a (B, N) block of non-target cosines; ``threshold`` is the (B,) per-row threshold and
-    ``modulation_t`` the mode's scalar (CurricularFace's t; the op's ``curricular_t``).  With ``with_dphi``,
-    (φ, dφ/dc).  Differentiable through autograd (dφ is there for checking the kernels' hand-written
-    backward).  NaN cosines take the plain branch (NaN > threshold is false), as in the kernels."""
+    ``modulation_t`` the mode's scalar (CurricularFace's t; the op's ``non_target_param``), a number or a
+    tensor.  With ``with_dphi``, (φ, dφ/dc).  Differentiable through autograd (dφ is there for checking the
+    kernels' hand-written backward).  NaN cosines take the plain branch (NaN > threshold is false), as in the
+    kernels."""
     mode = _mode(mode)
     if mode == NonTargetMode.CURRICULAR:
         above = cos > threshold[:, None]
@@ -58,10 +59,12 @@ def non_target_phi(mode: int, cos: torch.Tensor, threshold: torch.Tensor, modula
     return (cos, torch.ones_like(cos)) if with_dphi else cos
 
 
-def non_target_max_abs_dphi(mode: int, modulation_t: float) -> float:
+def non_target_max_abs_dphi(mode: int, modulation_t):
     """max over c ∈ [−1, 1] of |dφ/dc| (filtered columns have dφ = 0): the bound on |dcos| / |g·s| the
-    16-bit backward products are scaled by.  Under-stating it overflows fp16 gradient operands silently."""
+    16-bit backward products are scaled by.  Under-stating it overflows fp16 gradient operands silently.
+    A tensor ``modulation_t`` gives a tensor (never read on the host, so traceable), a number a float."""
     mode = _mode(mode)
     if mode == NonTargetMode.CURRICULAR:
-        return abs(float(modulation_t)) + 2.0  # |t + 2c| ≤ |t| + 2
-    return 1.0
+        # |t + 2c| ≤ |t| + 2
+        return modulation_t.abs() + 2.0 if isinstance(modulation_t, torch.Tensor) else abs(float(modulation_t)) + 2.0
+    return torch.ones_like(modulation_t) if isinstance(modulation_t, torch.Tensor) else 1.0

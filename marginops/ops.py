@@ -9,6 +9,7 @@ Contract of ``fused_lse`` (every backend: csrc/cpu, csrc/cuda, triton_kernels; o
     z_ij = target_logit[i]                           if j == labels[i]  (labels[i] = -1: no target)
          = 0                                         if c_ij > filter_threshold (filtered)
          = row_scale[i]·c_ij·(t + c_ij)              if non_target == 1 and c_ij > threshold[i]
+                                                     (t = non_target_param, a one-element tensor)
          = row_scale[i]·c_ij                         otherwise
     lse_i = log Σ_j exp(z_ij)      argmax_i = argmax_j c_ij (raw cosine)
 
@@ -136,13 +137,14 @@ def _fake_forward(
     row_scale,
     threshold,
     class_index,
-    curricular_t,
+    non_target_param,
     non_target,
     filter_threshold,
     subcenters,
     deterministic,
 ):
     _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
+    torch._check(non_target_param.numel() == 1, lambda: "fused_lse: non_target_param must have one element")
     rows = x.shape[0]
     return target_logit.new_empty(rows), labels.new_empty(rows, dtype=torch.long)
 
@@ -157,7 +159,7 @@ def _fake_backward(
     row_scale,
     threshold,
     class_index,
-    curricular_t,
+    non_target_param,
     non_target,
     filter_threshold,
     subcenters,
@@ -323,6 +325,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "reference"
 
 
+def non_target_param_tensor(value) -> torch.Tensor:
+    """The op's non_target_param from a number or a tensor: a 0-dim float64 CPU tensor, a copy (the op saves it
+    for the backward, and a module updates its own t in place).  A tensor is copied, never read on the host, so a
+    module's state buffer flows into the op under torch.compile(fullgraph=True)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float64, copy=True).reshape(())
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
 def fused_lse(
     backend: str,
     x: torch.Tensor,
@@ -332,7 +343,7 @@ def fused_lse(
     row_scale: torch.Tensor,
     threshold: torch.Tensor,
     class_index: Optional[torch.Tensor] = None,
-    curricular_t: float = 0.0,
+    non_target_param=0.0,
     non_target: int = 0,
     filter_threshold: float = 2.0,
     subcenters: int = 1,
@@ -348,7 +359,7 @@ def fused_lse(
         row_scale.contiguous(),
         threshold.contiguous(),
         None if class_index is None else class_index.contiguous(),
-        float(curricular_t),
+        non_target_param_tensor(non_target_param),
         int(non_target),
         float(filter_threshold),
         int(subcenters),

@@ -83,7 +83,7 @@ def fused_lse(
     row_scale: torch.Tensor,
     threshold: torch.Tensor,
     class_index: Optional[torch.Tensor],
-    curricular_t: float,
+    non_target_param,
     non_target: int,
     filter_threshold: float,
     subcenters: int,
@@ -100,7 +100,7 @@ def fused_lse(
     cos = cos_rows.reshape(cos_rows.shape[0], -1, k).max(dim=2).values
     if class_index is not None:
         cos = cos.index_select(1, class_index)
-    logits = row_scale[:, None] * non_target_phi(non_target, cos, threshold, curricular_t)
+    logits = row_scale[:, None] * non_target_phi(non_target, cos, threshold, non_target_param)
     logits = torch.where(cos > filter_threshold, torch.zeros_like(logits), logits)
     columns = torch.arange(cos.shape[1], device=cos.device)
     target_col = columns[None, :] == labels[:, None]

@@ -28,7 +28,7 @@ ARG_NAMES = (
     "row_scale",
     "threshold",
     "class_index",
-    "curricular_t",
+    "non_target_param",
     "non_target",
     "filter_threshold",
     "subcenters",
@@ -149,7 +149,13 @@ class Case:
         self.target_logit = torch.randn(B, generator=g, dtype=torch.float64) * 5 + 10
         self.row_scale = 30 + torch.rand(B, generator=g, dtype=torch.float64) * 4
         self.threshold = torch.rand(B, generator=g, dtype=torch.float64) * 0.4 - 0.2
-        self.params = (float(curricular_t), int(non_target), float(filter_threshold), int(k))
+        # non_target_param: the op takes the mode's scalar (here CurricularFace's t) as a 0-dim tensor
+        self.params = (
+            torch.tensor(float(curricular_t), dtype=torch.float64),
+            int(non_target),
+            float(filter_threshold),
+            int(k),
+        )
         grad = torch.randn(B, generator=g, dtype=torch.float64)
         grad[1::7] = 0.0
         self.grad = grad

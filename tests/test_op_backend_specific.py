@@ -163,7 +163,7 @@ def test_cuda_offsets_beyond_2_31_full_weight(cuda_ops):
     rs = torch.full((B,), 16.0, device=DEV)
     thr = torch.zeros(B, device=DEV)
     grad = torch.linspace(0.5, 1.5, B, device=DEV)
-    params = (0.0, 0, FILTER_OFF, 1)
+    params = (torch.tensor(0.0, dtype=torch.float64), 0, FILTER_OFF, 1)
 
     lse, argmax = ops.fused_lse(x, weight, labels, tl, rs, thr, None, *params, True)
     gx, gw, gtl, grs = ops.fused_lse_backward(grad, lse, x, weight, labels, tl, rs, thr, None, *params, True)

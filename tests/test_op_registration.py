@@ -35,7 +35,8 @@ def _op_args(device, dtype=torch.float32, class_index=None):
     target = torch.randn(6, dtype=acc, device=device).requires_grad_(True)
     scale = torch.full((6,), 5.0, dtype=acc, device=device).requires_grad_(True)
     threshold = torch.rand(6, dtype=acc, device=device) - 0.5
-    return (x, weight, labels, target, scale, threshold, class_index, 0.3, 1, 0.8, 1, True)
+    t = torch.tensor(0.3, dtype=torch.float64)  # non_target_param: CurricularFace's t
+    return (x, weight, labels, target, scale, threshold, class_index, t, 1, 0.8, 1, True)
 
 
 def test_opcheck_cpp_op():
@@ -87,11 +88,14 @@ def test_fake_implementations_check_shapes():
     with FakeTensorMode():
         x, w = torch.empty(4, 8), torch.empty(10, 8)
         labels, rows = torch.zeros(4, dtype=torch.long), torch.empty(4)
-        lse, argmax = op(x, w, labels, rows, rows, rows, None, 0.0, 0, 2.0, 1, True)
+        t = torch.empty((), dtype=torch.float64)  # non_target_param
+        lse, argmax = op(x, w, labels, rows, rows, rows, None, t, 0, 2.0, 1, True)
         assert lse.shape == (4,) and argmax.dtype == torch.long
         with pytest.raises(RuntimeError, match="feature size"):
-            op(x, torch.empty(10, 7), labels, rows, rows, rows, None, 0.0, 0, 2.0, 1, True)
+            op(x, torch.empty(10, 7), labels, rows, rows, rows, None, t, 0, 2.0, 1, True)
         with pytest.raises(RuntimeError, match="target_logit"):
-            op(x, w, labels, torch.empty(3), rows, rows, None, 0.0, 0, 2.0, 1, True)
+            op(x, w, labels, torch.empty(3), rows, rows, None, t, 0, 2.0, 1, True)
         with pytest.raises(RuntimeError, match="subcenters"):
-            op(x, w, labels, rows, rows, rows, None, 0.0, 0, 2.0, 3, True)
+            op(x, w, labels, rows, rows, rows, None, t, 0, 2.0, 3, True)
+        with pytest.raises(RuntimeError, match="non_target_param"):
+            op(x, w, labels, rows, rows, rows, None, torch.empty(2, dtype=torch.float64), 0, 2.0, 1, True)

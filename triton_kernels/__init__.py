@@ -2,10 +2,10 @@
 
 Exports the two launchers, one per op schema (csrc/marginops.cpp):
 
-* ``fused_lse_forward(x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t,
+* ``fused_lse_forward(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target_param,
   non_target, filter_threshold, subcenters, deterministic) -> (lse, argmax)``
 * ``fused_lse_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
-  curricular_t, non_target, filter_threshold, subcenters, deterministic)
+  non_target_param, non_target, filter_threshold, subcenters, deterministic)
   -> (grad_x, grad_weight, grad_target_logit, grad_row_scale)``
 
 Both are meant for ``torch.library.triton_op`` (they launch through ``torch.library.wrap_triton``).  On CPU

@@ -164,7 +164,7 @@ def _nontarget_phi(c, thr, modulation_t, filter_threshold, NON_TARGET: tl.conste
     """phi(c), dphi/dc for non-target columns (marginops/non_target.py; csrc/margin_math.h nontarget_phi_dphi).
 
     c: (BLOCK_M, BLOCK_N); thr: (BLOCK_M,) per-row thresholds; modulation_t: the mode's scalar (the op's
-    curricular_t).  Filtered (c > filter_threshold) -> (0, 0); CurricularFace (NON_TARGET == 1) and c > thr
+    the op's non_target_param).  Filtered (c > filter_threshold) -> (0, 0); CurricularFace (NON_TARGET == 1) and c > thr
     -> (c (t + c), t + 2c); else (c, 1).  NaN cosines fall through to the plain branch, so NaN propagates.
     A new mode also needs its bound in ``_nontarget_max_abs_dphi``.
     """

@@ -81,13 +81,13 @@ def _bwd_tile(
     thr,
     lse,
     g,
-    curricular_t,
+    non_target_param,
     filter_threshold,
     NON_TARGET: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dc (BLOCK_M, BLOCK_N) and this tile's contributions to grad_target_logit and grad_row_scale."""
-    phi, dphi = _nontarget_phi(c, thr, curricular_t, filter_threshold, NON_TARGET)
+    phi, dphi = _nontarget_phi(c, thr, non_target_param, filter_threshold, NON_TARGET)
     z, is_t = _logits(c, phi, col0, col_mask, lab, tgt, rscale, BLOCK_N)
     p = tl.exp(z - lse[:, None])
     gtl = g * tl.sum(tl.where(is_t, p, 0.0), axis=1)
@@ -215,10 +215,10 @@ def _bwd_dw_kernel(
     in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
     prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
     SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
-    curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
+    non_target_param = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
     dscale = tl.load(ds_ptr)  # power of two applied to dc in the dW product (1 for 32/64-bit inputs)
-    dphi_max = _nontarget_max_abs_dphi(curricular_t, NON_TARGET)
+    dphi_max = _nontarget_max_abs_dphi(non_target_param, NON_TARGET)
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
     # the d-chunks of one class tile are neighbours in launch order: they share the W rows in L2
@@ -245,7 +245,7 @@ def _bwd_dw_kernel(
             x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
         )
         dc, gtl, grs = _bwd_tile(
-            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, curricular_t, filter_threshold, NON_TARGET, BLOCK_N
+            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
         )
         dcs = tl.where(sub == s_own, dc, 0.0)
         proj += tl.sum(dcs * c, axis=0)
@@ -318,9 +318,9 @@ def _bwd_dx_kernel(
     in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
     prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
     SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
-    curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
+    non_target_param = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
-    dphi_max = _nontarget_max_abs_dphi(curricular_t, NON_TARGET)
+    dphi_max = _nontarget_max_abs_dphi(non_target_param, NON_TARGET)
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
     pid_m = pid // n_dv
@@ -349,7 +349,7 @@ def _bwd_dx_kernel(
             x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
         )
         dc, gtl, grs = _bwd_tile(
-            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, curricular_t, filter_threshold, NON_TARGET, BLOCK_N
+            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
         )
         gtl_acc += gtl
         grs_acc += grs

@@ -56,7 +56,7 @@ def _lse_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    curricular_t = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
+    non_target_param = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -94,7 +94,7 @@ def _lse_fwd_kernel(
         best = tl.where(upd, t_best, best)
         arg = tl.where(upd, col0 + t_arg.to(tl.int64), arg)
 
-        phi, _dphi = _nontarget_phi(c, thr, curricular_t, filter_threshold, NON_TARGET)
+        phi, _dphi = _nontarget_phi(c, thr, non_target_param, filter_threshold, NON_TARGET)
         z, _is_t = _logits(c, phi, col0, col_mask, lab, tgt, rscale, BLOCK_N)
         # online log-sum-exp; m_safe avoids (-inf) - (-inf) while a row has seen no column yet
         m_new = tl.maximum(m_i, tl.max(z, axis=1))

@@ -6,8 +6,9 @@ through ``torch.library.wrap_triton``, there is no ``.item()`` / host sync and n
 tensor values (only on shapes, dtypes, devices and the op's scalar arguments).  Inputs arrive validated and
 contiguous (checked by marginops/ops.py).
 
-Scalars ``curricular_t`` and ``filter_threshold`` are passed to the kernels as one-element tensors of the
-accumulation dtype, so that float64 runs compare and multiply in float64 exactly like the reference.
+Scalars ``non_target_param`` (a one-element tensor) and ``filter_threshold`` are passed to the kernels as
+one-element tensors of the accumulation dtype, so that float64 runs compare and multiply in float64 exactly like
+the reference.
 
 Mixed precision (16-bit x, float32 weight): the kernels round each W tile to x's dtype as they load it for a
 product (never a 16-bit copy of W), take the norms from the float32 values and write grad_weight in float32; the
@@ -68,7 +69,7 @@ def _split_grad_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and not _package_switch("FAST_GRAD_DOTS", "MARGINOPS_TRITON_FAST_BWD")
 
 
-def _grad_scale(grad_lse: Tensor, row_scale: Tensor, curricular_t: float, non_target: int, dtype: torch.dtype):
+def _grad_scale(grad_lse: Tensor, row_scale: Tensor, non_target_param: Tensor, non_target: int, dtype: torch.dtype):
     """(1,) tensor: the power of two S that dc = g p s dphi is multiplied by before it becomes an fp16 product
     operand, with |S dc| < 2^15 since |dc| <= max |g s| * max |dphi| (marginops/non_target.py); 1 for 32/64-bit
     inputs.  Stays on the device (no host sync)."""
@@ -76,7 +77,7 @@ def _grad_scale(grad_lse: Tensor, row_scale: Tensor, curricular_t: float, non_ta
     if dtype not in (torch.bfloat16, torch.float16):
         return torch.ones((1,), dtype=acc, device=row_scale.device)
     bound = (grad_lse * row_scale).abs().nan_to_num(0.0, 0.0, 0.0).amax().reshape(1)
-    bound = bound * non_target_max_abs_dphi(non_target, curricular_t)
+    bound = bound * non_target_max_abs_dphi(non_target, non_target_param.to(bound.device, bound.dtype).reshape(1))
     _, exponent = torch.frexp(bound)  # bound < 2^exponent
     scale = torch.ldexp(torch.ones_like(bound), (15 - exponent).clamp(-100, 100))
     return torch.where(bound > 0, scale, torch.ones_like(bound))
@@ -168,8 +169,9 @@ def _launches(x: Tensor) -> bool:
     return False
 
 
-def _scalars(t: float, f: float, acc: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    return (torch.full((1,), t, dtype=acc, device=device), torch.full((1,), f, dtype=acc, device=device))
+def _scalars(t: Tensor, f: float, acc: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    # t (the non-target mode's scalar) arrives as a tensor: copied, never read on the host (traceable)
+    return (t.to(device, acc).reshape(1).clone(), torch.full((1,), f, dtype=acc, device=device))
 
 
 def _mixed(x: Tensor, weight: Tensor) -> bool:
@@ -189,7 +191,7 @@ def fused_lse_forward(
     row_scale: Tensor,
     threshold: Tensor,
     class_index: Optional[Tensor],
-    curricular_t: float,
+    non_target_param: Tensor,
     non_target: int,
     filter_threshold: float,
     subcenters: int,
@@ -214,7 +216,7 @@ def fused_lse_forward(
     l_part = torch.empty((splits, B), dtype=acc, device=dev)
     best_part = torch.empty((splits, B), dtype=acc, device=dev)
     arg_part = torch.empty((splits, B), dtype=torch.int64, device=dev)
-    t_buf, f_buf = _scalars(curricular_t, filter_threshold, acc, dev)
+    t_buf, f_buf = _scalars(non_target_param, filter_threshold, acc, dev)
     ci = class_index if class_index is not None else labels  # placeholder pointer when HAS_CI is False
 
     kern = configs.kernel("fwd", D, x.dtype, False, tf32)
@@ -274,7 +276,7 @@ def fused_lse_backward(
     row_scale: Tensor,
     threshold: Tensor,
     class_index: Optional[Tensor],
-    curricular_t: float,
+    non_target_param: Tensor,
     non_target: int,
     filter_threshold: float,
     subcenters: int,
@@ -311,7 +313,7 @@ def fused_lse_backward(
         row_scale,
         threshold,
         class_index,
-        curricular_t,
+        non_target_param,
         non_target,
         filter_threshold,
         subcenters,
@@ -332,7 +334,7 @@ def _backward_launch(
     row_scale,
     threshold,
     class_index,
-    curricular_t,
+    non_target_param,
     non_target,
     filter_threshold,
     subcenters,
@@ -360,8 +362,8 @@ def _backward_launch(
         )
     g = grad_lse.to(acc).contiguous()
     lse = lse.to(acc).contiguous()
-    t_buf, f_buf = _scalars(curricular_t, filter_threshold, acc, dev)
-    ds_buf = _grad_scale(g, row_scale, curricular_t, non_target, x.dtype)
+    t_buf, f_buf = _scalars(non_target_param, filter_threshold, acc, dev)
+    ds_buf = _grad_scale(g, row_scale, non_target_param, non_target, x.dtype)
     ci = class_index if class_index is not None else labels
     has_ci = class_index is not None
     split = _split_grad_dots(x.dtype)

@@ -192,7 +192,7 @@ struct WeightRowArgs {
 struct Problem {
   at::Tensor x, weight, labels, target_logit, row_scale, threshold;
   std::optional<at::Tensor> class_index;
-  double curricular_t = 0;
+  double non_target_param = 0;  // the non-target mode's scalar
   int64_t non_target = 0;
   double filter = 2.0;
   int64_t B = 0, D = 0, R = 0, N = 0, k = 1;
@@ -253,7 +253,7 @@ EpiArgs<T> base_args(const Problem& P) {
   a.threshold = P.threshold.data_ptr<T>();
   a.k = P.k;
   a.params.mode = static_cast<int>(P.non_target);
-  a.params.curricular_t = static_cast<T>(P.curricular_t);
+  a.params.param = static_cast<T>(P.non_target_param);
   a.params.filter = static_cast<T>(P.filter);
   return a;
 }
@@ -333,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
   // fp16 scheme (see the top of this file): per-row power-of-two scale of the gradient block
   at::Tensor gscale, gscale_min, x_prod, dx_acc;
   if (half) {
-    const double dmax = nontarget_max_abs_dphi<double>(static_cast<int>(P.non_target), P.curricular_t);
+    const double dmax = nontarget_max_abs_dphi<double>(static_cast<int>(P.non_target), P.non_target_param);
     const at::Tensor bound = at::mul(at::abs(at::mul(grad_lse, P.row_scale)), dmax);
     // 2^13: G = sigma f dcos with f < 2 (the mantissa of 1 / n_r, see chunked_epilogue.cuh) stays below 2^14
     gscale = at::clamp(at::exp2(at::floor(at::log2(at::div(at::scalar_tensor(8192.0, opts), bound)))),

@@ -196,7 +196,7 @@ MARGINOPS_ALWAYS_INLINE RowForward<T> forward_row(T* MARGINOPS_RESTRICT s,
   constexpr int W = Simd<T, kBytes>::W;
   if (n >= W) {
     const V vthr = splat<V>(threshold), vfilter = splat<V>(params.filter);
-    const V vt = splat<V>(params.curricular_t), vscale = splat<V>(row_scale);
+    const V vt = splat<V>(params.param), vscale = splat<V>(row_scale);
     const V vtarget_logit = splat<V>(target_logit);
     const M vtarget = splat<M>(E(target));  // chunks are far below 2^31 columns
     const M step = splat<M>(E(W));
@@ -273,7 +273,7 @@ MARGINOPS_ALWAYS_INLINE T backward_row(T* MARGINOPS_RESTRICT s, const T* MARGINO
   if (n >= W) {
     const V zero = splat<V>(0);
     const V vthr = splat<V>(threshold), vfilter = splat<V>(params.filter);
-    const V vt = splat<V>(params.curricular_t), vscale = splat<V>(row_scale);
+    const V vt = splat<V>(params.param), vscale = splat<V>(row_scale);
     const V vgrad = splat<V>(grad), vlse = splat<V>(lse);
     const M vtarget = splat<M>(E(target));
     const M step = splat<M>(E(W));

@@ -42,6 +42,7 @@
 
 #include "epilogue.h"
 #include "margin_math.h"
+#include "op_args.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define MARGINOPS_F16C 1
@@ -490,7 +491,7 @@ Checked check_inputs(const Tensor& x, const Tensor& weight, const Tensor& labels
 }
 
 template <typename T>
-Problem<T> make_problem(const Checked& c, double curricular_t, int64_t non_target,
+Problem<T> make_problem(const Checked& c, double non_target_param, int64_t non_target,
                         double filter_threshold) {
   Problem<T> P;
   P.x = c.x_acc.data_ptr<T>();
@@ -525,7 +526,7 @@ Problem<T> make_problem(const Checked& c, double curricular_t, int64_t non_targe
   P.k = c.k;
   P.N = c.N;
   P.params.mode = static_cast<int>(non_target);
-  P.params.curricular_t = static_cast<T>(curricular_t);
+  P.params.param = static_cast<T>(non_target_param);
   P.params.filter = static_cast<T>(filter_threshold);
   P.chunk = choose_chunk(c.B, c.k, c.N, sizeof(T));
   P.num_chunks = (c.N + P.chunk - 1) / P.chunk;
@@ -661,17 +662,18 @@ std::tuple<Tensor, Tensor> fused_lse_cpu(const Tensor& x, const Tensor& weight,
                                          const Tensor& labels, const Tensor& target_logit,
                                          const Tensor& row_scale, const Tensor& threshold,
                                          const std::optional<Tensor>& class_index,
-                                         double curricular_t, int64_t non_target,
+                                         const Tensor& non_target_param, int64_t non_target,
                                          double filter_threshold, int64_t subcenters,
                                          bool /*deterministic: always, see the file comment*/) {
   const Checked c = check_inputs(x, weight, labels, target_logit, row_scale, threshold, class_index,
                                  non_target, subcenters, /*need_unique_classes=*/false);
+  const double t = non_target_param_value(non_target_param, "marginops fused_lse (CPU): ");
   Tensor lse, argmax;
   if (c.B == 0) {
     return {at::empty({0}, x.options().dtype(c.acc)), at::empty({0}, x.options().dtype(at::kLong))};
   }
   AT_DISPATCH_FLOATING_TYPES(c.acc, "marginops_fused_lse_cpu", [&] {
-    const auto P = make_problem<scalar_t>(c, curricular_t, non_target, filter_threshold);
+    const auto P = make_problem<scalar_t>(c, t, non_target, filter_threshold);
     forward_impl<scalar_t>(c, P, lse, argmax);
   });
   return {lse, argmax};
@@ -680,11 +682,12 @@ std::tuple<Tensor, Tensor> fused_lse_cpu(const Tensor& x, const Tensor& weight,
 std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_backward_cpu(
     const Tensor& grad_lse, const Tensor& lse, const Tensor& x, const Tensor& weight,
     const Tensor& labels, const Tensor& target_logit, const Tensor& row_scale,
-    const Tensor& threshold, const std::optional<Tensor>& class_index, double curricular_t,
+    const Tensor& threshold, const std::optional<Tensor>& class_index, const Tensor& non_target_param,
     int64_t non_target, double filter_threshold, int64_t subcenters, bool /*deterministic*/,
     bool need_grad_x, bool need_grad_weight) {
   const Checked c = check_inputs(x, weight, labels, target_logit, row_scale, threshold, class_index,
                                  non_target, subcenters, /*need_unique_classes=*/true);
+  const double t = non_target_param_value(non_target_param, "marginops fused_lse (CPU): ");
   check_vector(grad_lse, "grad_lse", c.B, c.acc);
   check_vector(lse, "lse", c.B, c.acc);
   const Tensor g = grad_lse.contiguous();
@@ -696,7 +699,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_backward_cpu(
             at::zeros_like(c.target_logit), at::zeros_like(c.row_scale)};
   }
   AT_DISPATCH_FLOATING_TYPES(c.acc, "marginops_fused_lse_backward_cpu", [&] {
-    const auto P = make_problem<scalar_t>(c, curricular_t, non_target, filter_threshold);
+    const auto P = make_problem<scalar_t>(c, t, non_target, filter_threshold);
     backward_impl<scalar_t>(c, P, g, l, need_grad_x, need_grad_weight, grad_x, grad_weight, grad_target,
                             grad_scale);
   });

@@ -24,6 +24,7 @@
 #include "chunked.h"
 #include "fused_lse_launch.h"
 #include "margin_math.h"
+#include "op_args.h"
 #include "switches.h"
 #include "wave_plan.h"
 
@@ -32,6 +33,11 @@ namespace cuda {
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The non-target mode's scalar from the op's tensor argument (op_args.h).
+double mode_scalar(const at::Tensor& non_target_param) {
+  return non_target_param_value(non_target_param, "marginops.fused_lse (cuda): ");
+}
 
 int path_occupancy(KernelPath path, KernelKind kind, int* smem) {
   switch (path) {
@@ -151,7 +157,7 @@ Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
 FusedLseParams base_params(const Problem& pr, const at::Tensor& x, const at::Tensor& weight,
                            const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
                            const at::Tensor& threshold, const std::optional<at::Tensor>& class_index,
-                           double curricular_t, int64_t non_target, double filter_threshold) {
+                           double non_target_param, int64_t non_target, double filter_threshold) {
   FusedLseParams p;
   p.x = x.data_ptr();
   p.weight = weight.data_ptr();
@@ -169,7 +175,7 @@ FusedLseParams base_params(const Problem& pr, const at::Tensor& x, const at::Ten
   p.cpt_fwd = static_cast<int>(kFwdBN / pr.k);
   p.cpt_bwd = static_cast<int>(kBwdBN / pr.k);
   p.n_tiles_bwd = static_cast<int>(ceil_div(pr.N, p.cpt_bwd));
-  p.curricular_t = curricular_t;
+  p.non_target_param = non_target_param;
   p.non_target = static_cast<int>(non_target);
   p.filter = filter_threshold;
   const int64_t es = static_cast<int64_t>(x.element_size());
@@ -222,9 +228,9 @@ int occupancy_or_throw(const Problem& pr, KernelKind kind, const char* what) {
 std::tuple<at::Tensor, at::Tensor> fused_lse_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                   const at::Tensor& labels, const at::Tensor& target_logit,
                                                   const at::Tensor& row_scale, const at::Tensor& threshold,
-                                                  const std::optional<at::Tensor>& class_index, double curricular_t,
-                                                  int64_t non_target, double filter_threshold, int64_t subcenters,
-                                                  bool deterministic) {
+                                                  const std::optional<at::Tensor>& class_index,
+                                                  const at::Tensor& non_target_param, int64_t non_target,
+                                                  double filter_threshold, int64_t subcenters, bool deterministic) {
   (void)deterministic;  // always deterministic (no float atomics)
   Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
   const c10::cuda::CUDAGuard device_guard(x.device());
@@ -250,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_cuda(const at::Tensor& x, const at:
   at::Tensor part_j = at::empty({splits, pr.B}, x.options().dtype(at::kLong));
 
   FusedLseParams p = base_params(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                                 curricular_t, non_target, filter_threshold);
+                                 mode_scalar(non_target_param), non_target, filter_threshold);
   p.splits = static_cast<int>(splits);
   p.lse_out = lse.data_ptr();
   p.argmax_out = argmax.data_ptr<int64_t>();
@@ -265,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_cuda(const at::Tensor& x, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cuda(
     const at::Tensor& grad_lse_in, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
-    const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, double curricular_t,
+    const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, const at::Tensor& non_target_param,
     int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
     bool need_grad_weight) {
   (void)deterministic;  // always deterministic (no float atomics)
@@ -313,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   at::Tensor part_gtl = at::empty({splits, pr.B}, acc_opts);
 
   FusedLseParams p = base_params(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                                 curricular_t, non_target, filter_threshold);
+                                 mode_scalar(non_target_param), non_target, filter_threshold);
   p.grad_lse = grad_lse.data_ptr();
   p.lse = lse.data_ptr();
   p.splits = static_cast<int>(splits);
@@ -339,7 +345,7 @@ namespace {
 chunked::Problem chunked_problem(const Problem& pr, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
                                  const at::Tensor& threshold, const std::optional<at::Tensor>& class_index,
-                                 double curricular_t, int64_t non_target, double filter_threshold) {
+                                 double non_target_param, int64_t non_target, double filter_threshold) {
   chunked::Problem P;
   P.x = x;
   P.weight = weight;
@@ -348,7 +354,7 @@ chunked::Problem chunked_problem(const Problem& pr, const at::Tensor& x, const a
   P.row_scale = row_scale;
   P.threshold = threshold;
   P.class_index = class_index;
-  P.curricular_t = curricular_t;
+  P.non_target_param = non_target_param;
   P.non_target = non_target;
   P.filter = filter_threshold;
   P.B = pr.B;
@@ -374,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_chunked_cuda(const at::Tensor& x, c
                                                           const at::Tensor& labels, const at::Tensor& target_logit,
                                                           const at::Tensor& row_scale, const at::Tensor& threshold,
                                                           const std::optional<at::Tensor>& class_index,
-                                                          double curricular_t, int64_t non_target,
+                                                          const at::Tensor& non_target_param, int64_t non_target,
                                                           double filter_threshold, int64_t subcenters,
                                                           bool deterministic) {
   (void)deterministic;  // always deterministic (no atomics)
@@ -386,14 +392,14 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_chunked_cuda(const at::Tensor& x, c
     return {at::empty({0}, x.options().dtype(pr.acc)), at::empty({0}, x.options().dtype(at::kLong))};
   }
   return chunked_forward(chunked_problem(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                                         curricular_t, non_target, filter_threshold),
+                                         mode_scalar(non_target_param), non_target, filter_threshold),
                          at::cuda::getCurrentCUDAStream().stream());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_chunked_cuda(
     const at::Tensor& grad_lse_in, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
-    const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, double curricular_t,
+    const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, const at::Tensor& non_target_param,
     int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
     bool need_grad_weight) {
   (void)deterministic;
@@ -411,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_ch
             at::empty({0}, acc_opts)};
   }
   return chunked_backward(chunked_problem(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                                          curricular_t, non_target, filter_threshold),
+                                          mode_scalar(non_target_param), non_target, filter_threshold),
                           grad_lse, lse, need_grad_x, need_grad_weight,
                           at::cuda::getCurrentCUDAStream().stream());
 }
@@ -420,22 +426,22 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_cuda_default(const at::Tensor& x, c
                                                           const at::Tensor& labels, const at::Tensor& target_logit,
                                                           const at::Tensor& row_scale, const at::Tensor& threshold,
                                                           const std::optional<at::Tensor>& class_index,
-                                                          double curricular_t, int64_t non_target,
+                                                          const at::Tensor& non_target_param, int64_t non_target,
                                                           double filter_threshold, int64_t subcenters,
                                                           bool deterministic) {
   auto run = use_fused_path() ? fused_lse_cuda : fused_lse_chunked_cuda;
-  return run(x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t, non_target,
+  return run(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target_param, non_target,
              filter_threshold, subcenters, deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cuda_default(
     const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
-    const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, double curricular_t,
+    const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, const at::Tensor& non_target_param,
     int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
     bool need_grad_weight) {
   auto run = use_fused_path() ? fused_lse_backward_cuda : fused_lse_backward_chunked_cuda;
-  return run(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, curricular_t,
+  return run(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, non_target_param,
              non_target, filter_threshold, subcenters, deterministic, need_grad_x, need_grad_weight);
 }
 

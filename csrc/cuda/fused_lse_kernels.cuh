@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(256, Tr::kFwdMinBlocks) fused_lse_fwd_kernel(c
   const bool erow_ok = ei < p.B;
   RowInfo<acc_t> ri;
   if (erow_ok) ri = load_row_info<acc_t>(p, ei, false);
-  const NonTargetParams<acc_t> np{p.non_target, static_cast<acc_t>(p.curricular_t), static_cast<acc_t>(p.filter)};
+  const NonTargetParams<acc_t> np{p.non_target, static_cast<acc_t>(p.non_target_param), static_cast<acc_t>(p.filter)};
 
   acc_t m = neg_inf<acc_t>(), s = acc_t(0), bc = neg_inf<acc_t>();
   int64_t bj = INT64_MAX;
@@ -492,7 +492,7 @@ __device__ __forceinline__ acc_t fp16_operand_scale(acc_t bound) {
 // max |dphi| of the non-target epilogue (margin_math.h nontarget_max_abs_dphi).
 template <class acc_t>
 __device__ __forceinline__ acc_t max_dphi(const FusedLseParams& p) {
-  return nontarget_max_abs_dphi(p.non_target, static_cast<acc_t>(p.curricular_t));
+  return nontarget_max_abs_dphi(p.non_target, static_cast<acc_t>(p.non_target_param));
 }
 
 // dW kernel: the power of two S that dcos is multiplied by before it becomes an fp16 product operand
@@ -682,7 +682,7 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_w_kernel(const FusedLseP
   dw.zero();
 
   const int erow = tid / TPR, esub = tid % TPR;
-  const NonTargetParams<acc_t> np{p.non_target, static_cast<acc_t>(p.curricular_t), static_cast<acc_t>(p.filter)};
+  const NonTargetParams<acc_t> np{p.non_target, static_cast<acc_t>(p.non_target_param), static_cast<acc_t>(p.filter)};
   const int64_t row_tiles = (p.B + BM - 1) / BM;
   acc_t unused_grs = acc_t(0), unused_gtl = acc_t(0);
 
@@ -784,7 +784,7 @@ __global__ void __launch_bounds__(256, 1) fused_lse_bwd_x_kernel(const FusedLseP
   const int64_t ei = i0 + erow;
   const bool erow_ok = ei < p.B;
   load_row_smem<acc_t, BM>(rsm, p, i0);  // read after the first __syncthreads of the tile loop
-  const NonTargetParams<acc_t> np{p.non_target, static_cast<acc_t>(p.curricular_t), static_cast<acc_t>(p.filter)};
+  const NonTargetParams<acc_t> np{p.non_target, static_cast<acc_t>(p.non_target_param), static_cast<acc_t>(p.filter)};
   compute_row_scales<Tr, BM>(p, rsm);     // read after the first __syncthreads of the tile loop
   rsm->grs[tid] = acc_t(0);  // private per-thread accumulators
   rsm->gtl[tid] = acc_t(0);

@@ -49,7 +49,7 @@ struct FusedLseParams {
   int cpt_fwd = 1;          // classes per forward class tile  = kFwdBN / k
   int cpt_bwd = 1;          // classes per backward class tile = kBwdBN / k
   int n_tiles_bwd = 1;      // backward class tiles = ceil(N / cpt_bwd)
-  double curricular_t = 0;  // CurricularFace t
+  double non_target_param = 0;  // the non-target mode's scalar (CurricularFace t)
   int non_target = 0;       // 0 plain, 1 CurricularFace
   double filter = 2.0;      // inter-class filter threshold (2 = off)
   bool vec = false;         // 16-byte global loads allowed (D * elem % 16 == 0 and 16-byte aligned bases)

@@ -20,7 +20,8 @@ void def_backward(pybind11::module& m, const char* name, F f) {
   m.def(name, f);
   m.def(name, [f](const at::Tensor& g, const at::Tensor& lse, const at::Tensor& x, const at::Tensor& w,
                   const at::Tensor& labels, const at::Tensor& tl, const at::Tensor& rs, const at::Tensor& thr,
-                  const std::optional<at::Tensor>& ci, double t, int64_t nt, double filter, int64_t k, bool det) {
+                  const std::optional<at::Tensor>& ci, const at::Tensor& t, int64_t nt, double filter, int64_t k,
+                  bool det) {
     return f(g, lse, x, w, labels, tl, rs, thr, ci, t, nt, filter, k, det, true, true);
   });
 }
