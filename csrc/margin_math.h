@@ -10,7 +10,7 @@
 #define MARGINOPS_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__) || defined(__clang__)
 // always inlined: the CPU kernels call these with vectors wider than the default target, inside
-// functions compiled for AVX2 / AVX-512 (csrc/cpu/epilogue.cpp)
+// functions compiled for AVX2 / AVX-512 (csrc/cpu/chunk_epilogue.cpp)
 #define MARGINOPS_HD inline __attribute__((always_inline))
 #else
 #define MARGINOPS_HD inline

@@ -70,7 +70,7 @@ class EmulatedOps:
 
 class EmulatedChunkedOps(EmulatedOps):
     """The same for the class-chunked path: the chunk loop (csrc/cpu/chunk_loop.h) on CPU tensors with ATen's CPU
-    matrix products, its CUDA epilogue kernels (csrc/cuda/chunked_epilogue.cuh) under the emulator."""
+    matrix products, its CUDA epilogue kernels (csrc/cuda/chunk_epilogue.cuh) under the emulator."""
 
     def fused_lse(self, *args):
         return self._m.fused_lse_chunked(*args)

@@ -3,7 +3,7 @@
 // never inside a traced op.  Per chunk the cosine block comes from an ATen matrix product with fp32 (fp64
 // for fp64 inputs) output into a preallocated buffer, and one epilogue launch consumes it.  The loop is
 // templated over the epilogue policy `Epi` (where and how the per-chunk kernels run: the CUDA kernels of
-// csrc/cuda/chunked_epilogue.cuh, on a GPU or under the CPU emulator of tests/cuda_emu); everything here is
+// csrc/cuda/chunk_epilogue.cuh, on a GPU or under the CPU emulator of tests/cuda_emu); everything here is
 // device-agnostic ATen.
 //
 // Epi provides (T: the accumulation type, float or double; all launches on the current stream):
@@ -335,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
   if (half) {
     const double dmax = nontarget_max_abs_dphi<double>(static_cast<int>(P.non_target), P.non_target_param);
     const at::Tensor bound = at::mul(at::abs(at::mul(grad_lse, P.row_scale)), dmax);
-    // 2^13: G = sigma f dcos with f < 2 (the mantissa of 1 / n_r, see chunked_epilogue.cuh) stays below 2^14
+    // 2^13: G = sigma f dcos with f < 2 (the mantissa of 1 / n_r, see chunk_epilogue.cuh) stays below 2^14
     gscale = at::clamp(at::exp2(at::floor(at::log2(at::div(at::scalar_tensor(8192.0, opts), bound)))),
                        std::ldexp(1.0, -64), std::ldexp(1.0, 64));
     if (need_weight) {

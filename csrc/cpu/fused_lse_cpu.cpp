@@ -40,7 +40,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "epilogue.h"
+#include "chunk_epilogue.h"
 #include "margin_math.h"
 #include "op_args.h"
 

@@ -1,9 +1,9 @@
 // The class-chunked CUDA path: the chunk loop of csrc/cpu/chunk_loop.h (matrix products by cuBLAS through
-// ATen) instantiated with the CUDA epilogue kernels of chunked_epilogue.cuh, per weight dtype (the epilogue reads
+// ATen) instantiated with the CUDA epilogue kernels of chunk_epilogue.cuh, per weight dtype (the epilogue reads
 // and writes weight rows; x only meets the matrix products, so a float32 weight with 16-bit x, mixed precision,
 // runs the float32 epilogue).
-#include "chunked.h"
-#include "chunked_epilogue.cuh"
+#include "chunk_epilogue.cuh"
+#include "fused_lse_chunked.h"
 
 namespace marginops {
 namespace cuda {

@@ -12,7 +12,7 @@
 #include <mma.h>
 
 #include "margin_math.h"
-#include "fused_lse_launch.h"
+#include "fused_lse_params.h"
 
 namespace marginops {
 namespace cuda {

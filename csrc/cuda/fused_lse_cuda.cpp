@@ -21,8 +21,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "chunked.h"
-#include "fused_lse_launch.h"
+#include "fused_lse_chunked.h"
+#include "fused_lse_params.h"
 #include "margin_math.h"
 #include "op_args.h"
 #include "switches.h"
@@ -337,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   return {grad_x, grad_weight, grad_target_logit, grad_row_scale};
 }
 
-// ---- the class-chunked path (issue 13; loop: csrc/cpu/chunk_loop.h, kernels: chunked_epilogue.cuh): the
+// ---- the class-chunked path (issue 13; loop: csrc/cpu/chunk_loop.h, kernels: chunk_epilogue.cuh): the
 // default of the op on CUDA tensors; MARGINOPS_CUDA_PATH=fused (read per call) selects the fused kernels above,
 // and the ops fused_lse_cuda_fused / fused_lse_cuda_fused_backward (backend="cuda_fused") always run them.
 namespace {

@@ -12,7 +12,8 @@
 //   forward : 256 threads, S tile 64 rows x 128 W-row slots (8 warps of 32 x 32), 2 CTAs / SM (16-bit)
 //   backward: 256 threads, S tile 64 x 64 (8 warps of 16 x 32); dW / dX accumulators 64 x DC in registers
 //             (8 warps of 32 x DC/4, DC = 512, 128 for fp64), 1 CTA / SM; D > DC runs D chunks in the grid
-//             (each chunk recomputes S).  Register / shared-memory report: RESOURCES.md.
+//             (each chunk recomputes S).  Register / shared-memory report: RESOURCES.md.  Launch templates:
+//             fused_lse_launch.cuh; entry points per path: fused_lse_<path>.cu.
 // W-row sums of squares are gathered from the staged W chunks inside the K loop (never a normalized
 // copy of W); the epilogue applies 1/n.  A class tile is
 // a set of "slots": slot s holds W row cls(col0 + s / k) * k + s % k, gathered through class_index by
@@ -51,8 +52,6 @@
 // values outside [0, C_total) are skipped (the op layer and the Python layer reject them before the call).
 // Requires sm_80+ (cp.async, bf16 WMMA); the op layer checks the device.
 #pragma once
-
-#include <c10/cuda/CUDAException.h>
 
 #include "fused_lse_common.cuh"
 
@@ -897,107 +896,6 @@ __global__ void fused_lse_bwd_reduce_rows_kernel(const FusedLseParams p) {
   static_cast<acc_t*>(p.grad_target_logit)[i] = gtl;
 }
 
-// ------------------------------------------------------------------------------------------------
-// Host launchers (instantiated once per path in fused_lse_<dtype>.cu)
-// ------------------------------------------------------------------------------------------------
-// Every launch goes through here: launch on the given stream, then check it.  The CPU emulator of these
-// kernels (tests/cuda_emu) supplies its own launch_kernel that runs the grid on host threads.
-#ifndef MARGINOPS_CUDA_EMULATOR
-template <class... KArgs, class... Args>
-inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          const Args&... args) {
-  kernel<<<grid, block, smem, stream>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-#endif  // MARGINOPS_CUDA_EMULATOR
-
-template <class Kernel>
-inline int prepare_kernel(Kernel kernel, size_t smem, int threads, int* occupancy) {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (static_cast<size_t>(optin) < smem) {
-    if (occupancy) *occupancy = 0;
-    return 0;
-  }
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  if (occupancy) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, threads, smem));
-  }
-  return 1;
-}
-
-template <class Tr>
-int path_occupancy(KernelKind kind, int* smem_bytes) {
-  int occ = 0;
-  switch (kind) {
-    case KernelKind::kForward:
-      *smem_bytes = static_cast<int>(FwdLayout<Tr>::kBytes);
-      prepare_kernel(fused_lse_fwd_kernel<Tr>, FwdLayout<Tr>::kBytes, FwdLayout<Tr>::NT, &occ);
-      break;
-    case KernelKind::kBackwardW:
-      *smem_bytes = static_cast<int>(BwdLayout<Tr>::kBytes);
-      prepare_kernel(fused_lse_bwd_w_kernel<Tr>, BwdLayout<Tr>::kBytes, BwdLayout<Tr>::NT, &occ);
-      break;
-    case KernelKind::kBackwardX:
-      *smem_bytes = static_cast<int>(BwdLayout<Tr>::kBytes);
-      prepare_kernel(fused_lse_bwd_x_kernel<Tr>, BwdLayout<Tr>::kBytes, BwdLayout<Tr>::NT, &occ);
-      break;
-  }
-  return occ;
-}
-
-inline unsigned int ceil_div_u(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
-
-template <class Tr>
-void run_forward(const FusedLseParams& p) {
-  using L = FwdLayout<Tr>;
-  if (p.B == 0) return;
-  prepare_kernel(fused_lse_fwd_kernel<Tr>, L::kBytes, L::NT, nullptr);
-  const dim3 grid(ceil_div_u(p.B, L::BM), static_cast<unsigned int>(p.splits));
-  launch_kernel(fused_lse_fwd_kernel<Tr>, grid, L::NT, L::kBytes, p.stream, p);
-  launch_kernel(fused_lse_fwd_merge_kernel<typename Tr::acc_t>, ceil_div_u(p.B, 256), 256, 0, p.stream, p);
-}
-
-template <class Tr>
-void run_backward(const FusedLseParams& p) {
-  using L = BwdLayout<Tr>;
-  if (p.B == 0) return;
-  TORCH_CHECK(p.dchunks == (p.D + L::DC - 1) / L::DC || (p.D == 0 && p.dchunks == 1),
-              "marginops.fused_lse (cuda): D-chunk plan does not match the kernel's chunk width");
-  const int cpt = p.cpt_bwd;
-  if (p.N > 0 && p.D > 0 && p.grad_weight != nullptr) {  // nullptr: a frozen weight, no dW
-    prepare_kernel(fused_lse_bwd_w_kernel<Tr>, L::kBytes, L::NT, nullptr);
-    const dim3 grid_w(ceil_div_u(p.N, cpt), static_cast<unsigned int>(p.dchunks));
-    launch_kernel(fused_lse_bwd_w_kernel<Tr>, grid_w, L::NT, L::kBytes, p.stream, p);
-  }
-  prepare_kernel(fused_lse_bwd_x_kernel<Tr>, L::kBytes, L::NT, nullptr);
-  const dim3 grid_x(ceil_div_u(p.B, L::BM), static_cast<unsigned int>(p.splits),
-                    static_cast<unsigned int>(p.dchunks));
-  launch_kernel(fused_lse_bwd_x_kernel<Tr>, grid_x, L::NT, L::kBytes, p.stream, p);
-  const int64_t n = p.B * p.D;
-  if (n > 0) {
-    const int64_t blocks = (n + 255) / 256;
-    launch_kernel(fused_lse_bwd_reduce_dx_kernel<Tr>, static_cast<unsigned int>(blocks < 65536 ? blocks : 65536),
-                  256, 0, p.stream, p);
-  }
-  launch_kernel(fused_lse_bwd_reduce_rows_kernel<typename Tr::acc_t>, ceil_div_u(p.B, 256), 256, 0, p.stream, p);
-}
-
 }  // namespace detail
 }  // namespace cuda
 }  // namespace marginops
-
-// One translation unit per path: MARGINOPS_DEFINE_PATH(bf16, TrBf16) defines the functions declared in
-// fused_lse_launch.h.
-#define MARGINOPS_DEFINE_PATH(NAME, TRAITS)                                                   \
-  namespace marginops {                                                                       \
-  namespace cuda {                                                                            \
-  int NAME##_occupancy(KernelKind kind, int* smem_bytes) {                                    \
-    return detail::path_occupancy<detail::TRAITS>(kind, smem_bytes);                          \
-  }                                                                                           \
-  void NAME##_forward(const FusedLseParams& p) { detail::run_forward<detail::TRAITS>(p); }    \
-  void NAME##_backward(const FusedLseParams& p) { detail::run_backward<detail::TRAITS>(p); }  \
-  }                                                                                           \
-  }

@@ -1,5 +1,5 @@
 """``python memcheck_chunked.py``, run by tests/test_chunked.py in a child process that preloads AddressSanitizer:
-the emulator built with -fsanitize=address runs the class-chunked path (chunk loop + csrc/cuda/chunked_epilogue.cuh)
+the emulator built with -fsanitize=address runs the class-chunked path (chunk loop + csrc/cuda/chunk_epilogue.cuh)
 forward + backward in every dtype, with subcenters, class_index, ragged chunks and row tiles, and the frozen-part
 variants of the backward; any access outside a buffer is reported (the emulator's compute-sanitizer memcheck)."""
 

@@ -30,7 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "csrc/cuda kernels run by the CPU emulator (tests only)";
   m.def("fused_lse", &marginops::cuda::fused_lse_cuda);
   def_backward(m, "fused_lse_backward", &marginops::cuda::fused_lse_backward_cuda);
-  // the class-chunked path (csrc/cpu/chunk_loop.h with the kernels of csrc/cuda/chunked_epilogue.cuh)
+  // the class-chunked path (csrc/cpu/chunk_loop.h with the kernels of csrc/cuda/chunk_epilogue.cuh)
   m.def("fused_lse_chunked", &marginops::cuda::fused_lse_chunked_cuda);
   def_backward(m, "fused_lse_backward_chunked", &marginops::cuda::fused_lse_backward_chunked_cuda);
   m.def("chunked_gemm_flops", &marginops::cuda::chunked_gemm_flops);

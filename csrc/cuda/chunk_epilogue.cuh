@@ -8,7 +8,8 @@
 
 #include <cstdint>
 
-#include "fused_lse_kernels.cuh"  // device helpers and launch_kernel
+#include "fused_lse_common.cuh"  // device helpers (to_acc, Conv, exp_acc)
+#include "launch.cuh"
 #include "margin_math.h"
 #include "cpu/chunk_loop.h"
 

@@ -1,4 +1,4 @@
-// CPU epilogue kernels (interface in epilogue.h): for each row of a class chunk, from the raw dot
+// CPU epilogue kernels (interface in chunk_epilogue.h): for each row of a class chunk, from the raw dot
 // products x_i . w_r to the chunk's log-sum-exp partial and argmax (forward), or to dcos / n_r,
 // the grad_row_scale part and grad_target_logit (backward).
 //
@@ -8,7 +8,7 @@
 // (function target attributes) and pick the widest the CPU has at run time, so the build needs no
 // -march flag. The vector loops and the scalar tails (the whole row on compilers without vector
 // extensions) form phi and dphi with the same function, nontarget_phi_dphi of margin_math.h.
-#include "epilogue.h"
+#include "chunk_epilogue.h"
 
 #include <cmath>
 #include <cstdlib>

@@ -1,6 +1,6 @@
-// Interface of the CPU epilogue kernels (csrc/cpu/epilogue.cpp): everything the fused op does to
+// Interface of the CPU epilogue kernels (csrc/cpu/chunk_epilogue.cpp): everything the fused op does to
 // one class chunk after the matrix product x . W_chunk^T, row by row. The kernels are compiled for
-// several x86 vector widths and picked at run time (see epilogue.cpp).
+// several x86 vector widths and picked at run time (see chunk_epilogue.cpp).
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
-// Host-visible interface between the op layer (fused_lse_cuda.cpp: checks, allocation, dispatch) and the
-// kernel files (fused_lse_<dtype>.cu: one set of kernel instantiations per input dtype).  Nothing here
-// needs nvcc or torch, so the .cpp and the .cu files both include it.
+// Parameters of the fused CUDA kernels and the entry points of each path: the interface between the op layer
+// (fused_lse_cuda.cpp: checks, allocation, dispatch) and the per-path files (fused_lse_<path>.cu).  Nothing
+// here needs nvcc or torch, so the .cpp and the .cu files both include it.
 #pragma once
 
 #include <cstdint>
@@ -77,20 +77,28 @@ struct FusedLseParams {
   cudaStream_t stream = nullptr;
 };
 
-// Implemented in fused_lse_<dtype>.cu.  `occupancy` returns CTAs per SM for the kernel on the current device
-// and `smem_bytes` its dynamic shared memory (the attribute is raised before the query).
-#define MARGINOPS_DECLARE_PATH(NAME)                                        \
-  int NAME##_occupancy(KernelKind kind, int* smem_bytes);                   \
-  void NAME##_forward(const FusedLseParams& p);                             \
-  void NAME##_backward(const FusedLseParams& p);
+// Entry points of each path, defined in fused_lse_<path>.cu (launch templates: fused_lse_launch.cuh).
+// <path>_occupancy returns CTAs per SM for the kernel on the current device and its dynamic shared memory in
+// *smem_bytes (the attribute is raised before the query).
+int bf16_occupancy(KernelKind kind, int* smem_bytes);
+void bf16_forward(const FusedLseParams& p);
+void bf16_backward(const FusedLseParams& p);
 
-MARGINOPS_DECLARE_PATH(bf16)
-MARGINOPS_DECLARE_PATH(fp16)
-MARGINOPS_DECLARE_PATH(fp32)
-MARGINOPS_DECLARE_PATH(tf32)
-MARGINOPS_DECLARE_PATH(fp64)
+int fp16_occupancy(KernelKind kind, int* smem_bytes);
+void fp16_forward(const FusedLseParams& p);
+void fp16_backward(const FusedLseParams& p);
 
-#undef MARGINOPS_DECLARE_PATH
+int fp32_occupancy(KernelKind kind, int* smem_bytes);
+void fp32_forward(const FusedLseParams& p);
+void fp32_backward(const FusedLseParams& p);
+
+int tf32_occupancy(KernelKind kind, int* smem_bytes);
+void tf32_forward(const FusedLseParams& p);
+void tf32_backward(const FusedLseParams& p);
+
+int fp64_occupancy(KernelKind kind, int* smem_bytes);
+void fp64_forward(const FusedLseParams& p);
+void fp64_backward(const FusedLseParams& p);
 
 }  // namespace cuda
 }  // namespace marginops

@@ -1,5 +1,5 @@
 // Host interface of the class-chunked CUDA path (csrc/cpu/chunk_loop.h run with the epilogue kernels of
-// chunked_epilogue.cuh): called by the op layer (fused_lse_cuda.cpp) after its argument checks.
+// chunk_epilogue.cuh): called by the op layer (fused_lse_cuda.cpp) after its argument checks.
 #pragma once
 
 #include <tuple>
