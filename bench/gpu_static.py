@@ -368,7 +368,8 @@ def triton_rows(all_configs: bool = True) -> list[dict]:
                 fn = _jit_function(launch.kernel)
                 for position, cfg in enumerate(configs):
                     meta = dict(launch.kwargs)
-                    num_warps, num_stages = 4, 3
+                    # a plain kernel's launch options (Triton's defaults: 4 warps, 3 stages), an autotuner's config
+                    num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
                     if cfg is not None:
                         meta.update(cfg.kwargs)
                         num_warps, num_stages = cfg.num_warps, cfg.num_stages

@@ -227,11 +227,8 @@ def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch
 
 
 def test_triton_default_configs_do_not_spill(triton_rows):
-    spilling = [
-        (r["kernel"], r["dtype"], r["config"], r["spill_bytes"])
-        for r in triton_rows
-        if r["kernel"] in STREAMING_TRITON and r["spill_bytes"]
-    ]
+    """Every Triton kernel the launchers run by default, the small merge / reduce kernels included."""
+    spilling = [(r["kernel"], r["dtype"], r["config"], r["spill_bytes"]) for r in triton_rows if r["spill_bytes"]]
     assert not spilling
 
 
