@@ -210,3 +210,49 @@ def test_chunked_path_never_holds_a_16bit_copy_of_the_weight(monkeypatch):
     sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
     assert sizes, "the profiler saw no allocation"
     assert max(s for s in sizes if s != C * D * 4) < C * D * 2, sorted(sizes)[-5:]
+
+
+_MODULES = {
+    "NormFace": lambda: mnn.NormFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "CosFace": lambda: mnn.CosFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "ArcFace": lambda: mnn.ArcFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "CombinedMargin": lambda: mnn.CombinedMarginLoss(16, 30, s=16.0, m1=0.9, m2=0.3, m3=0.1, backend="cpu"),
+    "SphereFace": lambda: mnn.SphereFaceLoss(16, 30, backend="cpu"),
+    "SubCenterArcFace": lambda: mnn.SubCenterArcFaceLoss(16, 30, s=16.0, k=2, backend="cpu"),
+    "AdaFace": lambda: mnn.AdaFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "ElasticFace+": lambda: mnn.ElasticFaceLoss(16, 30, s=16.0, plus=True, backend="cpu"),
+    "MagFace": lambda: mnn.MagFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "CurricularFace": lambda: mnn.CurricularFaceLoss(16, 30, s=16.0, backend="cpu"),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("make", list(_MODULES.values()), ids=list(_MODULES))
+def test_every_module_under_cpu_autocast(make, mode):
+    """Every loss module under torch.autocast("cpu", bf16), two steps: the same loss, state and gradients as the
+    module run with compute_dtype=torch.bfloat16 on the float32 embeddings; loss and weight gradient float32."""
+    import copy
+
+    torch.manual_seed(0)
+    under, explicit = make(), None
+    under.train(mode == "train")
+    explicit = copy.deepcopy(under)
+    explicit.compute_dtype = torch.bfloat16
+    x = torch.randn(8, 16)
+    y = torch.randint(0, 30, (8,))
+    for step in range(2):
+        emb = (x * (1.0 + step)).bfloat16()  # what an autocast backbone hands over
+        torch.manual_seed(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = under(emb, y)
+        torch.manual_seed(step)
+        expected = explicit(emb.float(), y)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+        loss.backward()
+        expected.backward()
+        assert under.weight.grad.dtype == torch.float32
+        torch.testing.assert_close(under.weight.grad, explicit.weight.grad, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(sorted(under.state_dict().items()), sorted(explicit.state_dict().items())):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
