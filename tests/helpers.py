@@ -124,3 +124,20 @@ def child_env(**overrides) -> dict:
     a source checkout), whatever its working directory."""
     here = str(Path(marginops.__file__).resolve().parent.parent)
     return dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]), **overrides)
+
+
+# Every loss module of marginops.nn, small and on the CPU kernels, for the tests that must cover all of them
+# (torch.compile fullgraph in tests/test_edges.py, autocast in tests/test_mixed_precision.py).
+EVERY_MODULE = {
+    "NormFace": lambda: marginops.nn.NormFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "CosFace": lambda: marginops.nn.CosFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "ArcFace": lambda: marginops.nn.ArcFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "CombinedMargin": lambda: marginops.nn.CombinedMarginLoss(16, 30, s=16.0, m1=0.9, m2=0.3, m3=0.1, backend="cpu"),
+    "SphereFace": lambda: marginops.nn.SphereFaceLoss(16, 30, backend="cpu"),
+    "SubCenterArcFace": lambda: marginops.nn.SubCenterArcFaceLoss(16, 30, s=16.0, k=2, backend="cpu"),
+    "AdaFace": lambda: marginops.nn.AdaFaceLoss(16, 30, s=16.0, backend="cpu"),
+    "ElasticFace+": lambda: marginops.nn.ElasticFaceLoss(16, 30, s=16.0, plus=True, backend="cpu"),
+    "MagFace": lambda: marginops.nn.MagFaceLoss(16, 30, s=16.0, backend="cpu"),
+    # its EMA t reaches the op as a tensor (non_target_param): no host read in the graph
+    "CurricularFace": lambda: marginops.nn.CurricularFaceLoss(16, 30, s=16.0, backend="cpu"),
+}

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import KERNEL_BACKENDS, device_for
+from helpers import EVERY_MODULE, KERNEL_BACKENDS, device_for
 
 import marginops
 from marginops import nn as mnn
@@ -518,24 +518,9 @@ def test_adaface_and_curricular_statistics_skip_batches_without_counted_rows():
     assert not torch.equal(ada.batch_mean, mean) and torch.equal(ada.batch_std, std)
 
 
-_COMPILE_MODULES = {
-    "NormFace": lambda: mnn.NormFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "CosFace": lambda: mnn.CosFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "ArcFace": lambda: mnn.ArcFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "CombinedMargin": lambda: mnn.CombinedMarginLoss(16, 30, s=16.0, m1=0.9, m2=0.3, m3=0.1, backend="cpu"),
-    "SphereFace": lambda: mnn.SphereFaceLoss(16, 30, backend="cpu"),
-    "SubCenterArcFace": lambda: mnn.SubCenterArcFaceLoss(16, 30, s=16.0, k=2, backend="cpu"),
-    "AdaFace": lambda: mnn.AdaFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "ElasticFace+": lambda: mnn.ElasticFaceLoss(16, 30, s=16.0, plus=True, backend="cpu"),
-    "MagFace": lambda: mnn.MagFaceLoss(16, 30, s=16.0, backend="cpu"),
-    # its EMA t reaches the op as a tensor (non_target_param): no host read in the graph
-    "CurricularFace": lambda: mnn.CurricularFaceLoss(16, 30, s=16.0, backend="cpu"),
-}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("make", list(_COMPILE_MODULES.values()), ids=list(_COMPILE_MODULES))
+@pytest.mark.parametrize("make", list(EVERY_MODULE.values()), ids=list(EVERY_MODULE))
 def test_every_module_compiles_fullgraph_and_matches_eager(make, mode):
     import torch._inductor.config as inductor_config
 

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import EVERY_MODULE, assert_close
 
 import marginops
 from marginops import functional, ops, reference
@@ -212,22 +212,8 @@ def test_chunked_path_never_holds_a_16bit_copy_of_the_weight(monkeypatch):
     assert max(s for s in sizes if s != C * D * 4) < C * D * 2, sorted(sizes)[-5:]
 
 
-_MODULES = {
-    "NormFace": lambda: mnn.NormFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "CosFace": lambda: mnn.CosFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "ArcFace": lambda: mnn.ArcFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "CombinedMargin": lambda: mnn.CombinedMarginLoss(16, 30, s=16.0, m1=0.9, m2=0.3, m3=0.1, backend="cpu"),
-    "SphereFace": lambda: mnn.SphereFaceLoss(16, 30, backend="cpu"),
-    "SubCenterArcFace": lambda: mnn.SubCenterArcFaceLoss(16, 30, s=16.0, k=2, backend="cpu"),
-    "AdaFace": lambda: mnn.AdaFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "ElasticFace+": lambda: mnn.ElasticFaceLoss(16, 30, s=16.0, plus=True, backend="cpu"),
-    "MagFace": lambda: mnn.MagFaceLoss(16, 30, s=16.0, backend="cpu"),
-    "CurricularFace": lambda: mnn.CurricularFaceLoss(16, 30, s=16.0, backend="cpu"),
-}
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("make", list(_MODULES.values()), ids=list(_MODULES))
+@pytest.mark.parametrize("make", list(EVERY_MODULE.values()), ids=list(EVERY_MODULE))
 def test_every_module_under_cpu_autocast(make, mode):
     """Every loss module under torch.autocast("cpu", bf16), two steps: the same loss, state and gradients as the
     module run with compute_dtype=torch.bfloat16 on the float32 embeddings; loss and weight gradient float32."""
