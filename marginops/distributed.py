@@ -62,7 +62,7 @@ from ._validation import (
     compute_dtype_problem,
     label_dtype_problem,
 )
-from .functional import autocast_compute_dtype, compute_dtype_on, resolve_backend_for
+from .functional import autocast_compute_dtype, compute_dtype_on
 from .loss_assembly import make_stats, reduce_loss
 from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype, subcenter_cosines
 
@@ -548,7 +548,7 @@ class DistributedMarginLoss(nn.Module):
         if sum(sizes) == 0:
             raise ValueError("DistributedMarginLoss: the global batch is empty (0 rows on every rank)")
         check_backend_fits(self.backend, local_embeddings.to(weight.dtype))
-        backend = resolve_backend_for(self.backend, weight)
+        backend = ops.resolve_backend(self.backend, weight.device)
         compute_dtype = compute_dtype_on(backend, compute_dtype, weight)
 
         # 2. the global batch

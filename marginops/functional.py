@@ -55,11 +55,6 @@ def compute_dtype_on(backend: str, compute_dtype, weight: torch.Tensor) -> torch
     return compute_dtype
 
 
-def resolve_backend_for(backend: str, tensor: torch.Tensor) -> str:
-    """ops.resolve_backend for ``tensor``'s device (kept as the one place a dtype could steer the choice)."""
-    return ops.resolve_backend(backend, tensor.device)
-
-
 def margin_cross_entropy(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
@@ -114,7 +109,7 @@ def margin_cross_entropy(
         backend=backend,
         compute_dtype=compute_dtype,
     )
-    backend = resolve_backend_for(backend, weight)
+    backend = ops.resolve_backend(backend, weight.device)
     compute_dtype = compute_dtype_on(backend, compute_dtype, weight)
     # the pre-pass (norms, target cosine, margin) and the loss in the weight's dtype; only the products are narrower
     embeddings = embeddings.to(weight.dtype)
