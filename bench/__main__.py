@@ -362,7 +362,7 @@ def _fmt_time(seconds: float) -> str:
 def print_table(table, device: str, versions: str) -> None:
     print(f"\ndevice: {device}\nversions: {versions}")
     header = (
-        f"{'margin':<15}{'mode':<18}{'B×C×D':<20}{'provider':<11}{'median':>11}{'p20':>11}{'p80':>11}"
+        f"{'margin':<15}{'mode':<18}{'B×C×D':<20}{'provider':<16}{'median':>11}{'p20':>11}{'p80':>11}"
         f"{'peak extra MiB':>16}"
     )
     print(header)
@@ -373,14 +373,14 @@ def print_table(table, device: str, versions: str) -> None:
         margin = spec["kernel_margin"]
         if "error" in res:
             detail = res.get("detail", "").splitlines()[0][:70] if res.get("detail") else ""
-            print(f"{margin:<15}{spec['mode']:<18}{size:<20}{spec['provider']:<11}  {res['error']}: {detail}")
+            print(f"{margin:<15}{spec['mode']:<18}{size:<20}{spec['provider']:<16}  {res['error']}: {detail}")
             continue
         p50, p20, p80 = results.quantiles(res["times"])
         mem = res["peak_extra_bytes"] / 2**20
         key = (spec["mode"], spec["batch"], spec["classes"], spec["dim"])
         measured.setdefault(key, {})[(spec["provider"], margin)] = (p50, mem)
         print(
-            f"{margin:<15}{spec['mode']:<18}{size:<20}{spec['provider']:<11}{_fmt_time(p50):>11}"
+            f"{margin:<15}{spec['mode']:<18}{size:<20}{spec['provider']:<16}{_fmt_time(p50):>11}"
             f"{_fmt_time(p20):>11}{_fmt_time(p80):>11}{mem:>16.1f}"
         )
     anchors = [n for n, p in PROVIDERS.items() if not p.margin_aware]

@@ -22,13 +22,14 @@ cd "$(dirname "$0")/.."
 BUDGET_S=360
 # name:limit_seconds:minimum_seconds — the order is the run order; limits sum to BUDGET_S
 STAGES=(
-  "env:20:5"
+  "env:15:5"
   "build:80:60"
-  "tests_cuda:50:20"
-  "tests_triton:50:20"
+  "tests_cuda:45:20"
+  "tests_triton:45:20"
   "memcheck:25:15"
-  "bench_1m:95:40"
-  "bench_4m:40:30"
+  "bench_1m:100:40"
+  "bench_chunks:30:20"
+  "bench_4m:20:15"
 )
 
 plan() {
@@ -90,7 +91,7 @@ BACKENDS="$("$PY" - <<'EOF' 2>/dev/null || echo reference,cuda,triton,matmul
 import sys
 sys.path.insert(0, ".")
 from bench.providers import PROVIDERS
-wanted = ["reference", "insightface", "cuda", "cuda_mixed", "cuda_fused", "triton", "matmul"]
+wanted = ["reference", "insightface", "cuda", "cuda_mixed", "cuda_fused", "triton", "triton_onepass", "matmul"]
 print(",".join(p for p in wanted if p in PROVIDERS))
 EOF
 )"
@@ -141,15 +142,15 @@ pytest_stage() {  # pytest_stage NAME PYTEST-ARGS...: on the GPU run them, in a 
   fi
 }
 
-bench_stage() {  # bench_stage NAME BxCxD REPEATS
-  local name=$1 size=$2 repeats=$3
+bench_stage() {  # bench_stage NAME BxCxD REPEATS [PROVIDERS]
+  local name=$1 size=$2 repeats=$3 backends=${4:-$BACKENDS}
   mkdir -p "$WORK/results/$name"
   if [ $DRY = 1 ]; then
     size=8x300x16 repeats=1
   fi
   stage "$name" "$PY" -m bench --device "$DEVICE" --sizes "$size" \
     --dtype "$([ $DRY = 1 ] && echo float32 || echo bfloat16)" --margins arcface \
-    --backends "$BACKENDS" --repeats "$repeats" --warmup 1 --min-seconds 0 --max-seconds 8 \
+    --backends "$backends" --repeats "$repeats" --warmup 1 --min-seconds 0 --max-seconds 8 \
     --timeout 40 --out "$WORK/results/$name" --no-plot
 }
 
@@ -176,6 +177,9 @@ fi
 # the performance point of the GPU issues, then C = 4M (where the materialized reference needs ~16 GB per B×C
 # buffer) while time remains
 bench_stage bench_1m 1024x1000000x512 5
+# the chunked path's classes per chunk around the planner's choice (16384 here): whether a chunk whose blocks
+# stay in L2 pays for its extra launches
+bench_stage bench_chunks 1024x1000000x512 2 "cuda,cuda_chunk4k,cuda_chunk8k,cuda_chunk32k"
 bench_stage bench_4m 1024x4000000x512 3
 
 note "done in $((SECONDS - START)) s; unpack: mkdir -p bench/results/<card> && tar -xzf $ARCHIVE -C bench/results/<card>"

@@ -6,7 +6,8 @@ returns what ``backward`` needs, and a ``backward``.
 
 * ``reference``, ``cpu``, ``cuda`` (class-chunked), ``cuda_fused``, ``triton``:
   ``marginops.margin_cross_entropy(..., backend=...)`` with the requested margin, from raw x and W
-  (normalization included).
+  (normalization included).  Variants: ``*_frozen`` (weight without gradient), ``*_mixed`` (fp32 weight, 16-bit
+  products), ``triton_onepass`` (the atomic one-pass backward), ``cuda_chunk{4,8,32}k`` (classes per chunk).
 * ``insightface``: the head as insightface users train it (fp32 weights, logits under autocast, materialized
   B×C): the baseline of "× faster".
 * ``matmul``: the three plain GEMMs of a linear head's forward and backward (x·Wᵀ, G·W, Gᵀ·x), the
@@ -36,7 +37,10 @@ MARGINS = {
     "curricularface": lambda: __import__("marginops").CurricularFace(t=0.1),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-ANCHOR_SCALE = 64.0  # s of the no-margin anchors, as NormFace's default
+ANCHOR_SCALE = 64.0
+# classes per chunk that the cuda_chunk* providers force, around the planner's 16384 at B = 1024: the smaller
+# ones keep a chunk's cosine and gradient blocks within an H100's 50 MB L2 at the price of more launches
+CHUNK_SWEEP = (4096, 8192, 32768)  # s of the no-margin anchors, as NormFace's default
 
 
 @dataclass
@@ -69,13 +73,23 @@ class Provider:
 # ----------------------------------------------------------------------------- marginops backends
 
 
-def _marginops_case(backend: str, frozen_weight: bool = False, mixed: bool = False):
+def _marginops_case(
+    backend: str,
+    frozen_weight: bool = False,
+    mixed: bool = False,
+    deterministic: bool = True,
+    switches: Optional[dict] = None,
+):
     """marginops on ``backend``.  frozen_weight: the weight does not require grad (a fine-tuned backbone on a
     fixed head).  mixed: a float32 weight with the products in the case's dtype (compute_dtype), as autocast
-    training runs it; the embeddings keep the case's dtype."""
+    training runs it; the embeddings keep the case's dtype.  deterministic=False: the op's atomic variant
+    (Triton: one recomputation of the cosines in the backward).  switches: environment switches set in the
+    case's own process (each case runs in a fresh one), e.g. the chunked path's classes per chunk."""
 
     def build(spec, emb, weight, labels, grad):
         import marginops
+
+        os.environ.update(switches or {})
 
         margin = MARGINS[spec["margin"]]()
         compute = emb.dtype if mixed and emb.dtype in (torch.bfloat16, torch.float16) else None
@@ -85,7 +99,9 @@ def _marginops_case(backend: str, frozen_weight: bool = False, mixed: bool = Fal
         weight.requires_grad_(grad and not frozen_weight)
 
         def loss():
-            return marginops.margin_cross_entropy(emb, weight, labels, margin, backend=backend, compute_dtype=compute)
+            return marginops.margin_cross_entropy(
+                emb, weight, labels, margin, backend=backend, compute_dtype=compute, deterministic=deterministic
+            )
 
         def forward():
             if not grad:
@@ -306,6 +322,19 @@ PROVIDERS = {
             _marginops_case("cuda", mixed=True),
             compare_to="insightface",
         ),
+        *[
+            Provider(
+                f"cuda_chunk{cols // 1024}k",
+                True,
+                ("cuda",),
+                f"marginops CUDA chunked path with {cols} classes per chunk (MARGINOPS_CHUNK_COLS; the planner's "
+                "choice is `cuda`)",
+                _check_compiled("cuda"),
+                _marginops_case("cuda", switches={"MARGINOPS_CHUNK_COLS": str(cols)}),
+                compare_to="cuda",
+            )
+            for cols in CHUNK_SWEEP
+        ],
         Provider(
             "cuda_fused",
             True,
@@ -324,6 +353,16 @@ PROVIDERS = {
             _insightface_case,
         ),
         Provider("triton", True, ("cpu", "cuda"), "marginops Triton kernels", _check_triton, _marginops_case("triton")),
+        Provider(
+            "triton_onepass",
+            True,
+            ("cpu", "cuda"),
+            "marginops Triton kernels, deterministic=False: the backward recomputes the cosines once and "
+            "accumulates dX with fp32 atomics",
+            _check_triton,
+            _marginops_case("triton", deterministic=False),
+            compare_to="triton",
+        ),
         Provider(
             "matmul",
             False,
