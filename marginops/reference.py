@@ -87,15 +87,21 @@ def fused_lse(
     non_target: int,
     filter_threshold: float,
     subcenters: int,
+    product_output_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused op's semantics with the logits materialized (see marginops/ops.py for the contract).
 
     Returns (lse, argmax); differentiable in x, weight, target_logit and row_scale.
+    product_output_dtype: round the products x·Wᵀ to this dtype before the row norms are applied, as a GEMM
+    writing a 16-bit block would (gradients pass straight through); only bench/cosine_block.py's study uses it.
     """
     acc = target_logit.dtype
     w = weight.to(acc)
     inv_norm = 1.0 / torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)
-    cos_rows = (x.to(acc) @ product_rows(w, weight, x.dtype).t()) * inv_norm
+    products = x.to(acc) @ product_rows(w, weight, x.dtype).t()
+    if product_output_dtype is not None:
+        products = products + (products.detach().to(product_output_dtype).to(acc) - products.detach())
+    cos_rows = products * inv_norm
     k = subcenters
     cos = cos_rows.reshape(cos_rows.shape[0], -1, k).max(dim=2).values
     if class_index is not None:

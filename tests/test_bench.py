@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # bench/ is not installed: import it from the che
     sys.path.append(str(ROOT))
 
 import bench.__main__ as runner  # noqa: E402
-from bench import cases, convergence, openset, plot, report, results  # noqa: E402
+from bench import cases, convergence, cosine_block, openset, plot, report, results  # noqa: E402
 from bench.providers import PROVIDERS  # noqa: E402
 
 
@@ -276,3 +276,12 @@ def test_cli_help_lists_options_and_providers():
     for option in ("--device", "--quick", "--sweep", "--sizes", "--margins", "--backends", "--modes", "--out"):
         assert option in text
     assert "torch_lce" in text and "no margin" in text
+
+
+def test_cosine_block_study_separates_a_float32_block_from_a_16bit_one():
+    """bench/cosine_block.py: a float32 block (what the chunked path writes) passes the rule on every output;
+    an fp16 one fails it on lse by orders of magnitude, the study's finding."""
+    inputs = cosine_block.make_inputs(23, 40, 301, 1, seed=5)
+    assert max(cosine_block.ratios(inputs, torch.bfloat16, torch.float32)[:-1]) <= 1.0
+    fp16_block = cosine_block.ratios(inputs, torch.bfloat16, torch.float16)
+    assert fp16_block[0] > 10.0 and fp16_block[-1] > 1e-4  # lse: ratio, then absolute error in nats
