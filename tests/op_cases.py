@@ -122,7 +122,7 @@ class Case:
         seed=0,
         non_target=0,
         filter_threshold=FILTER_OFF,
-        curricular_t=0.3,
+        non_target_param=0.3,
         none_every=5,
     ):
         g = torch.Generator().manual_seed(seed)
@@ -151,7 +151,7 @@ class Case:
         self.threshold = torch.rand(B, generator=g, dtype=torch.float64) * 0.4 - 0.2
         # non_target_param: the op takes the mode's scalar (here CurricularFace's t) as a 0-dim tensor
         self.params = (
-            torch.tensor(float(curricular_t), dtype=torch.float64),
+            torch.tensor(float(non_target_param), dtype=torch.float64),
             int(non_target),
             float(filter_threshold),
             int(k),
