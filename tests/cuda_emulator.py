@@ -16,6 +16,7 @@ import torch
 HERE = Path(__file__).resolve().parent / "cuda_emu"
 REPO = HERE.parent.parent
 _module = None
+SOURCES = ("runtime.cpp", "paths_16bit.cpp", "paths_32bit.cpp", "chunked.cpp", "selftest.cpp", "ops.cpp")
 
 
 def build_dir(sanitize) -> Path:
@@ -38,13 +39,12 @@ def load(sanitize=None, verbose: bool = False):
 
     flags = ["-O2", "-pthread", "-fno-strict-aliasing"]
     if sanitize:
-        flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+        # -O1 as the sanitizers' documentation suggests: a third less compile time, and the runs are small
+        flags = ["-O1", "-pthread", "-fno-strict-aliasing", f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
     _module = cpp_extension.load(
         name="marginops_cuda_emulator" + (f"_{sanitize}" if sanitize else ""),
-        sources=[
-            str(HERE / f) for f in ("runtime.cpp", "paths_16bit.cpp", "paths_32bit.cpp", "chunked.cpp", "ops.cpp")
-        ],
+        sources=[str(HERE / f) for f in SOURCES],
         extra_include_paths=[str(HERE / "include"), str(REPO / "csrc" / "cuda"), str(REPO / "csrc")],
         extra_cflags=flags,
         extra_ldflags=["-pthread"] + ([f"-fsanitize={sanitize}"] if sanitize else []),

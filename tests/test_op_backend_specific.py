@@ -247,16 +247,55 @@ SANITIZERS = {
 def test_cuda_emu_kernels_clean_under_sanitizer(sanitizer):
     """AddressSanitizer as the memcheck (every global and shared-memory access within its buffer), ThreadSanitizer
     as the racecheck (every shared-memory write and read of different threads separated by a barrier)."""
-    library, options, finding = SANITIZERS[sanitizer]
+    proc = _under_sanitizer(sanitizer, "memcheck.py", sanitizer)
+    report = proc.stderr[-6000:] + proc.stdout[-1000:]
+    assert "Sanitizer" not in proc.stderr, f"{SANITIZERS[sanitizer][2]}:\n{report}"
+    assert proc.returncode == 0 and "memcheck: clean" in proc.stdout, report
+
+
+# sanitizer: (broken kernel of tests/cuda_emu/selftest.cpp, what the sanitizer must print)
+SELFTESTS = {
+    "address": ("overread", "AddressSanitizer: heap-buffer-overflow"),
+    "thread": ("race", "ThreadSanitizer: data race"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.emulator
+@pytest.mark.parametrize("sanitizer", list(SANITIZERS))
+def test_cuda_emu_sanitizer_reports_a_broken_kernel(sanitizer):
+    """The other half of the check above: a kernel that reads past its buffer (address) or hands a shared-memory
+    word to another thread without a barrier (thread) is reported, so a clean run is evidence."""
+    kernel, report = SELFTESTS[sanitizer]
+    proc = _under_sanitizer(sanitizer, "selftest.py", sanitizer, kernel)
+    assert report in proc.stderr, proc.stderr[-4000:] + proc.stdout[-1000:]
+    assert proc.returncode != 0
+
+
+def _under_sanitizer(sanitizer, script, *args):
+    """Runs tests/cuda_emu/SCRIPT in a child process that preloads the sanitizer's runtime."""
+    library, options, _ = SANITIZERS[sanitizer]
     # libstdc++ is preloaded too: python does not link it, and the sanitizer must find it at start-up
     preload = [_runtime_library(library), _runtime_library("libstdc++.so")]
     if None in preload:
         pytest.fail(f"sanitizer runtime not found by c++ -print-file-name: {library} / libstdc++.so")
-    script = Path(__file__).resolve().parent / "cuda_emu" / "memcheck.py"
+    path = Path(__file__).resolve().parent / "cuda_emu" / script
     env = child_env(LD_PRELOAD=" ".join(preload), **options)
-    proc = subprocess.run(
-        [sys.executable, str(script), sanitizer], env=env, capture_output=True, text=True, timeout=1800
-    )
-    report = proc.stderr[-6000:] + proc.stdout[-1000:]
-    assert "Sanitizer" not in proc.stderr, f"{finding}:\n{report}"
-    assert proc.returncode == 0 and "memcheck: clean" in proc.stdout, report
+    return subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.emulator
+def test_cuda_emu_reports_a_divergent_barrier():
+    """A barrier that not every live thread reaches fails the launch with a message instead of hanging; a
+    barrier-separated hand-off through shared memory works before and after (the thread pool survives)."""
+    import cuda_emulator
+
+    module = cuda_emulator.load()
+    assert module.selftest("synced") == 1.0
+    module.set_barrier_timeout_ms(300)
+    try:
+        with pytest.raises(RuntimeError, match="never completed"):
+            module.selftest("divergent_barrier")
+    finally:
+        module.set_barrier_timeout_ms(120_000)
+    assert module.selftest("synced") == 1.0

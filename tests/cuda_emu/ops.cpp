@@ -26,6 +26,8 @@ void def_backward(pybind11::module& m, const char* name, F f) {
   });
 }
 
+double emulator_selftest(const std::string& which);  // selftest.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "csrc/cuda kernels run by the CPU emulator (tests only)";
   m.def("fused_lse", &marginops::cuda::fused_lse_cuda);
@@ -34,4 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_lse_chunked", &marginops::cuda::fused_lse_chunked_cuda);
   def_backward(m, "fused_lse_backward_chunked", &marginops::cuda::fused_lse_backward_chunked_cuda);
   m.def("chunked_gemm_flops", &marginops::cuda::chunked_gemm_flops);
+  // deliberately broken kernels (selftest.cpp) and the deadlock timeout, to show that each bug is reported
+  m.def("selftest", &emulator_selftest);
+  m.def("set_barrier_timeout_ms", &emu::set_barrier_timeout_ms);
 }

@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -17,6 +17,12 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <climits>
+#include <ctime>
 
 #include "cuda_runtime.h"
 
@@ -56,43 +62,47 @@ struct LaunchFailure : std::runtime_error {
 };
 
 // Barrier for a changing set of threads: a thread that finishes its block leaves (drop), as a CUDA thread
-// that has exited no longer counts at __syncthreads.
+// that has exited no longer counts at __syncthreads.  Lock-free: one 64-bit word holds (expected, arrived),
+// waiters sleep on the generation word with a futex, and the last arrival wakes them with one system call
+// (a mutex + condition variable made every release a thundering herd on the mutex; the emulator spent most
+// of its time in the kernel).  The release is a seq_cst RMW chain, so ThreadSanitizer sees every arrival
+// happen before every departure: its racecheck stays valid.
 class Barrier {
  public:
-  void reset(int n) {
-    std::lock_guard<std::mutex> lk(mu_);
-    expected_ = n;
-    arrived_ = 0;
-  }
+  void reset(int n) { state_.store(static_cast<uint64_t>(n) << 32); }
   void arrive_and_wait(const char* what, const std::atomic<bool>& failed);
   void drop() {
-    std::lock_guard<std::mutex> lk(mu_);
-    --expected_;
-    if (arrived_ > 0 && arrived_ == expected_) release_locked();
+    uint64_t s = state_.load();
+    for (;;) {
+      const uint32_t e = static_cast<uint32_t>(s >> 32) - 1, a = static_cast<uint32_t>(s);
+      const bool release = a > 0 && a == e;
+      if (state_.compare_exchange_weak(s, (static_cast<uint64_t>(e) << 32) | (release ? 0 : a))) {
+        if (release) release_now();
+        return;
+      }
+    }
   }
-  void wake() {
-    std::lock_guard<std::mutex> lk(mu_);
-    cv_.notify_all();
-  }
+  void wake() { futex_wake(); }
 
  private:
-  void release_locked() {
-    arrived_ = 0;
-    ++generation_;
-    cv_.notify_all();
+  void release_now() {
+    generation_.fetch_add(1);
+    futex_wake();
   }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int expected_ = 0, arrived_ = 0;
-  uint64_t generation_ = 0;
+  void futex_wake() {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+  }
+  std::atomic<uint64_t> state_{0};  // expected << 32 | arrived
+  std::atomic<uint32_t> generation_{0};
 };
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "the futex word is the atomic itself");
 
 struct Block {
   int nthreads = 0;
   Barrier start;  // all threads, between blocks
   Barrier block;
   std::deque<Barrier> warps;
-  std::vector<uint64_t> xchg;  // one slot per thread, for shuffles
+  std::vector<uint64_t> xchg;  // two slots per thread, for shuffles
   std::atomic<bool> failed{false};
   std::mutex fail_mu;
   std::string failure;
@@ -112,34 +122,50 @@ struct Block {
 struct ThreadState {
   Block* blk = nullptr;
   int tid = 0, warp = 0, lane = 0;
+  uint64_t shuffles = 0;  // picks the slot array of the next shuffle
   std::vector<std::vector<std::pair<void*, const void*>>> groups;  // committed cp.async groups, oldest first
   std::vector<std::pair<void*, const void*>> open;                 // issued, not yet committed
 };
 thread_local ThreadState ts;
 
-constexpr auto kBarrierTimeout = std::chrono::seconds(120);
+std::atomic<int> barrier_timeout_ms{120000};  // a barrier waited on this long is reported as a deadlock
 
 void Barrier::arrive_and_wait(const char* what, const std::atomic<bool>& failed) {
-  std::unique_lock<std::mutex> lk(mu_);
   if (failed) throw LaunchFailure("aborted");
-  const uint64_t gen = generation_;
-  if (++arrived_ == expected_) {
-    release_locked();
+  // read before arriving: the release of this generation cannot precede our own arrival
+  const uint32_t gen = generation_.load();
+  uint64_t s = state_.load();
+  uint32_t e, a;
+  for (;;) {
+    e = static_cast<uint32_t>(s >> 32);
+    a = static_cast<uint32_t>(s) + 1;
+    if (state_.compare_exchange_weak(s, (static_cast<uint64_t>(e) << 32) | (a == e ? 0 : a))) break;
+  }
+  if (a == e) {
+    release_now();
     return;
   }
-  const bool released = cv_.wait_for(lk, kBarrierTimeout, [&] { return generation_ != gen || failed.load(); });
-  if (failed) throw LaunchFailure("aborted");
-  if (!released) {
-    const int a = arrived_, e = expected_;
-    lk.unlock();
-    fail("%s never completed: %d of %d live threads arrived (a barrier inside divergent code?)", what, a, e);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(barrier_timeout_ms.load());
+  while (generation_.load() == gen && !failed.load()) {
+    const auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= std::chrono::nanoseconds(0)) {
+      const uint64_t now = state_.load();
+      fail("%s never completed: %d of %d live threads arrived (a barrier inside divergent code?)", what,
+           static_cast<int>(static_cast<uint32_t>(now)), static_cast<int>(now >> 32));
+    }
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    timespec rel{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), FUTEX_WAIT_PRIVATE, gen, &rel, nullptr, 0);
   }
+  if (failed) throw LaunchFailure("aborted");
 }
 
 std::mutex attr_mu;
 std::map<const void*, int> smem_limit;  // kernel -> cudaFuncAttributeMaxDynamicSharedMemorySize
 
 }  // namespace
+
+void set_barrier_timeout_ms(int ms) { barrier_timeout_ms.store(ms); }
 
 const cudaDeviceProp& device_props() {
   // MARGINOPS_EMU_SMS (read at every call, so a test can change it) sets the SM count: with few SMs the op
@@ -199,13 +225,14 @@ uint64_t exchange_xor(uint64_t v, int off) {
   Block& b = *ts.blk;
   const int partner = ts.lane ^ off;
   if (off <= 0 || off >= 32) fail("__shfl_xor_sync with lane mask %d", off);
-  b.xchg[ts.tid] = v;
+  // two slot arrays used in turn: a lane writes a slot again two shuffles later, after the barrier of the
+  // shuffle between, which no lane passes before it has read this one; so one barrier per shuffle suffices
+  uint64_t* slots = b.xchg.data() + (ts.shuffles++ % 2) * b.nthreads;
+  slots[ts.tid] = v;
   syncwarp();
   const int ptid = ts.warp * 32 + partner;
   if (ptid >= b.nthreads) fail("__shfl_xor_sync reads lane %d of a partial warp", partner);
-  const uint64_t out = b.xchg[ptid];
-  syncwarp();  // nobody overwrites a slot before every lane has read it
-  return out;
+  return slots[ptid];
 }
 
 void async_copy16(void* dst, const void* src) {
@@ -231,6 +258,53 @@ void async_wait(int n) {
   }
 }
 
+// The host threads that play a block's CUDA threads, kept across launches: creating a thread per CUDA thread
+// per launch cost more than the kernels themselves (the chunked path launches thousands of small grids).
+// Workers are never joined (the process may exit with them asleep), so the pool is deliberately leaked.
+class ThreadPool {
+ public:
+  void run(int n, const std::function<void(int)>& job) {
+    while (static_cast<int>(workers_.size()) < n) {
+      workers_.push_back(new Worker);
+      Worker* w = workers_.back();
+      w->tid = static_cast<int>(workers_.size()) - 1;
+      std::thread(&ThreadPool::loop, this, w).detach();
+    }
+    job_ = &job;
+    remaining_.store(static_cast<uint32_t>(n));
+    for (int t = 0; t < n; ++t) {
+      workers_[t]->seq.fetch_add(1);
+      futex(&workers_[t]->seq, FUTEX_WAKE_PRIVATE, 1);
+    }
+    for (uint32_t r; (r = remaining_.load()) != 0;) futex(&remaining_, FUTEX_WAIT_PRIVATE, r);
+  }
+
+ private:
+  struct Worker {
+    std::atomic<uint32_t> seq{0};  // bumped once per launch this worker takes part in
+    int tid = 0;
+  };
+  static void futex(std::atomic<uint32_t>* word, int op, uint32_t val) {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, val, nullptr, nullptr, 0);
+  }
+  void loop(Worker* w) {
+    for (uint32_t seen = 0;; ++seen) {
+      while (w->seq.load() == seen) futex(&w->seq, FUTEX_WAIT_PRIVATE, seen);
+      (*job_)(w->tid);
+      if (remaining_.fetch_sub(1) == 1) futex(&remaining_, FUTEX_WAKE_PRIVATE, 1);
+    }
+  }
+  std::vector<Worker*> workers_;
+  const std::function<void(int)>* job_ = nullptr;
+  std::atomic<uint32_t> remaining_{0};
+};
+
+std::mutex launch_mu;  // one grid at a time: every launch shares the one shared-memory buffer
+ThreadPool& pool() {
+  static ThreadPool* p = new ThreadPool;
+  return *p;
+}
+
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
   const long long nthreads = static_cast<long long>(block.x) * block.y * block.z;
   auto launch_error = [&](const std::string& msg) { throw std::runtime_error("CUDA emulator: launch failed: " + msg); };
@@ -245,16 +319,17 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
       launch_error(std::to_string(smem_bytes) + " bytes of dynamic shared memory, the kernel allows " +
                    std::to_string(limit) + " (cudaFuncSetAttribute)");
   }
+  std::lock_guard<std::mutex> launch_lock(launch_mu);
   const int nt = static_cast<int>(nthreads);
   const int nwarps = (nt + 31) / 32;
   Block blk;
   blk.nthreads = nt;
   blk.warps.resize(nwarps);
-  blk.xchg.assign(nt, 0);
+  blk.xchg.assign(2 * static_cast<size_t>(nt), 0);
   blk.start.reset(nt);
   unsigned char* sm = marginops::cuda::detail::smem;
 
-  auto thread_main = [&](int tid) {
+  const std::function<void(int)> thread_main = [&](int tid) {
     ts = ThreadState{};
     ts.blk = &blk;
     ts.tid = tid;
@@ -293,10 +368,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
     }
   };
 
-  std::vector<std::thread> threads;
-  threads.reserve(nt);
-  for (int t = 0; t < nt; ++t) threads.emplace_back(thread_main, t);
-  for (auto& t : threads) t.join();
+  pool().run(nt, thread_main);
   EMU_UNPOISON(sm, sizeof(marginops::cuda::detail::smem));
   if (blk.failed) throw std::runtime_error(blk.failure);
 }

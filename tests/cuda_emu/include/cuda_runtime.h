@@ -1,6 +1,6 @@
 // CPU emulation of the slice of the CUDA runtime and device API that csrc/cuda uses, so the real kernel
-// sources run on the host (tests/test_op_suite.py).  One OS thread per CUDA thread; blocks of a grid run
-// one after another and share one shared-memory buffer.  It is strict where the hardware is lenient, so
+// sources run on the host (tests/test_op_suite.py).  One host thread per CUDA thread (a pool kept across
+// launches); blocks of a grid run one after another and share one shared-memory buffer.  It is strict where the hardware is lenient, so
 // that kernel bugs show up here:
 //   * __syncthreads / __syncwarp are real barriers; one that not every live thread reaches is reported
 //     as a deadlock (divergent barrier) instead of hanging.
@@ -74,6 +74,8 @@ namespace emu {
 const cudaDeviceProp& device_props();
 cudaError_t set_dynamic_smem_limit(const void* kernel, int bytes);
 int occupancy(const void* kernel, int threads, size_t smem);
+// How long a barrier may wait before the launch fails as a deadlock (120 s unless a test shortens it).
+void set_barrier_timeout_ms(int ms);
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 
 void syncthreads();
