@@ -9,7 +9,7 @@
 #
 # Correctness first (CUDA build, CUDA and Triton op tests, compute-sanitizer memcheck), then the
 # benchmark at the headline size (B=1024, C=1M, D=512, bf16, fwd+bwd), then larger sizes while time
-# remains.  Every stage has its own limit and the limits add up to BUDGET_S (420 s): a stage is cut to
+# remains.  Every stage has its own limit and the limits add up to BUDGET_S (450 s): a stage is cut to
 # what is left of the budget and skipped when less than its minimum remains.
 #
 # What comes back is two files in OUT, rewritten after every stage so that a run cut short still
@@ -19,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-BUDGET_S=420
+BUDGET_S=450
 # name:limit_seconds:minimum_seconds — the order is the run order; limits sum to BUDGET_S
 STAGES=(
   "env:15:5"
@@ -29,7 +29,8 @@ STAGES=(
   "memcheck:25:15"
   "bench_1m:100:40"
   "bench_chunks:30:20"
-  "bench_4m:60:20"
+  "profile:45:15"
+  "bench_4m:45:20"
 )
 
 plan() {
@@ -180,6 +181,15 @@ bench_stage bench_1m 1024x1000000x512 5
 # the chunked path's classes per chunk around the planner's choice (16384 here): whether a chunk whose blocks
 # stay in L2 pays for its extra launches
 bench_stage bench_chunks 1024x1000000x512 2 "cuda,cuda_chunk4k,cuda_chunk8k,cuda_chunk32k"
+# the default paths' step split into vendor GEMMs, marginops kernels, element-wise work and device idle time
+# (launch overhead: what a CUDA graph or a second stream would recover)
+if [ $DRY = 1 ]; then
+  stage profile "$PY" -m bench.profile --device cpu --size 8x300x16 --dtype float32 --backends reference,matmul \
+    --steps 1 --out "$WORK/results/profile"
+else
+  stage profile "$PY" -m bench.profile --device cuda --size 1024x1000000x512 --dtype bfloat16 \
+    --backends cuda,cuda_mixed,triton --steps 3 --out "$WORK/results/profile"
+fi
 # C = 4M without the reference (~16 GB per B×C buffer) and the fused variants: each case is its own
 # process (a few seconds of start-up), so the stage times the default paths and the anchors only
 bench_stage bench_4m 1024x4000000x512 3 "$(echo "$BACKENDS" | tr , '\n' | grep -Ex 'insightface|cuda|cuda_mixed|triton|matmul' | paste -sd,)"

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # bench/ is not installed: import it from the che
     sys.path.append(str(ROOT))
 
 import bench.__main__ as runner  # noqa: E402
-from bench import cases, convergence, cosine_block, openset, plot, report, results  # noqa: E402
+from bench import cases, convergence, cosine_block, openset, plot, profile, report, results  # noqa: E402
 from bench.providers import PROVIDERS  # noqa: E402
 
 
@@ -285,3 +285,38 @@ def test_cosine_block_study_separates_a_float32_block_from_a_16bit_one():
     assert max(cosine_block.ratios(inputs, torch.bfloat16, torch.float32)[:-1]) <= 1.0
     fp16_block = cosine_block.ratios(inputs, torch.bfloat16, torch.float16)
     assert fp16_block[0] > 10.0 and fp16_block[-1] > 1e-4  # lse: ratio, then absolute error in nats
+
+
+def test_profile_names_each_kind_of_kernel():
+    """bench/profile.py sorts kernels by name: vendor GEMMs (cuBLAS's nvjet / xmma / CUTLASS kernels, ATen's
+    matrix products), the package's own kernels and ops, element-wise work, the rest."""
+    assert profile.category("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "gemm"
+    assert profile.category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "gemm"
+    assert profile.category("aten::mm") == "gemm"
+    assert profile.category("void marginops::cuda::detail::chunk_forward_kernel<float>(...)") == "marginops"
+    assert profile.category("_lse_fwd_kernel") == "marginops"
+    assert profile.category("_bwd_dw_kernel") == "marginops"
+    assert profile.category("marginops::fused_lse") == "marginops"
+    assert profile.category("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
+    assert profile.category("Memcpy DtoD (Device -> Device)") == "elementwise"
+    assert profile.category("ncclDevKernel_AllGather_RING_LL") == "other"
+
+
+def test_profile_splits_a_step(tmp_path):
+    """On the CPU the split is made of operators' self time: the CPU backend spends time in ATen's matrix
+    products and in its own op, the plain GEMMs almost only in matrix products; categories and idle time add
+    up to the step's wall time."""
+    torch.manual_seed(0)
+    cpu = profile.profile("cpu", "cpu", (32, 4000, 48), "float32", "arcface", steps=2)
+    gemms = profile.profile("matmul", "cpu", (32, 4000, 48), "float32", "arcface", steps=2)
+    for result in (cpu, gemms):
+        assert set(result["seconds"]) == set(profile.CATEGORIES) | {"idle"}
+        assert all(v >= 0 for v in result["seconds"].values())
+        assert sum(result["seconds"].values()) == pytest.approx(max(result["wall"], result["busy"]), rel=1e-6)
+    assert cpu["seconds"]["gemm"] > 0 and cpu["seconds"]["marginops"] > 0
+    assert gemms["seconds"]["marginops"] == 0 and gemms["seconds"]["gemm"] > 0.5 * gemms["busy"]
+    argv = ["--device", "cpu", "--size", "8x300x16", "--backends", "matmul,cuda", "--out", str(tmp_path)]
+    assert profile.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "profile.csv").open()))
+    assert [r["category"] for r in rows] == [*profile.CATEGORIES, "idle"]
+    assert {r["provider"] for r in rows} == {"matmul"}  # cuda: unavailable on the CPU, skipped with a message

@@ -1,0 +1,147 @@
+"""``python -m bench.profile``: where one forward+backward of a provider spends its time, by kind of kernel.
+
+The chunked CUDA path's time model (docs/CHUNKED.md) has three terms: the vendor GEMMs, the epilogue kernels
+that follow them, and the host's launch overhead.  A benchmark gives only their sum; this splits it.  Each
+provider's step runs a few times under torch.profiler, and DIR/profile.csv gets, per provider, one row per
+category of device work (``gemm``: vendor matrix products; ``marginops``: the package's own kernels and ops;
+``elementwise``: casts, copies, fills and other ATen element-wise kernels; ``other``) with its time per step and
+its share of the step's wall time, and an ``idle`` row: the wall time no kernel ran — the device waiting for
+the host, which is what a CUDA graph or a second stream would recover.  On the CPU the same split is made of
+the operators' own (self) time, and ``idle`` is the Python and dispatch time outside them.
+
+Example (the headline size on a GPU):
+    python -m bench.profile --device cuda --size 1024x1000000x512 --dtype bfloat16 --backends cuda,triton
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from bench.cases import _inputs
+from bench.providers import DTYPES, PROVIDERS
+
+CATEGORIES = ("gemm", "marginops", "elementwise", "other")
+# lower-case name fragments, checked in this order: cuBLAS / cuBLASLt / CUTLASS kernels on a GPU, ATen's
+# matrix products on the CPU; the package's ops, CUDA kernels (chunk_*, fused_lse_*) and Triton kernels
+_KINDS = (
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("marginops", ("marginops", "chunk_", "fused_lse", "_lse_fwd", "_lse_merge", "_bwd_", "_cast_rows")),
+    ("elementwise", ("elementwise", "copy", "memcpy", "memset", "cast", "fill", "reduce", "aten::")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for kind, fragments in _KINDS:
+        if any(f in low for f in fragments):
+            return kind
+    return "other"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(case, device) -> None:
+    for leaf in case.leaves:
+        if leaf.is_floating_point():
+            leaf.grad = None
+    case.backward(case.forward())
+    _sync(device)
+
+
+def profile(provider: str, device: str, size: tuple, dtype: str, margin: str, steps: int) -> dict:
+    """Seconds per step of each category and of idle time, and the wall time per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dev = torch.device(device)
+    batch, classes, dim = size
+    spec = {"margin": margin, "device": device, "dtype": dtype}
+    torch.manual_seed(0)
+    case = PROVIDERS[provider].build(spec, *_inputs(dev, DTYPES[dtype], batch, classes, dim), True)
+    for _ in range(2):  # extension load, Triton autotune, cuBLAS heuristics: not profiled
+        _step(case, dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            _step(case, dev)
+        wall = (time.perf_counter() - start) / steps
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    for event in prof.key_averages():
+        if dev.type == "cuda":
+            # kernels: device-side events; their self time is their run time
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(event, "self_device_time_total", None)
+            if us is None:
+                us = event.self_cuda_time_total
+        else:
+            if event.device_type != torch.autograd.DeviceType.CPU:
+                continue
+            us = event.self_cpu_time_total
+        seconds[category(event.key)] += us * 1e-6 / steps
+    busy = sum(seconds.values())
+    if busy == 0.0:
+        raise RuntimeError("the profiler recorded no kernel or operator time")
+    seconds["idle"] = max(0.0, wall - busy)
+    return {"wall": wall, "busy": busy, "seconds": seconds}
+
+
+def parse_size(text: str) -> tuple:
+    parts = tuple(int(p) for p in text.lower().split("x"))
+    if len(parts) != 3 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"size is BxCxD with positive integers, got {text!r}")
+    return parts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=parse_size, default=(256, 20000, 128), help="BxCxD")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--margin", default="arcface")
+    parser.add_argument("--backends", default="cuda", help="comma-separated providers of bench/providers.py")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True, help="directory for profile.csv")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "profile.csv"
+    fields = ["provider", "device", "dtype", "batch", "classes", "dim", "category", "ms_per_step", "share_of_wall"]
+    failed = 0
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for name in args.backends.split(","):
+            why = PROVIDERS[name].unavailable(args.device) if name in PROVIDERS else f"unknown provider {name!r}"
+            if why:
+                print(f"[profile] {name}: unavailable: {why}")
+                continue
+            try:
+                result = profile(name, args.device, args.size, args.dtype, args.margin, args.steps)
+            except Exception as exc:  # one provider's failure must not hide the others' numbers
+                print(f"[profile] {name}: {type(exc).__name__}: {exc}")
+                failed += 1
+                continue
+            B, C, D = args.size
+            for kind, sec in result["seconds"].items():
+                writer.writerow(
+                    dict(provider=name, device=args.device, dtype=args.dtype, batch=B, classes=C, dim=D,
+                         category=kind, ms_per_step=f"{sec * 1e3:.4f}", share_of_wall=f"{sec / result['wall']:.4f}")
+                )  # fmt: skip
+            fh.flush()
+            shares = "  ".join(f"{k} {v / result['wall']:.0%}" for k, v in result["seconds"].items())
+            print(f"[profile] {name}: {result['wall'] * 1e3:.2f} ms per step; {shares}")
+    print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
