@@ -124,11 +124,11 @@ stage() {  # stage NAME COMMAND...: run under min(limit, what is left of the bud
   local what="rc=$rc"
   [ $rc = 124 ] || [ $rc = 137 ] && what="rc=$rc (cut at its ${limit}s limit)"
   note "$name: $what ($((SECONDS - start)) s)"
-  # pytest's last line (counts) always; the tail of anything that failed
+  # pytest's last line (counts) and the profile's split always; the tail of anything that failed
   if [ $rc != 0 ]; then
     tail -n 25 "$WORK/results/$name.log" | sed 's/^/    /' >> "$SUMMARY"
   else
-    tail -n 1 "$WORK/results/$name.log" | sed 's/^/    /' >> "$SUMMARY"
+    { grep -E '^\[profile\] ' "$WORK/results/$name.log"; tail -n 1 "$WORK/results/$name.log"; } | sed 's/^/    /' >> "$SUMMARY"
   fi
   pack
 }

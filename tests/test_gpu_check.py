@@ -93,3 +93,4 @@ def test_dry_run_runs_every_stage_it_can(tmp_path):
     # the benchmark stages wrote their CSV into the archive, not into the checkout
     assert any(n.startswith("./bench_1m/") and n.endswith(".csv") for n in names), names
     assert "./profile/profile.csv" in names, names
+    assert "[profile] matmul:" in summary, summary  # the split reaches the summary, not only the archive
