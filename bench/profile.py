@@ -75,19 +75,16 @@ def profile(provider: str, device: str, size: tuple, dtype: str, margin: str, st
             _step(case, dev)
         wall = (time.perf_counter() - start) / steps
     seconds = dict.fromkeys(CATEGORIES, 0.0)
-    for event in prof.key_averages():
-        if dev.type == "cuda":
-            # kernels: device-side events; their self time is their run time
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = getattr(event, "self_device_time_total", None)
-            if us is None:
-                us = event.self_cuda_time_total
-        else:
-            if event.device_type != torch.autograd.DeviceType.CPU:
-                continue
-            us = event.self_cpu_time_total
-        seconds[category(event.key)] += us * 1e-6 / steps
+    if dev.type == "cuda":
+        # kernels, copies and fills: device-side events, timed by their own start and end
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                seconds[category(event.name)] += event.time_range.elapsed_us() * 1e-6 / steps
+    else:
+        # operators' self time: each microsecond counted once, in the innermost operator running it
+        for event in prof.key_averages():
+            if event.device_type == torch.autograd.DeviceType.CPU:
+                seconds[category(event.key)] += event.self_cpu_time_total * 1e-6 / steps
     busy = sum(seconds.values())
     if busy == 0.0:
         raise RuntimeError("the profiler recorded no kernel or operator time")
