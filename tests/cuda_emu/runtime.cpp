@@ -21,7 +21,7 @@
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <climits>
+
 #include <ctime>
 
 #include "cuda_runtime.h"
@@ -61,6 +61,13 @@ struct LaunchFailure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// futex(2) on an atomic 32-bit word: WAIT sleeps while *word == val (up to `timeout`, if given), WAKE wakes up
+// to val sleepers.
+void futex(std::atomic<uint32_t>* word, int op, uint32_t val, const timespec* timeout = nullptr) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, val, timeout, nullptr, 0);
+}
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "the futex word is the atomic itself");
+
 // Barrier for a changing set of threads: a thread that finishes its block leaves (drop), as a CUDA thread
 // that has exited no longer counts at __syncthreads.  Lock-free: one 64-bit word holds (expected, arrived),
 // waiters sleep on the generation word with a futex, and the last arrival wakes them with one system call
@@ -82,20 +89,16 @@ class Barrier {
       }
     }
   }
-  void wake() { futex_wake(); }
+  void wake() { futex(&generation_, FUTEX_WAKE_PRIVATE, INT32_MAX); }
 
  private:
   void release_now() {
     generation_.fetch_add(1);
-    futex_wake();
-  }
-  void futex_wake() {
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+    wake();
   }
   std::atomic<uint64_t> state_{0};  // expected << 32 | arrived
   std::atomic<uint32_t> generation_{0};
 };
-static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "the futex word is the atomic itself");
 
 struct Block {
   int nthreads = 0;
@@ -155,7 +158,7 @@ void Barrier::arrive_and_wait(const char* what, const std::atomic<bool>& failed)
     }
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
     timespec rel{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), FUTEX_WAIT_PRIVATE, gen, &rel, nullptr, 0);
+    futex(&generation_, FUTEX_WAIT_PRIVATE, gen, &rel);
   }
   if (failed) throw LaunchFailure("aborted");
 }
@@ -284,9 +287,6 @@ class ThreadPool {
     std::atomic<uint32_t> seq{0};  // bumped once per launch this worker takes part in
     int tid = 0;
   };
-  static void futex(std::atomic<uint32_t>* word, int op, uint32_t val) {
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, val, nullptr, nullptr, 0);
-  }
   void loop(Worker* w) {
     for (uint32_t seen = 0;; ++seen) {
       while (w->seq.load() == seen) futex(&w->seq, FUTEX_WAIT_PRIVATE, seen);
