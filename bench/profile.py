@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cases import _inputs
+from bench.cases import _inputs, _iteration
 from bench.providers import DTYPES, PROVIDERS
 
 CATEGORIES = ("gemm", "marginops", "elementwise", "other")
@@ -43,19 +43,6 @@ def category(name: str) -> str:
     return "other"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _step(case, device) -> None:
-    for leaf in case.leaves:
-        if leaf.is_floating_point():
-            leaf.grad = None
-    case.backward(case.forward())
-    _sync(device)
-
-
 def profile(provider: str, device: str, size: tuple, dtype: str, margin: str, steps: int) -> dict:
     """Seconds per step of each category and of idle time, and the wall time per step."""
     from torch.profiler import ProfilerActivity
@@ -67,12 +54,12 @@ def profile(provider: str, device: str, size: tuple, dtype: str, margin: str, st
     torch.manual_seed(0)
     case = PROVIDERS[provider].build(spec, *_inputs(dev, DTYPES[dtype], batch, classes, dim), True)
     for _ in range(2):  # extension load, Triton autotune, cuBLAS heuristics: not profiled
-        _step(case, dev)
+        _iteration(case, "forward+backward", dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            _step(case, dev)
+            _iteration(case, "forward+backward", dev)
         wall = (time.perf_counter() - start) / steps
     seconds = dict.fromkeys(CATEGORIES, 0.0)
     if dev.type == "cuda":
