@@ -8,6 +8,7 @@ It is slow and meant for small shapes; it runs the CUDA code paths where no GPU 
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,3 +81,36 @@ class EmulatedChunkedOps(EmulatedOps):
 
     def gemm_flops(self):
         return self._m.chunked_gemm_flops()
+
+
+# sanitizer: (runtime library, environment, what a finding means)
+SANITIZERS = {
+    "address": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0:exitcode=86"}, "out-of-bounds access"),
+    "thread": ("libtsan.so", {"TSAN_OPTIONS": "exitcode=66"}, "data race (a missing barrier)"),
+}
+
+
+def _runtime_library(name):
+    try:
+        out = subprocess.run(["c++", f"-print-file-name={name}"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(out.stdout.strip())
+    return str(path) if path.is_absolute() and path.exists() else None
+
+
+def run_under_sanitizer(sanitizer, script, *args):
+    """Runs tests/cuda_emu/SCRIPT in a child process that preloads the sanitizer's runtime (the emulator built with
+    sanitize=SANITIZER cannot be loaded otherwise); returns the finished process."""
+    import pytest
+    from helpers import child_env
+
+    library, options, _ = SANITIZERS[sanitizer]
+    # libstdc++ is preloaded too: python does not link it, and the sanitizer must find it at start-up
+    preload = [_runtime_library(library), _runtime_library("libstdc++.so")]
+    if None in preload:
+        pytest.fail(f"sanitizer runtime not found by c++ -print-file-name: {library} / libstdc++.so")
+    env = child_env(LD_PRELOAD=" ".join(preload), **options)
+    return subprocess.run(
+        [sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True, timeout=1800
+    )

@@ -171,23 +171,7 @@ def test_frozen_parts_skip_their_products(ops, small_chunks, dtype, need):
 def test_chunked_kernels_clean_under_address_sanitizer():
     """The chunked path's kernels and loop under AddressSanitizer (tests/cuda_emu/memcheck_chunked.py): every
     global access within its buffer, in every dtype, with ragged chunks and row tiles."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from helpers import child_env
-
-    def runtime(name):
-        out = subprocess.run(["c++", f"-print-file-name={name}"], capture_output=True, text=True, check=True)
-        path = Path(out.stdout.strip())
-        assert path.is_absolute() and path.exists(), f"{name} not found by c++ -print-file-name"
-        return str(path)
-
-    script = Path(cuda_emulator.__file__).parent / "cuda_emu" / "memcheck_chunked.py"
-    env = child_env(
-        LD_PRELOAD=f"{runtime('libasan.so')} {runtime('libstdc++.so')}", ASAN_OPTIONS="detect_leaks=0:exitcode=86"
-    )
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1800)
+    proc = cuda_emulator.run_under_sanitizer("address", "memcheck_chunked.py")
     report = proc.stderr[-6000:] + proc.stdout[-1000:]
     assert "Sanitizer" not in proc.stderr, f"out-of-bounds access:\n{report}"
     assert proc.returncode == 0 and "memcheck: clean" in proc.stdout, report

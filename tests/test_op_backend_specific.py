@@ -10,11 +10,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, child_env
+from cuda_emulator import SANITIZERS, run_under_sanitizer
+from helpers import assert_close
 from op_backends import BY_NAME
 from op_cases import (
     BIG_GRAD_TOL,
@@ -225,29 +225,13 @@ def test_cuda_offsets_beyond_2_31_full_weight(cuda_ops):
 # ------------------------------------------------------------------------------------------------------------
 # cuda_emu: memcheck and racecheck, the same kernels under AddressSanitizer / ThreadSanitizer
 # ------------------------------------------------------------------------------------------------------------
-def _runtime_library(name):
-    try:
-        out = subprocess.run(["c++", f"-print-file-name={name}"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(out.stdout.strip())
-    return str(path) if path.is_absolute() and path.exists() else None
-
-
-SANITIZERS = {
-    # sanitizer: (runtime library, environment, what a finding means)
-    "address": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0:exitcode=86"}, "out-of-bounds access"),
-    "thread": ("libtsan.so", {"TSAN_OPTIONS": "exitcode=66"}, "data race (a missing barrier)"),
-}
-
-
 @pytest.mark.slow
 @pytest.mark.emulator
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
-def test_cuda_emu_kernels_clean_under_sanitizer(sanitizer):
+def test_cuda_emu_kernels_cleanrun_under_sanitizer(sanitizer):
     """AddressSanitizer as the memcheck (every global and shared-memory access within its buffer), ThreadSanitizer
     as the racecheck (every shared-memory write and read of different threads separated by a barrier)."""
-    proc = _under_sanitizer(sanitizer, "memcheck.py", sanitizer)
+    proc = run_under_sanitizer(sanitizer, "memcheck.py", sanitizer)
     report = proc.stderr[-6000:] + proc.stdout[-1000:]
     assert "Sanitizer" not in proc.stderr, f"{SANITIZERS[sanitizer][2]}:\n{report}"
     assert proc.returncode == 0 and "memcheck: clean" in proc.stdout, report
@@ -267,21 +251,9 @@ def test_cuda_emu_sanitizer_reports_a_broken_kernel(sanitizer):
     """The other half of the check above: a kernel that reads past its buffer (address) or hands a shared-memory
     word to another thread without a barrier (thread) is reported, so a clean run is evidence."""
     kernel, report = SELFTESTS[sanitizer]
-    proc = _under_sanitizer(sanitizer, "selftest.py", sanitizer, kernel)
+    proc = run_under_sanitizer(sanitizer, "selftest.py", sanitizer, kernel)
     assert report in proc.stderr, proc.stderr[-4000:] + proc.stdout[-1000:]
     assert proc.returncode != 0
-
-
-def _under_sanitizer(sanitizer, script, *args):
-    """Runs tests/cuda_emu/SCRIPT in a child process that preloads the sanitizer's runtime."""
-    library, options, _ = SANITIZERS[sanitizer]
-    # libstdc++ is preloaded too: python does not link it, and the sanitizer must find it at start-up
-    preload = [_runtime_library(library), _runtime_library("libstdc++.so")]
-    if None in preload:
-        pytest.fail(f"sanitizer runtime not found by c++ -print-file-name: {library} / libstdc++.so")
-    path = Path(__file__).resolve().parent / "cuda_emu" / script
-    env = child_env(LD_PRELOAD=" ".join(preload), **options)
-    return subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.emulator
