@@ -9,10 +9,14 @@ marginops._C / marginops._C_cuda, which are tried first.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import logging
 import os
+import re
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -56,23 +60,59 @@ def _openmp_flags() -> list[str]:
 
 
 def _max_jobs() -> str:
-    jobs = os.environ.get("MAX_JOBS") or str(max(1, min(os.cpu_count() or 1, 8)))
-    os.environ["MAX_JOBS"] = jobs
-    return jobs
+    return os.environ.get("MAX_JOBS") or str(max(1, min(os.cpu_count() or 1, 8)))
+
+
+@contextlib.contextmanager
+def _scoped_environ(**values: str):
+    """torch's builder reads MAX_JOBS and TORCH_CUDA_ARCH_LIST from the environment only: set them for the
+    build and put back what was there, so a build leaves the process's environment as it found it."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _quiet_cuda_home_guess():
+    """Importing torch.utils.cpp_extension on a machine with nvcc but no GPU logs "No CUDA runtime is found,
+    using CUDA_HOME=..." once per process; marginops finds the toolkit itself (_cuda_home), so that line is
+    noise for every user of the CPU kernels.  Other messages of that logger pass."""
+
+    class _DropGuess(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No CUDA runtime is found" not in record.getMessage()
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    drop = _DropGuess()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def _cpp_extension():
+    with _quiet_cuda_home_guess():
+        from torch.utils import cpp_extension
+    return cpp_extension
 
 
 def _cuda_home() -> Optional[str]:
-    """torch's CUDA_HOME guess, corrected when it points at a folder without the CUDA headers (an nvcc
-    wrapper in /usr/local/bin makes torch guess /usr/local)."""
-    from torch.utils import cpp_extension
-
-    home = cpp_extension.CUDA_HOME
+    """The CUDA toolkit to compile with: $CUDA_HOME / $CUDA_PATH if set, else torch's guess, corrected when it
+    points at a folder without the CUDA headers (an nvcc wrapper in /usr/local/bin makes torch guess
+    /usr/local)."""
+    home = _cpp_extension().CUDA_HOME
     if home and Path(home, "include", "cuda_runtime.h").exists():
         return home
     for candidate in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if candidate and Path(candidate, "bin", "nvcc").exists():
-            cpp_extension.CUDA_HOME = candidate
-            os.environ["CUDA_HOME"] = candidate
             return candidate
     return home
 
@@ -97,14 +137,97 @@ def _check_toolchain(needs_nvcc: bool) -> None:
         raise BuildError("cannot build the marginops extension, missing: " + "; ".join(missing))
 
 
-def _cuda_include_paths() -> list[str]:
-    """Headers of the pip-installed CUDA runtime, for toolkits that lack some of them."""
-    paths = []
+# --------------------------------------------------------------------------------------------------------
+# CUDA headers.  torch's CUDA wheels bring the runtime and library headers of their CUDA release (pip's
+# nvidia/cu13/include); a machine's toolkit may be an older minor release and may lack the library headers
+# (cuBLAS, cuSPARSE, cuSOLVER) that torch's own headers include.  CCCL refuses to compile runtime headers
+# of another release than the nvcc's, so the runtime headers must come from the toolkit whenever their
+# versions differ, and only the headers the toolkit lacks may come from pip.
+
+
+def _version_text(version: tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+def nvcc_version(cuda_home: str) -> tuple[int, int]:
+    """(major, minor) that nvcc --version reports, e.g. (13, 0)."""
+    nvcc = Path(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BuildError(f"cannot run {nvcc} --version: {exc}") from exc
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    if not match:
+        raise BuildError(f"cannot read the CUDA release from {nvcc} --version: {out.strip()[-200:]!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def runtime_header_version(include: Path) -> Optional[tuple[int, int]]:
+    """(major, minor) of CUDART_VERSION in include/cuda_runtime_api.h, None if the folder has no runtime."""
+    header = include / "cuda_runtime_api.h"
+    if not header.is_file():
+        return None
+    match = re.search(r"#define\s+CUDART_VERSION\s+(\d+)", header.read_text(errors="replace"))
+    if not match:
+        return None
+    number = int(match.group(1))
+    return number // 1000, (number % 1000) // 10
+
+
+def pip_cuda_include() -> Optional[Path]:
+    """The include folder of torch's pip-installed CUDA runtime (nvidia/cu13/include, or the per-library
+    nvidia/cuda_runtime/include of older wheels), if any."""
+    major = (torch.version.cuda or "").split(".")[0]
     for entry in sys.path:
-        candidate = Path(entry) / "nvidia" / "cu13" / "include"
-        if candidate.is_dir():
-            paths.append(str(candidate))
-    return paths[:1]
+        for candidate in (
+            Path(entry) / "nvidia" / f"cu{major}" / "include",
+            Path(entry) / "nvidia" / "cuda_runtime" / "include",
+        ):
+            if major and (candidate / "cuda_runtime_api.h").is_file():
+                return candidate
+    return None
+
+
+def _header_mismatch(nvcc: tuple[int, int], headers: tuple[int, int], where: Path, cuda_home: str) -> BuildError:
+    return BuildError(
+        f"nvcc {_version_text(nvcc)} (in {cuda_home}) and the CUDA {_version_text(headers)} runtime headers of "
+        f"torch {torch.__version__} ({where}) cannot be compiled together, and the toolkit has no runtime headers "
+        f"of its own.  Fix: install the CUDA {_version_text(headers)} toolkit and point CUDA_HOME at it, or install "
+        f"the torch build for CUDA {_version_text(nvcc)}."
+    )
+
+
+def cuda_include_paths(cuda_home: str, shim_dir: Path) -> list[str]:
+    """Include folders, besides torch's and the toolkit's, that a CUDA build needs.
+
+    pip's headers in full when their runtime matches nvcc (or the toolkit has no runtime headers and they
+    match); otherwise a folder of links to only the pip headers that the toolkit lacks, so the runtime comes
+    from the toolkit.  A runtime of another release with no toolkit runtime to use instead, or another major
+    release at all, is a BuildError naming both versions."""
+    pip = pip_cuda_include()
+    if pip is None:
+        return []
+    nvcc = nvcc_version(cuda_home)
+    pip_version = runtime_header_version(pip)
+    if pip_version == nvcc:
+        return [str(pip)]
+    toolkit = Path(cuda_home, "include")
+    if runtime_header_version(toolkit) is None:
+        raise _header_mismatch(nvcc, pip_version, pip, cuda_home)
+    if pip_version is not None and pip_version[0] != nvcc[0]:
+        raise BuildError(
+            f"nvcc {_version_text(nvcc)} (in {cuda_home}) is another major CUDA release than torch "
+            f"{torch.__version__} (CUDA {_version_text(pip_version)}): its extension would not load.  Fix: install "
+            f"a CUDA {pip_version[0]}.x toolkit and point CUDA_HOME at it, or the torch build for CUDA "
+            f"{_version_text(nvcc)}."
+        )
+    lacking = sorted(entry.name for entry in pip.iterdir() if not (toolkit / entry.name).exists())
+    if shim_dir.exists():
+        shutil.rmtree(shim_dir)
+    shim_dir.mkdir(parents=True)
+    for name in lacking:
+        (shim_dir / name).symlink_to(pip / name)
+    return [str(shim_dir)] if lacking else []
 
 
 def cuda_arch_list() -> str:
@@ -130,8 +253,7 @@ def _try_prebuilt(module: str) -> Optional[str]:
 
 
 def _jit(name: str, sources: list[str], cuda: bool, verbose: bool) -> str:
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     src = source_dir()
     build_dir = cache_dir(name)
     jobs = _max_jobs()
@@ -140,10 +262,18 @@ def _jit(name: str, sources: list[str], cuda: bool, verbose: bool) -> str:
         print(
             f"marginops: compiling {name} (first use, MAX_JOBS={jobs}) in {build_dir} ...", file=sys.stderr, flush=True
         )
+    include = [str(src)]
+    environ = {"MAX_JOBS": jobs}
+    torch_cuda_home = cpp_extension.CUDA_HOME
+    if cuda:
+        cuda_home = _cuda_home()
+        include += cuda_include_paths(cuda_home, build_dir / "pip_cuda_headers")
+        environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+        cpp_extension.CUDA_HOME = cuda_home  # where torch's builder finds nvcc and the toolkit's headers
     kwargs = dict(
         name=name,
         sources=sources,
-        extra_include_paths=[str(src)] + (_cuda_include_paths() if cuda else []),
+        extra_include_paths=include,
         # torch's own headers pick the C++ standard (C++20 for torch 2.14); OpenMP for at::parallel_for
         extra_cflags=["-O3"] + _openmp_flags(),
         extra_ldflags=_openmp_flags(),
@@ -153,18 +283,20 @@ def _jit(name: str, sources: list[str], cuda: bool, verbose: bool) -> str:
     )
     if cuda:
         kwargs["extra_cuda_cflags"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-        previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
     try:
-        cpp_extension.load(**kwargs)
+        with _scoped_environ(**environ):
+            cpp_extension.load(**kwargs)
     except Exception as exc:  # the compiler output is already on stderr
-        raise BuildError(f"building {name} failed: {exc}") from exc
-    finally:
+        hint = ""
         if cuda:
-            if previous is None:
-                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-            else:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+            pip = pip_cuda_include()
+            hint = (
+                f" (nvcc {_version_text(nvcc_version(cuda_home))} in {cuda_home}; torch {torch.__version__} built "
+                f"for CUDA {torch.version.cuda}" + (f", its headers in {pip}" if pip else "") + ")"
+            )
+        raise BuildError(f"building {name} failed{hint}: {exc}") from exc
+    finally:
+        cpp_extension.CUDA_HOME = torch_cuda_home
     return str(build_dir)
 
 
@@ -201,17 +333,27 @@ def load_cuda(verbose: bool = False) -> str:
         return _loaded["cuda"]
 
 
-_failures: dict[str, str] = {}
+_failures: dict[str, tuple[tuple, str]] = {}
+
+
+def _toolchain_fingerprint() -> tuple:
+    """What a fixed toolchain changes: a failed build is retried when any of it differs."""
+    keys = ("PATH", "CXX", "CC", "CUDA_HOME", "CUDA_PATH", "MARGINOPS_CACHE_DIR", "MARGINOPS_CUDA_ARCHS")
+    return tuple(os.environ.get(key) for key in keys)
 
 
 def build_failure(kind: str) -> Optional[str]:
-    """Load the "cpu" or "cuda" extension; None on success, else why it failed (remembered for the
-    process, so that a broken toolchain costs one attempt, not one per call)."""
-    if kind not in _failures:
-        try:
-            (load_cuda if kind == "cuda" else load_cpu)()
-        except BuildError as exc:
-            _failures[kind] = str(exc)
-            return _failures[kind]
-        _failures[kind] = ""
-    return _failures[kind] or None
+    """Load the "cpu" or "cuda" extension; None on success, else why it failed.  A failure is remembered while
+    the toolchain's environment stays the same, so a broken toolchain costs one attempt, not one per call,
+    and a fixed one (another PATH, CXX or CUDA_HOME) is tried again."""
+    fingerprint = _toolchain_fingerprint()
+    remembered = _failures.get(kind)
+    if remembered is not None and remembered[0] == fingerprint:
+        return remembered[1] or None
+    try:
+        (load_cuda if kind == "cuda" else load_cpu)()
+    except BuildError as exc:
+        _failures[kind] = (fingerprint, str(exc))
+        return str(exc)
+    _failures[kind] = (fingerprint, "")
+    return None

@@ -1,7 +1,9 @@
 """First-use build: clear errors that name what is missing, and the "auto" fallback when a build fails."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +60,147 @@ def test_build_command_fails_clearly(tmp_path):
     )
     assert out.returncode != 0
     assert "build failed" in out.stderr and "compiler" in out.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA headers: the include path follows the nvcc that compiles
+
+
+def _fake_toolkit(root, release, runtime=True):
+    """A CUDA_HOME whose nvcc reports `release` and whose include/ has (or lacks) the runtime headers."""
+    nvcc = root / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.88'\n")
+    nvcc.chmod(0o755)
+    (root / "include").mkdir()
+    if runtime:
+        _runtime_headers(root / "include", release)
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return str(root)
+
+
+def _runtime_headers(include, release):
+    major, minor = (int(v) for v in release.split("."))
+    (include / "cuda_runtime_api.h").write_text(f"#define CUDART_VERSION  {major * 1000 + minor * 10}\n")
+
+
+def _fake_pip_headers(root, release):
+    root.mkdir()
+    _runtime_headers(root, release)
+    for name in ("cuda_runtime.h", "cublas_v2.h", "cusparse.h"):
+        (root / name).write_text("")
+    (root / "cccl").mkdir()
+    return root
+
+
+def test_pip_headers_in_full_when_they_match_nvcc(tmp_path, monkeypatch):
+    pip = _fake_pip_headers(tmp_path / "pip", "13.2")
+    monkeypatch.setattr(_build, "pip_cuda_include", lambda: pip)
+    home = _fake_toolkit(tmp_path / "cuda", "13.2")
+    assert _build.cuda_include_paths(home, tmp_path / "shim") == [str(pip)]
+
+
+def test_older_nvcc_keeps_its_own_runtime_and_borrows_only_what_it_lacks(tmp_path, monkeypatch):
+    """nvcc 13.0 with torch's CUDA 13.2 wheels: CCCL refuses 13.2 runtime headers under a 13.0 compiler, so
+    only the library headers the toolkit lacks (cuBLAS, cuSPARSE) come from pip."""
+    pip = _fake_pip_headers(tmp_path / "pip", "13.2")
+    monkeypatch.setattr(_build, "pip_cuda_include", lambda: pip)
+    home = _fake_toolkit(tmp_path / "cuda", "13.0")
+    (tmp_path / "cuda" / "include" / "cccl").mkdir()
+    shim = tmp_path / "shim"
+    assert _build.cuda_include_paths(home, shim) == [str(shim)]
+    assert sorted(p.name for p in shim.iterdir()) == ["cublas_v2.h", "cusparse.h"]
+    assert (shim / "cublas_v2.h").resolve() == (pip / "cublas_v2.h").resolve()
+    # a second build refreshes the folder rather than failing on the links it left
+    assert _build.cuda_include_paths(home, shim) == [str(shim)]
+
+
+def test_mismatched_headers_without_a_toolkit_runtime_is_a_named_error(tmp_path, monkeypatch):
+    pip = _fake_pip_headers(tmp_path / "pip", "13.2")
+    monkeypatch.setattr(_build, "pip_cuda_include", lambda: pip)
+    home = _fake_toolkit(tmp_path / "cuda", "13.0", runtime=False)
+    with pytest.raises(_build.BuildError, match=r"nvcc 13\.0 .*CUDA 13\.2 runtime headers.*Fix: install the CUDA 13"):
+        _build.cuda_include_paths(home, tmp_path / "shim")
+
+
+def test_another_major_release_is_a_named_error(tmp_path, monkeypatch):
+    pip = _fake_pip_headers(tmp_path / "pip", "13.2")
+    monkeypatch.setattr(_build, "pip_cuda_include", lambda: pip)
+    home = _fake_toolkit(tmp_path / "cuda", "12.8")
+    with pytest.raises(_build.BuildError, match=r"nvcc 12\.8 .*another major CUDA release.*CUDA 13\.2.*Fix"):
+        _build.cuda_include_paths(home, tmp_path / "shim")
+
+
+def test_no_pip_headers_means_the_toolkit_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(_build, "pip_cuda_include", lambda: None)
+    assert _build.cuda_include_paths(_fake_toolkit(tmp_path / "cuda", "13.0"), tmp_path / "shim") == []
+
+
+def test_unreadable_nvcc_version_is_a_build_error(tmp_path):
+    home = _fake_toolkit(tmp_path / "cuda", "13.0")
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("#!/bin/sh\necho 'something else'\n")
+    with pytest.raises(_build.BuildError, match="cannot read the CUDA release"):
+        _build.nvcc_version(home)
+
+
+def test_the_machines_nvcc_and_this_torch_get_consistent_headers(tmp_path):
+    """The real toolkit and the installed torch: either the include path is consistent with the nvcc that
+    compiles (the runtime headers on it are nvcc's release) or the build stops with the named error."""
+    home = _build._cuda_home()
+    if torch.version.cuda is None or home is None or not (Path(home) / "bin" / "nvcc").exists():
+        pytest.skip("needs nvcc and a CUDA build of torch")
+    nvcc = _build.nvcc_version(home)
+    try:
+        paths = _build.cuda_include_paths(home, tmp_path / "shim")
+    except _build.BuildError as exc:
+        assert "Fix:" in str(exc)
+        return
+    runtimes = [_build.runtime_header_version(Path(p)) for p in paths + [str(Path(home) / "include")]]
+    assert next(v for v in runtimes if v is not None) == nvcc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# no process-global state left by a build
+
+
+def test_a_build_leaves_the_environment_as_it_found_it():
+    before = dict(os.environ)
+    _build.load_cpu()
+    with _build._scoped_environ(MAX_JOBS="1", TORCH_CUDA_ARCH_LIST="9.0"):
+        assert os.environ["MAX_JOBS"] == "1"
+    assert dict(os.environ) == before
+
+
+def test_a_failed_build_is_retried_once_the_toolchain_changes(monkeypatch):
+    calls = []
+
+    def failing_load(verbose=False):
+        calls.append(os.environ.get("CXX"))
+        raise _build.BuildError("simulated failure")
+
+    monkeypatch.setattr(_build, "load_cpu", failing_load)
+    monkeypatch.setattr(_build, "_failures", {})
+    monkeypatch.setenv("CXX", "broken-compiler")
+    assert _build.build_failure("cpu") == "simulated failure"
+    assert _build.build_failure("cpu") == "simulated failure"
+    assert calls == ["broken-compiler"]  # remembered while nothing changed
+    monkeypatch.setenv("CXX", "fixed-compiler")
+    monkeypatch.setattr(_build, "load_cpu", lambda verbose=False: calls.append("ok"))
+    assert _build.build_failure("cpu") is None
+    assert calls[-1] == "ok"
+
+
+def test_using_the_cpu_kernels_prints_no_cuda_home_guess(tmp_path):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found" on a machine with nvcc and no GPU; marginops
+    finds the toolkit itself, so a user of the CPU kernels sees nothing."""
+    code = (
+        "import torch, marginops\n"
+        "x, w = torch.randn(4, 8), torch.randn(10, 8)\n"
+        "marginops.margin_cross_entropy(x, w, torch.tensor([1, 2, 3, 4]), marginops.ArcFace(), backend='cpu')\n"
+        "marginops._build.cuda_arch_list()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=child_env(), cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert "No CUDA runtime" not in out.stderr and "warn" not in out.stderr.lower(), out.stderr
