@@ -57,6 +57,8 @@ FIELDS = [
     "wave_efficiency_B4096_sm132",
     "wave_efficiency_B1024_sm114",
     "wave_efficiency_B1024_sm108",
+    # why a part of the report is missing (a row with no kernel), empty on every kernel's row
+    "error",
 ]
 SHAPES = {  # column suffix -> (B, SMs)
     "": (1024, 132),
@@ -349,8 +351,12 @@ def _sass(binary: Path) -> dict[tuple[str, str], str]:
 
 
 def triton_rows(all_configs: bool = True) -> list[dict]:
+    return list(iter_triton_rows(all_configs))
+
+
+def iter_triton_rows(all_configs: bool = True):
+    """One row per Triton kernel × dtype × config, yielded as each is compiled (minutes in all)."""
     os.environ.pop("TRITON_INTERPRET", None)  # the GPU tables, not the interpreter's one small config
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for label, dtype_name, opts in TRITON_DTYPES:
@@ -405,8 +411,7 @@ def triton_rows(all_configs: bool = True) -> list[dict]:
                         if suffix == "":
                             row["grid_B1024_sm132"] = ctas
                         row["wave_efficiency" + suffix] = round(wave_efficiency(ctas, sms * occupancy), 3)
-                    rows.append(row)
-    return rows
+                    yield row
 
 
 def _config_name(cfg, num_warps: int, num_stages: int) -> str:
@@ -500,12 +505,40 @@ def cuda_rows() -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
+    with CsvSink(path) as sink:
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
+            sink.write(row)
+
+
+class CsvSink:
+    """gpu_static.csv written a row at a time and flushed, so a report cut short keeps what it had."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> "CsvSink":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("w", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=FIELDS)
+        self._writer.writeheader()
+        self._fh.flush()
+        return self
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow({k: row.get(k, "") for k in FIELDS})
+        self._fh.flush()
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+
+def failure_row(backend: str, reason: str) -> dict:
+    """The row that stands for a part of the report that could not be made."""
+    return dict(backend=backend, kernel="", default=False, error=" ".join(str(reason).split())[:2000])
+
+
+def kernel_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r.get("error")]
 
 
 _INT_FIELDS = {
@@ -562,6 +595,9 @@ def resources_markdown(rows: list[dict], versions: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("error"):
+            lines.insert(lines.index("") + 1, f"**The {r['backend']} part of this report is missing**: {r['error']}\n")
+            continue
         mma = f"{r['mma_kind']} ×{r['mma_count']}" if r["mma_kind"] != "none" else "none"
         lines.append(
             f"| {r['backend']} | {r['kernel']} | {r['arch']} | {r['dtype']} | `{r['config']}` | "
@@ -593,29 +629,49 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--triton-only", action="store_true")
     p.add_argument("--cuda-only", action="store_true")
     p.add_argument("--default-configs", action="store_true", help="only the first autotune candidate")
-    p.add_argument("--cuda-if-built", action="store_true", help="leave the CUDA kernels out if they do not build")
+    p.add_argument(
+        "--cuda-if-built", action="store_true", help="a CUDA part that does not build is reported, not a failed exit"
+    )
     args = p.parse_args(argv)
-    rows = []
-    if not args.cuda_only:
-        rows += triton_rows(all_configs=not args.default_configs)
-    if not args.triton_only:
-        if args.cuda_if_built:
-            from marginops import _build
-
-            reason = _build.build_failure("cuda")
-            if reason:
-                print(f"CUDA kernels left out: {reason}")
-            else:
-                rows += cuda_rows()
-        else:
-            rows += cuda_rows()
     out = Path(args.out) / "gpu_static.csv"
-    write_csv(rows, out)
-    print(f"{len(rows)} kernels -> {out}")
+    rows, status = [], 0
+    print(f"writing {out} as each kernel is read", file=sys.stderr, flush=True)
+    with CsvSink(out) as sink:
+
+        def keep(row: dict) -> None:
+            sink.write(row)
+            rows.append(row)
+            if row.get("error"):
+                print(f"{row['backend']} part left out: {row['error']}", file=sys.stderr, flush=True)
+            else:
+                print(
+                    f"[{len(rows)}] {row['backend']} {row['kernel']} {row['dtype']} {row['config']}: "
+                    f"{row['registers']} regs, {row['spill_bytes']} B spilled, {row['mma_kind']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        if not args.cuda_only:
+            try:
+                for row in iter_triton_rows(all_configs=not args.default_configs):
+                    keep(row)
+            except Exception as exc:  # noqa: BLE001 - reported in the CSV; the CUDA part still runs
+                keep(failure_row("triton", f"{type(exc).__name__}: {exc}"))
+                status = 1
+        if not args.triton_only:
+            # a CUDA build that fails (a toolkit that does not match torch's headers, say) costs the CUDA rows
+            # only: the Triton rows are already written
+            try:
+                for row in cuda_rows():
+                    keep(row)
+            except Exception as exc:  # noqa: BLE001 - BuildError, a missing cuobjdump, ...
+                keep(failure_row("cuda", f"{type(exc).__name__}: {exc}"))
+                status = 0 if args.cuda_if_built else 1
+    print(f"{len(kernel_rows(rows))} kernels -> {out}")
     if args.resources:
         Path(args.resources).write_text(resources_markdown(rows, _versions()))
         print(f"summary -> {args.resources}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

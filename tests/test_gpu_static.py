@@ -158,9 +158,40 @@ def triton_rows(report):
 @pytest.fixture(scope="module")
 def cuda_rows(report):
     rows = [r for r in report if r["backend"] == "cuda"]
-    if not rows:
-        pytest.skip("the CUDA extension is not built here (python -m marginops.build --cuda)")
+    failed = [r["error"] for r in rows if r.get("error")]
+    if not rows or failed:
+        pytest.skip(f"the CUDA extension is not built here (python -m marginops.build --cuda): {failed}")
     return rows
+
+
+def test_a_failed_part_is_a_row_and_keeps_what_was_read(tmp_path, monkeypatch, capsys):
+    """A CUDA build that fails after minutes of Triton compiles costs the CUDA rows only: every Triton row is
+    already in the CSV, the failure is a row naming its reason, and the markdown summary says it."""
+    triton_row = dict(kernel="k", backend="triton", arch="sm_90a", dtype="bf16", config="c", default=True)
+    triton_row.update({f: 1 for f in gpu_static._INT_FIELDS}, mma_kind="HGMMA")
+    written = []
+
+    def triton_then_check(all_configs=True):
+        yield triton_row
+        written.append(gpu_static.read_csv(tmp_path / "gpu_static.csv"))  # on disk before the next kernel
+
+    def broken_build():
+        raise RuntimeError("building marginops_C_cuda failed (nvcc 13.0; torch built for CUDA 13.2)")
+
+    monkeypatch.setattr(gpu_static, "iter_triton_rows", triton_then_check)
+    monkeypatch.setattr(gpu_static, "cuda_rows", broken_build)
+    summary = tmp_path / "RESOURCES.md"
+    monkeypatch.setattr(gpu_static, "_versions", lambda: "test")
+    assert gpu_static.main(["--out", str(tmp_path), "--resources", str(summary)]) == 1
+    assert [r["kernel"] for r in written[0]] == ["k"]
+    rows = gpu_static.read_csv(tmp_path / "gpu_static.csv")
+    assert [r["backend"] for r in rows] == ["triton", "cuda"]
+    assert rows[1]["error"].startswith("RuntimeError: building marginops_C_cuda failed (nvcc 13.0")
+    assert gpu_static.kernel_rows(rows) == rows[:1]
+    assert "cuda part of this report is missing" in summary.read_text()
+    assert "[1] triton k bf16 c" in capsys.readouterr().err
+    # reported, not a failed exit, when the caller asked for the CUDA part only if it builds
+    assert gpu_static.main(["--out", str(tmp_path), "--cuda-if-built"]) == 0
 
 
 def test_report_covers_every_kernel_and_dtype(triton_rows, cuda_rows, tmp_path):
