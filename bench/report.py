@@ -2,17 +2,19 @@
 
 Replaces the text between ``<!-- bench-table:begin -->`` and ``<!-- bench-table:end -->`` in bench/README.md
 with one table per device (the most recent measurement of each case), the plots drawn from the same
-CSV and where the numbers came from.
+CSV and where the numbers came from, and redraws those plots beside the CSV (bench.plot.write_plots: only
+those whose drawn data changed, with their hashes in plots.json).
 
-    python -m bench.report                 # rewrite bench/README.md's block from bench/results/*.csv
+    python -m bench.report                 # rewrite bench/README.md's block and the plots from bench/results/*.csv
     python -m bench.report --print         # only print the block
-    python -m bench.report --check         # exit 1 if the block is not what the CSV gives
+    python -m bench.report --check         # exit 1 if the block or a plot is not what the CSV gives
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -125,6 +127,18 @@ def device_table(cases: dict, mode_filter: str) -> list[str]:
     return lines
 
 
+def _modes(cases: dict) -> list[str]:
+    return sorted({k[0] for k in cases}, key=lambda m: MODE_ORDER.get(m, 9))
+
+
+def tables(rows: list[dict]) -> list[tuple[str, str, int]]:
+    """(device, mode, number of table rows) of each table render() writes for ``rows``."""
+    out = []
+    for device, cases in sorted(collect(results.latest(rows)).items()):
+        out += [(device, mode, len(device_table(cases, mode)) - 2) for mode in _modes(cases)]
+    return out
+
+
 def render(rows: list[dict], plots_dir: Path, readme_dir: Path) -> str:
     """The markdown that goes between the markers."""
     newest = results.latest(rows)
@@ -135,6 +149,7 @@ def render(rows: list[dict], plots_dir: Path, readme_dir: Path) -> str:
         "edit the CSV, not this table._",
         "",
     ]
+    figures = plot.figures(newest)
     for device, cases in sorted(collect(newest).items()):
         dev_rows = [r for r in newest if r["device"] == device]
         stamps = sorted({r["timestamp"] for r in dev_rows})
@@ -152,20 +167,12 @@ def render(rows: list[dict], plots_dir: Path, readme_dir: Path) -> str:
             + f"; {' / '.join(sorted(vers))}{load}"
         )
         out.append("")
-        pngs = []
-        groups = {(r["device"], r["kernel"].partition("/")[2], r["mode"], r["x_name"]) for r in dev_rows}
-        for g in sorted(groups):
-            if (
-                len(
-                    {r["x_value"] for r in dev_rows if (r["kernel"].partition("/")[2], r["mode"], r["x_name"]) == g[1:]}
-                )
-                < 2
-            ):
-                continue
-            png = plots_dir / plot.file_name(*g)
-            if png.exists():
-                pngs.append(f"![{g[1]} {g[2]} on {device}]({os.path.relpath(png, readme_dir)})")
-        modes = sorted({k[0] for k in cases}, key=lambda m: MODE_ORDER.get(m, 9))
+        pngs = [  # the plots bench.report draws beside the CSV, whether or not they exist yet
+            f"![{f['group']['rest']} {f['group']['mode']} on {device}]({os.path.relpath(plots_dir / name, readme_dir)})"
+            for name, f in figures.items()
+            if f["group"]["device"] == device
+        ]
+        modes = _modes(cases)
         for i, mode in enumerate(modes):
             if i == 1:
                 out += ["<details><summary>forward only / backward only (" + ", ".join(modes[1:]) + ")</summary>", ""]
@@ -199,6 +206,36 @@ def replace_block(text: str, block: str) -> str:
     return f"{head}{BEGIN}\n{block}{END}{tail}"
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter messages)."""
+    rel = os.path.relpath(path)
+    return path.as_posix() if rel.startswith("..") else rel
+
+
+def check(rows: list[dict], readme: Path, new: str, plots_dir: Path, again: str) -> int:
+    """--check: one line per table and plot checked, a last OK line; exit 1 naming each stale one."""
+    stale = []
+    if new != readme.read_text():
+        stale.append(f"{_shown(readme)}: the benchmark block is stale (its tables are not what the CSV gives)")
+    else:
+        for device, mode, n in tables(rows):
+            print(f"ok    table {_shown(readme)} · {device} · {mode}: {n} rows, as the CSV gives")
+    checked = plot.check_plots(results.latest(rows), plots_dir)
+    for path, problem, digest in checked:
+        if problem is None:
+            print(f"ok    plot  {_shown(path)}: drawn data sha256 {digest[:12]}, as the CSV gives")
+        else:
+            stale.append(f"{_shown(path)}: {problem}")
+    if stale:
+        for line in stale:
+            print(f"stale {line}", file=sys.stderr)
+        print(f"{len(stale)} stale; regenerate with: {again}", file=sys.stderr)
+        return 1
+    n_tables = len(tables(rows))
+    print(f"OK: {n_tables} tables in {_shown(readme)} and {len(checked)} plots in {_shown(plots_dir)} match the CSV")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("--csv", default=str(results.RESULTS_DIR), help="a CSV file or a folder of them")
@@ -206,7 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", default=None, help="folder of the PNGs (default: the CSV's folder)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--print", action="store_true", help="print the block, change nothing")
-    group.add_argument("--check", action="store_true", help="exit 1 if the README's block is stale")
+    group.add_argument("--check", action="store_true", help="exit 1 if the README's block or a plot is stale")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     files = results.csv_files(Path(args.csv))
     rows = results.read_csv(files) if files else []
@@ -221,15 +259,15 @@ def main(argv=None) -> int:
     text = readme.read_text()
     new = replace_block(text, block)
     if args.check:
-        if new != text:
-            print(f"{readme}: the benchmark block is stale; run python -m bench.report", file=sys.stderr)
-            return 1
-        return 0
+        again = shlex.join(["python", "-m", "bench.report", *(a for a in argv if a != "--check")])
+        return check(rows, readme, new, plots_dir, again)
     if new != text:
         readme.write_text(new)
         print(f"updated the benchmark block of {readme} ({len(block.splitlines())} lines)")
     else:
         print(f"{readme}: benchmark block already up to date")
+    for path, what in plot.write_plots(results.latest(rows), plots_dir):
+        print(f"{what}: {path}")
     return 0
 
 

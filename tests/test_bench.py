@@ -5,6 +5,8 @@ reference, the matmul anchor and torch's linear_cross_entropy stand in for every
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -320,3 +322,133 @@ def test_profile_splits_a_step(tmp_path):
     rows = list(csv.DictReader((tmp_path / "profile.csv").open()))
     assert [r["category"] for r in rows] == [*profile.CATEGORIES, "idle"]
     assert {r["provider"] for r in rows} == {"matmul"}  # cuda: unavailable on the CPU, skipped with a message
+
+
+def _record(path: Path, p50: dict, device: str = "tiny (2 cores, 2 threads)") -> None:
+    """A CSV of (provider, x) -> median time, without running anything: reference and the matmul anchor."""
+    rows = []
+    for (provider, x), t in p50.items():
+        margin = "nomargin" if provider == "matmul" else "arcface"
+        common = dict(
+            kernel=f"{margin}/float32/B=8/D=16",
+            provider=provider,
+            mode="forward+backward",
+            unit="s",
+            x_name="num_classes",
+            x_value=x,
+            device=device,
+            versions="marginops 0; load 0.5",
+            timestamp="2026-01-01T00:00:00Z",
+        )
+        rows.append(dict(common, metric="time", p50=str(t), p20=str(t * 0.9), p80=str(t * 1.1)))
+        rows.append(dict(common, metric="peak_extra_memory", unit="MiB", p50="4", p20="4", p80="4"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    results.append_csv(rows, path.parent, path.name)
+
+
+def _manifest_names(folder: Path) -> set:
+    return set(json.loads((folder / plot.MANIFEST).read_text())["plots"])
+
+
+def test_report_draws_and_checks_plots_like_tables(tmp_path, capsys):
+    """bench.report writes the plots with the tables; --check compares each plot's drawn data with the CSV,
+    lists what it checked, and names a stale plot with the command that regenerates it."""
+    data = {("reference", 300): 0.02, ("reference", 700): 0.05, ("matmul", 300): 0.01, ("matmul", 700): 0.02}
+    _record(tmp_path / "cpu.csv", data)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BEGIN}\n{report.END}\n")
+    args = ["--csv", str(tmp_path), "--readme", str(readme)]
+    assert report.main(args) == 0
+    (name,) = plot.figures(results.latest(results.read_csv([tmp_path / "cpu.csv"])))
+    png = tmp_path / name
+    assert f"drew: {png}" in capsys.readouterr().out and png.stat().st_size > 10_000
+    assert f"]({name})" in readme.read_text()  # the block links the plot it drew
+    manifest = json.loads((tmp_path / plot.MANIFEST).read_text())["plots"]
+    assert set(manifest) == {name} and manifest[name]["series"] == ["matmul (no margin)", "reference"]
+    assert plot.png_fingerprint(png) == manifest[name]["sha256"]
+
+    assert report.main([*args, "--check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3, out  # one line per table and plot, then OK
+    assert out[0].startswith(f"ok    table {readme} · tiny (2 cores, 2 threads) · forward+backward: 4 rows")
+    assert out[1].startswith(f"ok    plot  {png}: drawn data sha256 {manifest[name]['sha256'][:12]}")
+    assert out[-1].startswith("OK: 1 tables in") and "1 plots in" in out[-1]
+
+    # redrawing an unchanged record leaves the files alone (no drift in git status)
+    before = png.read_bytes()
+    assert plot.main(["--csv", str(tmp_path)]) == 0
+    assert f"unchanged: {png}" in capsys.readouterr().out and png.read_bytes() == before
+
+    # the record changes: the plot (and the table) are stale, named, with the command that regenerates them
+    _record(tmp_path / "cpu.csv", {**data, ("reference", 700): 0.09})
+    assert report.main([*args, "--check"]) == 1
+    err = capsys.readouterr().err
+    assert f"stale {png}: stale: the record's data for it changed" in err
+    assert f"regenerate with: python -m bench.report --csv {tmp_path} --readme {readme}" in err
+    assert report.main(args) == 0 and f"drew: {png}" in capsys.readouterr().out
+    assert report.main([*args, "--check"]) == 0
+
+    # a PNG redrawn from other data (an older bench.plot, another tool) while plots.json is current
+    png.write_bytes(before)
+    assert report.main([*args, "--check"]) == 1
+    assert "was not drawn from the data plots.json lists" in capsys.readouterr().err
+
+    # a plot the record no longer draws: --check names it, bench.report removes it
+    _record(tmp_path / "cpu.csv", {("reference", 300): 0.02, ("matmul", 300): 0.01})
+    assert report.main([*args, "--check"]) == 1
+    assert f"{png}: plots.json lists it, but the record draws no such plot" in capsys.readouterr().err
+    assert report.main(args) == 0 and not png.exists()
+    assert report.main([*args, "--check"]) == 0
+
+    # reading one device's CSV never drops another device's plot
+    _record(tmp_path / "gpu.csv", data, device="gpu")
+    assert report.main(args) == 0
+    (gpu_png,) = tmp_path.glob("gpu_*.png")
+    assert plot.main(["--csv", str(tmp_path / "cpu.csv")]) == 1  # nothing of its own to draw
+    assert gpu_png.exists() and gpu_png.name in _manifest_names(tmp_path)
+    assert report.main([*args, "--check"]) == 0
+
+
+def test_report_check_passes_on_the_committed_record_and_fails_on_an_altered_copy(tmp_path, capsys):
+    """The committed plots are what the committed record draws; changing one point of a copy of the record
+    makes --check name that plot (and only that one) as stale."""
+    committed = json.loads((results.RESULTS_DIR / plot.MANIFEST).read_text())["plots"]
+    assert report.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name}: drawn data sha256 {entry['sha256'][:12]}" in out for name, entry in committed.items())
+    assert out.splitlines()[-1].startswith("OK: ")
+
+    # a copy laid out as the repository (README beside results/), so that its block is the committed one
+    copy = tmp_path / "results"
+    copy.mkdir()
+    for path in results.RESULTS_DIR.iterdir():
+        if path.suffix in (".csv", ".png", ".json"):
+            shutil.copy(path, copy / path.name)
+    shutil.copy(ROOT / "bench" / "README.md", tmp_path / "README.md")
+    args = ["--csv", str(copy), "--readme", str(tmp_path / "README.md"), "--check"]
+    assert report.main(args) == 0
+    capsys.readouterr()
+    rows = results.latest(results.read_csv(results.csv_files(copy)))
+    figures = plot.figures(rows)
+    name = next(iter(figures))
+    victim = next(
+        r
+        for r in rows
+        if r["metric"] == "time"
+        and r["provider"] == "reference"
+        and plot.file_name(r["device"], r["kernel"].partition("/")[2], r["mode"], r["x_name"]) == name
+    )
+    with (copy / "cpu.csv").open(newline="") as fh:
+        record = list(csv.DictReader(fh))
+    for row in record:
+        if row == victim:
+            row["p50"] = f"{float(row['p50']) * 2:.6g}"
+    (copy / "cpu.csv").unlink()
+    results.append_csv(record, copy, "cpu.csv")
+    assert report.main(args) == 1
+    captured = capsys.readouterr()
+    assert f"stale {copy / name}: stale: the record's data for it changed" in captured.err
+    for other in set(figures) - {name}:
+        assert f"ok    plot  {copy / other}" in captured.out
+    assert "regenerate with: python -m bench.report --csv" in captured.err
