@@ -6,8 +6,8 @@ over C (a smoke run, about a minute or two on 2 cores) that also draws the plots
 full sweep over C (CPU 10k, 50k, 200k, 1M; GPU 100k, 1M, 4M, 10M), or over B or D with
 ``--sweep B`` / ``--sweep D``.  Rows are appended to ``<out>/<device>.csv`` and printed with the ratios the
 targets are stated in.  ``<out>`` is bench/results/local by default (ignored by git: a run leaves the clone
-clean); ``--record`` appends to the committed record bench/results instead, from which ``python -m bench.plot
---record`` and ``python -m bench.report`` redraw the committed plots and the README table.
+clean); ``--record`` appends to the committed record bench/results instead, from which ``python -m bench.report``
+regenerates the README table and the committed plots (``--check``: fail if either is stale).
 """
 
 from __future__ import annotations
@@ -339,9 +339,15 @@ def main(argv=None) -> int:
 
     path = results.append_csv(rows, Path(args.out), f"{args.device}.csv")
     print_table(table, device, results.versions(extra_versions))
-    print(f"\nappended {len(rows)} rows to {path}")
+    # rows are per case and metric (time, peak_extra_memory, peak_memory; a case that did not run has its
+    # time row only), so the row count alone reads like three times the cases
+    metrics = ", ".join(dict.fromkeys(r["metric"] for r in rows))
+    n_cases = f"{len(specs)} case" + ("s" if len(specs) != 1 else "")
+    print(f"\nappended {n_cases} to {path}: {len(rows)} rows, one per case and metric ({metrics})")
     if Path(args.out).resolve() == results.LOCAL_DIR.resolve():
         print("(ignored by git; rerun with --record to add them to the committed bench/results)")
+    elif Path(args.out).resolve() == results.RESULTS_DIR.resolve():
+        print("(the committed record: python -m bench.report regenerates its tables and plots)")
     distinct_x = {r["x_value"] for r in rows}
     if len(distinct_x) > 1 and not args.no_plot:
         from . import plot

@@ -88,11 +88,16 @@ def test_runner_sweep_writes_csv_and_plots(tmp_path, monkeypatch, capsys):
     assert mem and all(float(r["p50"]) >= 0 for r in mem)
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 3 and all(p.stat().st_size > 10_000 for p in pngs)
+    # 2 sizes x 3 modes x 4 providers; one row per case and metric, a case that did not run has one
+    cases = {(r["provider"], r["mode"], r["x_value"]) for r in rows}
+    assert len(cases) == 24
+    assert f"appended 24 cases to {tmp_path / 'cpu.csv'}: {len(rows)} rows, one per case and metric (" in out
 
     # a second run appends, it does not overwrite
     n_before = len(rows)
     rows = _run(tmp_path, monkeypatch, "--sizes", "8x300x16", "--backends", "reference")
     assert len(rows) > n_before
+    assert f"appended 1 case to {tmp_path / 'cpu.csv'}: {len(rows) - n_before} rows" in capsys.readouterr().out
 
 
 def test_default_plan_is_the_first_benchmark():
