@@ -12,3 +12,9 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    import helpers
+
+    helpers.PYTEST_CONFIG = config  # helpers.progress writes past the output capture

@@ -10,6 +10,8 @@ It is slow and meant for small shapes; it runs the CUDA code paths where no GPU 
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -103,7 +105,7 @@ def run_under_sanitizer(sanitizer, script, *args):
     """Runs tests/cuda_emu/SCRIPT in a child process that preloads the sanitizer's runtime (the emulator built with
     sanitize=SANITIZER cannot be loaded otherwise); returns the finished process."""
     import pytest
-    from helpers import child_env
+    from helpers import child_env, progress
 
     library, options, _ = SANITIZERS[sanitizer]
     # libstdc++ is preloaded too: python does not link it, and the sanitizer must find it at start-up
@@ -111,6 +113,28 @@ def run_under_sanitizer(sanitizer, script, *args):
     if None in preload:
         pytest.fail(f"sanitizer runtime not found by c++ -print-file-name: {library} / libstdc++.so")
     env = child_env(LD_PRELOAD=" ".join(preload), **options)
-    return subprocess.run(
-        [sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True, timeout=1800
+    # minutes of build and run: each line the child prints is shown as it comes, so the run is seen to move
+    progress(f"{script} under {sanitizer} sanitizer: building the emulator (first run) and running ...")
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(HERE / script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    errors = []
+    drain = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+    drain.start()
+    killer = threading.Timer(1800, proc.kill)
+    killer.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            progress(f"{script} ({sanitizer}, {time.monotonic() - started:.0f} s): {line.rstrip()}")
+        proc.wait()
+    finally:
+        killer.cancel()
+        drain.join()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), "".join(errors))

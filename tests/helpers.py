@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,20 @@ EVERY_MODULE = {
     # its EMA t reaches the op as a tensor (non_target_param): no host read in the graph
     "CurricularFace": lambda: marginops.nn.CurricularFaceLoss(16, 30, s=16.0, backend="cpu"),
 }
+
+
+# set by tests/conftest.py: the running pytest's config, for progress lines that bypass output capture
+PYTEST_CONFIG = None
+
+
+def progress(message: str) -> None:
+    """One line on the terminal now, even while pytest captures the test's output: for tests that run for
+    minutes (the sanitizer builds and runs)."""
+    config = PYTEST_CONFIG
+    reporter = config.pluginmanager.getplugin("terminalreporter") if config is not None else None
+    if reporter is None:
+        print(message, file=sys.stderr, flush=True)
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        reporter.write_line(f"    {message}")

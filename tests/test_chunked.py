@@ -167,7 +167,7 @@ def test_frozen_parts_skip_their_products(ops, small_chunks, dtype, need):
     assert torch.equal(part[2], full[2]) and torch.equal(part[3], full[3])
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_chunked_kernels_clean_under_address_sanitizer():
     """The chunked path's kernels and loop under AddressSanitizer (tests/cuda_emu/memcheck_chunked.py): every
     global access within its buffer, in every dtype, with ragged chunks and row tiles."""

@@ -225,7 +225,7 @@ def test_cuda_offsets_beyond_2_31_full_weight(cuda_ops):
 # ------------------------------------------------------------------------------------------------------------
 # cuda_emu: memcheck and racecheck, the same kernels under AddressSanitizer / ThreadSanitizer
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.emulator
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
 def test_cuda_emu_kernels_cleanrun_under_sanitizer(sanitizer):
@@ -244,7 +244,7 @@ SELFTESTS = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.emulator
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
 def test_cuda_emu_sanitizer_reports_a_broken_kernel(sanitizer):

@@ -23,6 +23,7 @@ for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         dict(B=3, D=8, C=5),
     ):
         # torch's CPU allocator gives each tensor its own exact-size malloc: ASan's redzones border every one
+        print(f"{dtype} {config}", flush=True)
         case = Case(**config).on(dtype)
         outs = run_op(ops, case)
         assert all(o.numel() == 0 or bool(torch.isfinite(o.double()).all()) for o in outs), (dtype, config)
