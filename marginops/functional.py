@@ -8,6 +8,7 @@ import torch
 
 from . import ops
 from ._validation import check_loss_inputs
+from .capabilities import capabilities, mixed_precision_backends
 from .loss_assembly import MarginStats, make_stats, reduce_loss, row_losses
 from .margins import FILTER_OFF, Margin, pre_pass
 
@@ -27,11 +28,6 @@ def to_weight_dtype(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return embeddings
 
 
-# Backends that run mixed precision (16-bit products on a float32 weight, marginops/ops.py); the others run such a
-# call in the weight's dtype, with one warning.
-MIXED_PRECISION_BACKENDS = ("reference", "cpu", "cuda")
-
-
 def autocast_compute_dtype(weight: torch.Tensor, device_type: str):
     """The products' dtype autocast asks for on a float32 weight (its bf16 / fp16), else None."""
     if not torch.is_autocast_enabled(device_type) or weight.dtype != torch.float32:
@@ -45,11 +41,11 @@ def compute_dtype_on(backend: str, compute_dtype, weight: torch.Tensor) -> torch
     it is None or the backend has no mixed precision (one warning)."""
     if compute_dtype is None or compute_dtype == weight.dtype:
         return weight.dtype
-    if backend not in MIXED_PRECISION_BACKENDS:
+    if not capabilities(backend).mixed_precision:
         ops._warn_once(
             f"marginops: backend {backend!r} runs the head in the weight's dtype ({weight.dtype}), not "
             f"{compute_dtype}; mixed precision (16-bit products on a float32 weight) runs on "
-            f"{', '.join(repr(b) for b in MIXED_PRECISION_BACKENDS)}"
+            f"{', '.join(repr(b) for b in mixed_precision_backends())}"
         )
         return weight.dtype
     return compute_dtype

@@ -31,10 +31,10 @@ from typing import Optional
 import torch
 
 from . import _build, config
+from .capabilities import BACKENDS  # noqa: F401  (re-exported: validation and callers read it here)
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
 # per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
-BACKENDS = ("auto", "reference", "cpu", "cuda", "cuda_fused", "triton")
 
 
 def _setup_context(ctx, inputs, output):
