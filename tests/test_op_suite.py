@@ -341,6 +341,8 @@ def test_fast_backward_single_rounding(use, monkeypatch, backend, dtype):
 # ------------------------------------------------------------------------------------------------------------
 
 
+# a zero row's fp16 gradient (≈ 1e10) rounds to inf by design, and the Triton interpreter's numpy cast says so
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize("class_index", [False, True], ids=["all_classes", "class_index"])
 @pytest.mark.parametrize("backend,dtype", params(_dtypes(F64, F32, BF16, F16)))
 def test_zero_norm_weight_rows(use, monkeypatch, backend, dtype, class_index):
