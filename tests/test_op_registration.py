@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers import KERNEL_BACKENDS, device_for, make_problem
+from helpers import HAS_TRITON, KERNEL_BACKENDS, device_for, make_problem
 
 import marginops
-from marginops import ops
+from marginops import config, ops
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -26,39 +26,119 @@ def test_gradcheck_float64(backend, margin):
     assert torch.autograd.gradcheck(fn, (emb, weight), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def _op_args(device, dtype=torch.float32, class_index=None):
-    emb, weight, labels = make_problem(6, 9, 23, dtype=dtype, device=device)
-    labels[1] = -1
-    x = torch.nn.functional.normalize(emb).requires_grad_(True)
-    weight.requires_grad_(True)
+# ----------------------------------------------------------------------------------------------------------
+# torch.library.opcheck on every registered op, from one list of samples (arguments by schema name)
+
+# sample: (id, problem options) — mixed precision, 16-bit, sub-centres, class_index, filtering, non-target modes
+SAMPLES = [
+    ("f32-curricular", dict(dtype=torch.float32, non_target=1)),
+    ("f64-class_index", dict(dtype=torch.float64, class_index=True)),
+    ("bf16", dict(dtype=torch.bfloat16)),
+    ("mixed-bf16", dict(dtype=torch.bfloat16, weight_dtype=torch.float32)),
+    ("mixed-fp16-subcenters", dict(dtype=torch.float16, weight_dtype=torch.float32, subcenters=2)),
+    ("f32-subcenters-filter", dict(dtype=torch.float32, subcenters=3, filter_threshold=0.3)),
+]
+# the backward's need-grad flags: both, a frozen weight, frozen embeddings
+NEED_GRADS = [(True, True), (True, False), (False, True)]
+
+# registered op -> (its forward op, the devices it has kernels for); every op of the namespace must be here
+REGISTERED = {
+    "fused_lse": ("fused_lse", ("cpu", "cuda")),
+    "fused_lse_backward": ("fused_lse", ("cpu", "cuda")),
+    "fused_lse_cuda_fused": ("fused_lse_cuda_fused", ("cuda",)),
+    "fused_lse_cuda_fused_backward": ("fused_lse_cuda_fused", ("cuda",)),
+    "triton_fused_lse": ("triton_fused_lse", ("cpu", "cuda")),
+    "triton_fused_lse_backward": ("triton_fused_lse", ("cpu", "cuda")),
+}
+
+
+def _forward_kwargs(
+    device, dtype, weight_dtype=None, class_index=False, subcenters=1, non_target=0, filter_threshold=2.0
+):
+    B, D, C = 6, 9, 11
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64))
+    weight = torch.randn(C * subcenters, D, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, C, (B,), generator=g)
+    labels[1] = -1  # an ignored row
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    target = torch.randn(6, dtype=acc, device=device).requires_grad_(True)
-    scale = torch.full((6,), 5.0, dtype=acc, device=device).requires_grad_(True)
-    threshold = torch.rand(6, dtype=acc, device=device) - 0.5
-    t = torch.tensor(0.3, dtype=torch.float64)  # non_target_param: CurricularFace's t
-    return (x, weight, labels, target, scale, threshold, class_index, t, 1, 0.8, 1, True)
+    index = torch.randperm(C, generator=g)[: C - 2] if class_index else None  # a subset of the classes
+    if index is not None:
+        labels = torch.where(torch.isin(labels, index), labels, -1)
+    kwargs = dict(
+        x=x.to(device, dtype),
+        weight=weight.to(device, weight_dtype or dtype),
+        labels=labels.to(device),
+        target_logit=torch.randn(B, generator=g, dtype=acc).to(device),
+        row_scale=torch.full((B,), 5.0, dtype=acc, device=device),
+        threshold=(torch.rand(B, generator=g, dtype=acc) - 0.5).to(device),
+        class_index=None if index is None else index.to(device),
+        non_target_param=torch.tensor(0.3, dtype=torch.float64),  # CurricularFace's t
+        non_target=non_target,
+        filter_threshold=filter_threshold,
+        subcenters=subcenters,
+        deterministic=True,
+    )
+    return kwargs
 
 
-def test_opcheck_cpp_op():
-    op = ops.cpp_op("cpu")
-    torch.library.opcheck(op, _op_args("cpu"))
-    torch.library.opcheck(op, _op_args("cpu", torch.float64, class_index=torch.tensor([3, 0, 7, 22, 5, 9])))
+def _positional(op, kwargs):
+    """The op's arguments in its schema's order, from a dict keyed by the schema's names (never by position)."""
+    names = [a.name for a in op.default._schema.arguments]
+    assert set(kwargs) <= set(names), f"{sorted(set(kwargs) - set(names))} not in {op.default._schema}"
+    return tuple(kwargs[n] for n in names if n in kwargs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.cuda
-def test_opcheck_cuda_op():
-    torch.library.opcheck(ops.cpp_op("cuda"), _op_args("cuda"))
+def _load(name):
+    if name.startswith("triton"):
+        ops.triton_op()
+    else:
+        ops.cpp_op("cuda" if torch.cuda.is_available() else "cpu")
+    return getattr(torch.ops.marginops, name)
 
 
-@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.values[0] == "triton"])
-def test_opcheck_triton_op(backend):
-    device = device_for(backend)
+def _devices():
+    return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def test_every_registered_op_has_opcheck_samples():
+    ops.cpp_op("cpu")
+    if HAS_TRITON:
+        ops.triton_op()
+    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("marginops::")}
+    assert registered <= set(REGISTERED), f"ops without opcheck samples: {sorted(registered - set(REGISTERED))}"
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("sample", [options for _, options in SAMPLES], ids=[name for name, _ in SAMPLES])
+@pytest.mark.parametrize("name", list(REGISTERED))
+def test_opcheck(name, sample, device):
+    forward_name, devices = REGISTERED[name]
+    if device not in devices:
+        pytest.skip(f"{name} has {'/'.join(devices)} kernels only")
+    if name.startswith("triton"):
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        if device == "cpu" and not config.flag("TRITON_INTERPRET"):
+            pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
+    if name.startswith("fused_lse_cuda_fused") and "weight_dtype" in sample:
+        pytest.skip("the fused CUDA kernels have no mixed precision (capabilities: cuda_fused)")
     checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if device.type == "cpu":
-        # the interpreter runs kernels eagerly, so it cannot be traced into an AOT graph on CPU tensors
-        checks = checks[:-1]
-    torch.library.opcheck(ops.triton_op(), _op_args(device), test_utils=checks)
+    if name.startswith("triton") and device == "cpu":
+        checks = checks[:-1]  # the interpreter runs kernels eagerly: no AOT graph of CPU tensors
+    forward = _load(forward_name)
+    kwargs = _forward_kwargs(device, **sample)
+    if name == forward_name:
+        for key in ("x", "weight", "target_logit", "row_scale"):
+            kwargs[key].requires_grad_(True)
+        torch.library.opcheck(forward, _positional(forward, kwargs), test_utils=checks)
+        return
+    backward = _load(name)
+    lse, _ = forward(*_positional(forward, kwargs))
+    for need_x, need_w in NEED_GRADS:
+        grads = dict(kwargs, grad_lse=torch.linspace(0.5, 1.5, lse.numel(), dtype=lse.dtype, device=device), lse=lse)
+        grads.update(need_grad_x=need_x, need_grad_weight=need_w)
+        torch.library.opcheck(backward, _positional(backward, grads), test_utils=checks)
 
 
 def test_torch_compile_fullgraph_module_forward_backward():
