@@ -1,14 +1,15 @@
-"""The one place where user-facing inputs are checked, with messages that name the argument."""
+"""The one place where user-facing inputs are checked, with messages that name the argument.
+
+Scalar checks that the margin specs run when they are built live in the leaf module _scalar_checks (margins
+imports them, and this module imports margins); they are re-exported here."""
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:  # annotations only: margins imports this module's checks
-    from .margins import Margin
+from ._scalar_checks import check_number
+from .capabilities import BACKENDS, triton_usable
+from .margins import Margin
 
 REDUCTIONS = ("mean", "sum", "none")
 _CPU_KERNEL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -32,43 +33,8 @@ def label_dtype_problem(labels: torch.Tensor, name: str = "labels") -> "str | No
     return f"{name} must be an integer tensor ({accepted}), got {_describe(labels)}"
 
 
-def check_number(
-    name: str,
-    value,
-    low: float = -math.inf,
-    high: float = math.inf,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    why: str = "",
-) -> None:
-    """ValueError unless ``value`` is a finite real number in the interval [low, high] (open ends as asked)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        if (low, high) == (-math.inf, math.inf):
-            interval = "a finite number"
-        else:
-            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            interval = interval.replace("3.14159", "pi").replace("1.5708", "pi/2")
-        raise ValueError(f"{name} must be {interval}, got {value!r}{'; ' + why if why else ''}")
-
-
-def check_finite_fields(spec) -> None:
-    """ValueError for a NaN or infinite number in any field of a margin spec (a dataclass)."""
-    import dataclasses
-
-    for field in dataclasses.fields(spec):
-        value = getattr(spec, field.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{type(spec).__name__}.{field.name} must be finite, got {value!r}")
-
-
 def check_module_options(*, backend: str, reduction: str, ignore_index, interclass_filtering_threshold) -> None:
     """The options every loss module takes, checked in __init__ rather than at the first forward."""
-    from .ops import BACKENDS
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if reduction not in REDUCTIONS:
@@ -120,9 +86,6 @@ def check_loss_inputs(
 ) -> None:
     """Raise ValueError/TypeError for anything the kernels must never see.  compute_dtype: the dtype of the
     products (None: the weight's); the embeddings may come in it instead of the weight's dtype."""
-    from .margins import Margin
-    from .ops import BACKENDS
-
     if not isinstance(margin, Margin):
         raise TypeError(
             f"margin must be a marginops margin spec (e.g. marginops.ArcFace()), got {type(margin).__name__}"
@@ -192,8 +155,6 @@ def check_backend_fits(backend: str, embeddings: torch.Tensor) -> None:
     elif backend in ("cuda", "cuda_fused") and device.type != "cuda":
         raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
     elif backend == "triton":
-        from .ops import triton_usable
-
         reason = triton_usable(device)
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run here: {reason}")

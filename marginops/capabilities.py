@@ -9,8 +9,11 @@ claim below on the backends present.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from . import config
 
 SAME_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -33,7 +36,7 @@ BACKEND_CAPABILITIES = {
         Capabilities("cpu", ("cpu",), True, False, True, notes=("", "float32 GEMMs on the 16-bit values", "")),
         Capabilities("cuda", ("cuda",), True, False, True),
         Capabilities("cuda_fused", ("cuda",), False, False, True),
-        # CPU tensors only under TRITON_INTERPRET=1 (ops.triton_usable says why not otherwise)
+        # CPU tensors only under TRITON_INTERPRET=1 (triton_usable says why not otherwise)
         Capabilities("triton", ("cuda", "cpu"), True, False, True),
     )
 }
@@ -73,3 +76,36 @@ def dtype_table() -> str:
                 cells.append(f"✓ ({note})" if note else "✓")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def triton_usable(device: torch.device) -> Optional[str]:
+    """None if the Triton backend can run on this device, else why not."""
+    if device.type == "cpu" and not config.flag("TRITON_INTERPRET"):
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton backend does not support device {device}"
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed (pip install 'marginops[triton]')"
+    if device.type == "cpu":
+        return _interpreter_unusable(triton.__version__)
+    return None
+
+
+def _major_minor(version: str) -> tuple:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def _interpreter_unusable(triton_version: str) -> Optional[str]:
+    """Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 turned into an error."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (
+            f"triton {triton_version}'s interpreter does not work with numpy {numpy.__version__} "
+            "(install numpy<2.4, or triton>=3.8)"
+        )
+    return None

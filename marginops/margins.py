@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from . import non_target
-from ._validation import check_finite_fields, check_number
+from ._scalar_checks import check_finite_fields, check_number
 from .non_target import NonTargetMode, non_target_phi
 
 # F.normalize's eps: rows are divided by max(‖v‖, NORM_EPS).

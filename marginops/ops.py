@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
-from . import _build, config
-from .capabilities import BACKENDS  # noqa: F401  (re-exported: validation and callers read it here)
+from . import _build
+from .capabilities import BACKENDS, triton_usable  # noqa: F401  (re-exported for callers that read them here)
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
 # per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
@@ -257,39 +257,6 @@ def _ensure_triton_op() -> bool:
 def triton_op():
     _ensure_triton_op()
     return torch.ops.marginops.triton_fused_lse
-
-
-def triton_usable(device: torch.device) -> Optional[str]:
-    """None if the Triton backend can run on this device, else why not."""
-    if device.type == "cpu" and not config.flag("TRITON_INTERPRET"):
-        return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton backend does not support device {device}"
-    try:
-        import triton
-    except ImportError:
-        return "triton is not installed (pip install 'marginops[triton]')"
-    if device.type == "cpu":
-        return _interpreter_unusable(triton.__version__)
-    return None
-
-
-def _major_minor(version: str) -> tuple:
-    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
-
-
-def _interpreter_unusable(triton_version: str) -> Optional[str]:
-    """Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 turned into an error."""
-    try:
-        import numpy
-    except ImportError:
-        return None
-    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
-        return (
-            f"triton {triton_version}'s interpreter does not work with numpy {numpy.__version__} "
-            "(install numpy<2.4, or triton>=3.8)"
-        )
-    return None
 
 
 @torch.compiler.assume_constant_result
