@@ -37,11 +37,42 @@ from .capabilities import BACKENDS, triton_usable  # noqa: F401  (re-exported fo
 # per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
 
 
+# The forward op's arguments by schema name (csrc/marginops.cpp's TORCH_LIBRARY schema; the Triton launchers and the
+# reference take the same names).  Everything that crosses the op boundary goes by these names, never by position,
+# so an argument added to the schema cannot land in another parameter (_check_schema_names holds them equal).
+OP_ARGUMENTS = (
+    "x",
+    "weight",
+    "labels",
+    "target_logit",
+    "row_scale",
+    "threshold",
+    "class_index",
+    "non_target_param",
+    "non_target",
+    "filter_threshold",
+    "subcenters",
+    "deterministic",
+)
+# the tensors the backward needs besides the forward's output lse; the rest of OP_ARGUMENTS are plain parameters
+_SAVED = ("x", "weight", "labels", "target_logit", "row_scale", "threshold", "class_index")
+# the inputs the backward returns a gradient for (the others get None)
+_DIFFERENTIABLE = ("x", "weight", "target_logit", "row_scale")
+
+
+def _check_schema_names(op) -> None:
+    """The registered schema's argument names are OP_ARGUMENTS (forward) or grad_lse, lse, OP_ARGUMENTS and the
+    need-grad flags (backward): a schema changed on one side of the boundary fails here, at registration."""
+    names = tuple(a.name for a in op.default._schema.arguments)
+    if names not in (OP_ARGUMENTS, ("grad_lse", "lse", *OP_ARGUMENTS, "need_grad_x", "need_grad_weight")):
+        raise RuntimeError(f"marginops: {op.default._schema} does not take marginops.ops.OP_ARGUMENTS by name")
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, target_logit, row_scale, threshold, class_index, *params = inputs
+    named = dict(zip(OP_ARGUMENTS, inputs))
     lse, _ = output
-    ctx.save_for_backward(x, weight, labels, target_logit, row_scale, threshold, class_index, lse)
-    ctx.params = params
+    ctx.save_for_backward(*(named[name] for name in _SAVED), lse)
+    ctx.params = {name: value for name, value in named.items() if name not in _SAVED}
 
 
 def _double_backward_message(backend: str) -> str:
@@ -72,7 +103,9 @@ def _make_backward(backward_op, backend: str):
     """The op's autograd backward; backend "cpp" (the C++ op: "cpu" or "cuda" by the tensors' device) or "triton"."""
 
     def backward(ctx, grad_lse, _grad_argmax):
-        x, weight, labels, target_logit, row_scale, threshold, class_index, lse = ctx.saved_tensors
+        *saved, lse = ctx.saved_tensors
+        inputs = dict(zip(_SAVED, saved), **ctx.params)
+        x = inputs["x"]
         if grad_lse is None:
             grad_lse = torch.zeros_like(lse)
         # create_graph=True runs this with grad mode on: the kernels' gradients are not differentiable, so
@@ -80,34 +113,25 @@ def _make_backward(backward_op, backend: str):
         higher_order = (
             torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
-            and any(t is not None and t.requires_grad for t in (grad_lse, x, weight, target_logit, row_scale))
+            and any(t is not None and t.requires_grad for t in (grad_lse, *(inputs[n] for n in _DIFFERENTIABLE)))
         )
         # a gradient nobody wants (frozen weight, embeddings without requires_grad) is not formed: the kernels
         # return it empty, without its matrix product or its C x D / B x D allocation
-        need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs = dict(zip(OP_ARGUMENTS, ctx.needs_input_grad))
+        need_x, need_weight = needs["x"], needs["weight"]
         with torch.no_grad():
             grads = backward_op(
-                grad_lse.contiguous(),
-                lse,
-                x,
-                weight,
-                labels,
-                target_logit,
-                row_scale,
-                threshold,
-                class_index,
-                *ctx.params,
-                need_x,
-                need_weight,
+                grad_lse=grad_lse.contiguous(), lse=lse, **inputs, need_grad_x=need_x, need_grad_weight=need_weight
             )
         if higher_order:
             grads = _once_differentiable(
                 tuple(grads), _double_backward_message(x.device.type if backend == "cpp" else backend)
             )
-        grad_x, grad_weight, grad_target, grad_scale = grads
-        grad_x = grad_x if need_x else None
-        grad_weight = grad_weight if need_weight else None
-        return grad_x, grad_weight, None, grad_target, grad_scale, None, None, None, None, None, None, None
+        # the backward op returns its gradients in _DIFFERENTIABLE's order
+        returned = dict(zip(_DIFFERENTIABLE, grads))
+        returned["x"] = returned["x"] if need_x else None
+        returned["weight"] = returned["weight"] if need_weight else None
+        return tuple(returned.get(name) for name in OP_ARGUMENTS)
 
     return backward
 
@@ -186,6 +210,13 @@ def _register_cpp_op() -> None:
     """Fake impls and autograd for the C++ op; once, after the extension defined the schema."""
     if "cpp" in _registered:
         return
+    for op in (
+        torch.ops.marginops.fused_lse,
+        torch.ops.marginops.fused_lse_backward,
+        torch.ops.marginops.fused_lse_cuda_fused,
+        torch.ops.marginops.fused_lse_cuda_fused_backward,
+    ):
+        _check_schema_names(op)
     torch.library.register_fake("marginops::fused_lse")(_fake_forward)
     torch.library.register_fake("marginops::fused_lse_backward")(_fake_backward)
     torch.library.register_autograd(
@@ -250,6 +281,8 @@ def _ensure_triton_op() -> bool:
             kernels.fused_lse_backward
         )
         forward.register_autograd(_make_backward(backward, "triton"), setup_context=_setup_context)
+        _check_schema_names(torch.ops.marginops.triton_fused_lse)
+        _check_schema_names(torch.ops.marginops.triton_fused_lse_backward)
         _registered.add("triton")
     return True
 
@@ -318,29 +351,31 @@ def fused_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the fused op on a concrete backend ("cpu", "cuda", "triton", or "reference": the
     materialized oracle with the same semantics); inputs already validated."""
-    args = (
-        x.contiguous(),
-        weight.contiguous(),
-        labels.contiguous(),
-        target_logit.contiguous(),
-        row_scale.contiguous(),
-        threshold.contiguous(),
-        None if class_index is None else class_index.contiguous(),
-        non_target_param_tensor(non_target_param),
-        int(non_target),
-        float(filter_threshold),
-        int(subcenters),
-        bool(deterministic),
+    arguments = dict(
+        x=x.contiguous(),
+        weight=weight.contiguous(),
+        labels=labels.contiguous(),
+        target_logit=target_logit.contiguous(),
+        row_scale=row_scale.contiguous(),
+        threshold=threshold.contiguous(),
+        class_index=None if class_index is None else class_index.contiguous(),
+        non_target_param=non_target_param_tensor(non_target_param),
+        non_target=int(non_target),
+        filter_threshold=float(filter_threshold),
+        subcenters=int(subcenters),
+        deterministic=bool(deterministic),
     )
+    assert tuple(arguments) == OP_ARGUMENTS
     if backend in ("cpu", "cuda"):
-        return cpp_op(backend)(*args)
+        return cpp_op(backend)(**arguments)
     if backend == "cuda_fused":
         cpp_op("cuda")
-        return torch.ops.marginops.fused_lse_cuda_fused(*args)
+        return torch.ops.marginops.fused_lse_cuda_fused(**arguments)
     if backend == "reference":
         from . import reference
 
-        return reference.fused_lse(*args[:-1])
+        del arguments["deterministic"]  # the oracle has one summation order
+        return reference.fused_lse(**arguments)
     if backend == "triton":
-        return triton_op()(*args)
+        return triton_op()(**arguments)
     raise ValueError(f"fused_lse has no backend {backend!r}")

@@ -179,3 +179,28 @@ def test_fake_implementations_check_shapes():
             op(x, w, labels, rows, rows, rows, None, t, 0, 2.0, 3, True)
         with pytest.raises(RuntimeError, match="non_target_param"):
             op(x, w, labels, rows, rows, rows, None, torch.empty(2, dtype=torch.float64), 0, 2.0, 1, True)
+
+
+def test_the_op_boundary_goes_by_schema_names():
+    """Every registered schema takes ops.OP_ARGUMENTS by name (the reference, the Triton launchers and the autograd
+    glue pass arguments by these names); a schema whose arguments were reordered or extended is refused."""
+    from types import SimpleNamespace
+
+    ops.cpp_op("cpu")
+    for name in ("fused_lse", "fused_lse_backward", "fused_lse_cuda_fused", "fused_lse_cuda_fused_backward"):
+        ops._check_schema_names(getattr(torch.ops.marginops, name))
+
+    def fake_op(names):
+        arguments = [SimpleNamespace(name=n) for n in names]
+        return SimpleNamespace(default=SimpleNamespace(_schema=SimpleNamespace(arguments=arguments)))
+
+    swapped = list(ops.OP_ARGUMENTS)
+    swapped[4], swapped[5] = swapped[5], swapped[4]
+    for names in (swapped, [*ops.OP_ARGUMENTS, "new_flag"]):
+        with pytest.raises(RuntimeError, match="OP_ARGUMENTS by name"):
+            ops._check_schema_names(fake_op(names))
+    import inspect
+
+    from marginops import reference
+
+    assert tuple(inspect.signature(reference.fused_lse).parameters)[:11] == ops.OP_ARGUMENTS[:11]
