@@ -27,7 +27,7 @@ STAGES=(
   "tests_cuda:45:20"
   "tests_triton:45:20"
   "memcheck:25:15"
-  "bench_1m:100:40"
+  "bench_1m:120:40"
   "bench_chunks:30:20"
   "profile:45:15"
   "bench_4m:45:20"

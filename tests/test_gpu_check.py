@@ -5,6 +5,7 @@ run brings back (at most 8 files, no deeper than two folders)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -42,7 +43,7 @@ def _returned_files(out: Path) -> list[Path]:
 def test_plan_fits_the_budget():
     stages, total, budget = _plan()
     assert budget <= BUDGET_LIMIT_S
-    assert total == sum(limit for _, limit, _ in stages) <= budget
+    assert total == sum(limit for _, limit, _ in stages) == budget  # the script's header says they add up
     assert all(0 < minimum <= limit for _, limit, minimum in stages)
     names = [name for name, _, _ in stages]
     assert len(set(names)) == len(names)
@@ -94,3 +95,23 @@ def test_dry_run_runs_every_stage_it_can(tmp_path):
     assert any(n.startswith("./bench_1m/") and n.endswith(".csv") for n in names), names
     assert "./profile/profile.csv" in names, names
     assert "[profile] matmul:" in summary, summary  # the split reaches the summary, not only the archive
+
+
+def test_every_stated_budget_is_the_scripts():
+    """Each figure the docs give for gpu_check's run time (on a line that names gpu_check or its budget) is the
+    script's BUDGET_S, in seconds or minutes, and each stage's row in bench/README.md is its limit."""
+    stages, _, budget = _plan()
+    stated = []
+    for doc in ("README.md", "bench/README.md", "CONTRIBUTING.md", "bench/gpu_check.sh"):
+        for line in (ROOT / doc).read_text().splitlines():
+            if "gpu_check" not in line and "limits add up" not in line:
+                continue
+            for number, unit in re.findall(r"(\d+(?:\.\d+)?) ?(minutes|min|s)\b", line):
+                seconds = float(number) * (60 if unit.startswith("min") else 1)
+                stated.append((doc, line.strip(), seconds))
+    assert stated, "no stated budget found: the docs should give gpu_check's run time"
+    wrong = [(doc, line) for doc, line, seconds in stated if seconds != budget]
+    assert not wrong, f"budget {budget} s in bench/gpu_check.sh, but: {wrong}"
+    table = (ROOT / "bench" / "README.md").read_text()
+    for name, limit, _ in stages:
+        assert re.search(rf"^\| {name} \| {limit} s \|", table, re.M), f"bench/README.md: stage {name} is {limit} s"
