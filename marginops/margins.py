@@ -203,16 +203,19 @@ class CombinedMargin(Margin):
 @dataclass(frozen=True)
 class SphereFace(Margin):
     """A-Softmax: x is not normalized.  z_iy = ‖x‖·scale·(Ψ(θ) + λ·c)/(1 + λ), z_ij = ‖x‖·scale·c,
-    Ψ(θ) = (−1)^k·cos(mθ) − 2k with k = ⌊mθ/π⌋ and integer m."""
+    Ψ(θ) = (−1)^k·cos(mθ) − 2k with k = ⌊mθ/π⌋ and integer m.  λ may be a 0-dim tensor (nn.SphereFaceLoss's
+    annealed λ, computed on the device so that torch.compile does not specialize on the step)."""
 
     m: int = 4
-    lambda_: float = 0.0
+    lambda_: Union[float, torch.Tensor] = 0.0
     scale: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.m, int) and self.m >= 1):
             raise ValueError(f"SphereFace.m must be an integer >= 1, got {self.m!r}")
-        if not (math.isfinite(self.lambda_) and self.lambda_ >= 0):
+        if isinstance(self.lambda_, torch.Tensor):  # the module's schedule, never negative: not read on the host
+            pass
+        elif not (math.isfinite(self.lambda_) and self.lambda_ >= 0):
             raise ValueError(f"SphereFace.lambda_ must be >= 0, got {self.lambda_!r}")
         _check_positive("SphereFace.scale", self.scale)
 
@@ -416,6 +419,21 @@ class MagFace(Margin):
     def extra_loss(self, x_norm):
         a = self._a(x_norm)
         return self.lambda_g * (a / self.u_a**2 + 1.0 / a)
+
+
+def step_spec(cls: type, **fields) -> Margin:
+    """``cls(**fields)`` for a loss module that builds its spec again at every step from numbers it checked at
+    construction.  Eager calls check them again (so does an attribute assigned since); a traced call (torch.compile)
+    skips the checks: dynamo may trace those numbers as symbolic floats (automatic dynamic, e.g. once a second head
+    with another m compiled the same code), which the checks' math.isfinite cannot take."""
+    if not torch.compiler.is_compiling():
+        return cls(**fields)
+    spec = object.__new__(cls)  # the fields not given: the class's defaults
+    for name, value in fields.items():
+        if name not in cls.__dataclass_fields__:
+            raise TypeError(f"{cls.__name__} has no field {name!r}")
+        object.__setattr__(spec, name, value)
+    return spec
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -13,8 +14,34 @@ from .functional import autocast_active, autocast_compute_dtype, margin_cross_en
 from .pair_losses import ContrastiveLoss, TripletLoss
 
 
+def _own_copy(function, owner: type):
+    """``function`` with a code object of its own (same bytecode), named after ``owner`` in tracebacks."""
+    code = function.__code__
+    if hasattr(code, "co_qualname"):  # Python 3.11+
+        code = code.replace(co_qualname=f"{owner.__qualname__}.{function.__name__}")
+    else:
+        code = code.replace()  # still a new code object
+    copy = types.FunctionType(
+        code, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+    copy.__kwdefaults__, copy.__annotations__ = function.__kwdefaults__, dict(function.__annotations__)
+    copy.__doc__, copy.__module__ = function.__doc__, function.__module__
+    copy.__dict__.update(function.__dict__)
+    copy.__qualname__ = f"{owner.__qualname__}.{function.__name__}"
+    return copy
+
+
 class MarginLoss(nn.Module):
     """Base of the loss modules: holds ``weight`` and calls the functional loss with ``self.margin()``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # torch.compile keeps its graphs, and counts recompiles against torch._dynamo.config.recompile_limit (8), per
+        # code object.  Modules are not specialized (guards check the head's class and numbers, not its identity), so
+        # with one shared MarginLoss.forward every head class compiled in a process would be one more recompile of it,
+        # and the ninth would fail under fullgraph=True: each head class gets a forward of its own.
+        if "forward" not in cls.__dict__:
+            cls.forward = _own_copy(cls.forward, cls)
 
     def __init__(
         self,
@@ -150,7 +177,7 @@ class CombinedMarginLoss(MarginLoss):
 class SphereFaceLoss(MarginLoss):
     """A-Softmax with the original λ annealing: λ = max(λ_min, base·(1 + γ·it)^(−power)).
 
-    ``it`` counts training forwards (incremented before λ is computed, as in the original code) and
+    ``it`` (``iteration``) counts training forwards (incremented before λ is computed, as in the original code) and
     is saved in the state_dict.
     """
 
@@ -172,17 +199,34 @@ class SphereFaceLoss(MarginLoss):
             check_number(f"SphereFaceLoss.{name}", value, 0.0)
         self.m, self.scale = m, scale
         self.base, self.gamma, self.power, self.lambda_min = base, gamma, power, lambda_min
-        self.iteration = 0
+        # the step as a tensor: a Python int would be a constant of the compiled graph, recompiled at every step.
+        # Not persistent: the state_dict keeps its {"iteration": int} extra state (get_extra_state).
+        self.register_buffer("_iteration", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    @property
+    def iteration(self) -> int:
+        return int(self._iteration)
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self._iteration = torch.tensor(int(value), dtype=torch.int64, device=self._iteration.device)
+
+    def _lambda(self) -> torch.Tensor:
+        step = self._iteration.to(torch.float64)
+        return torch.clamp_min(self.base * (1.0 + self.gamma * step) ** (-self.power), self.lambda_min)
 
     @property
     def lambda_(self) -> float:
-        return max(self.lambda_min, self.base * (1.0 + self.gamma * self.iteration) ** (-self.power))
+        return float(self._lambda())
 
     def update_state(self, embeddings, labels):
-        self.iteration += 1
+        # a new tensor rather than add_: torch.compile replays an in-place update of a buffer at the end of the forward
+        # graph, and AOT autograd's partitioner may have the backward recompute λ from that buffer, by then one step
+        # on (silently wrong gradients in torch 2.15; pytorch/pytorch#197039)
+        self._iteration = self._iteration + 1
 
     def margin(self):
-        return margins.SphereFace(self.m, self.lambda_, self.scale)
+        return margins.step_spec(margins.SphereFace, m=self.m, lambda_=self._lambda(), scale=self.scale)
 
     def get_extra_state(self):
         return {"iteration": self.iteration}
@@ -223,7 +267,7 @@ class CurricularFaceLoss(MarginLoss):
 
     def margin(self):
         # t as the buffer itself: no host read, so torch.compile(fullgraph=True) traces it
-        return margins.CurricularFace(self.s, self.m, self.t.detach())
+        return margins.step_spec(margins.CurricularFace, s=self.s, m=self.m, t=self.t.detach())
 
 
 class SubCenterArcFaceLoss(MarginLoss):
@@ -275,7 +319,15 @@ class AdaFaceLoss(MarginLoss):
             buffer.copy_(torch.where(count >= needed, updated, buffer))
 
     def margin(self):
-        return margins.AdaFace(self.s, self.m, self.h, self.t_alpha, self.batch_mean, self.batch_std)
+        return margins.step_spec(
+            margins.AdaFace,
+            s=self.s,
+            m=self.m,
+            h=self.h,
+            t_alpha=self.t_alpha,
+            batch_mean=self.batch_mean,
+            batch_std=self.batch_std,
+        )
 
 
 class ElasticFaceLoss(MarginLoss):
@@ -302,13 +354,14 @@ class ElasticFaceLoss(MarginLoss):
         self.generator = generator
 
     def margin(self):
-        return margins.ElasticFace(
-            self.s,
-            self.m,
-            self.std,
-            self.kind,
-            self.plus,
-            self.generator,
+        return margins.step_spec(
+            margins.ElasticFace,
+            s=self.s,
+            m=self.m,
+            std=self.std,
+            kind=self.kind,
+            plus=self.plus,
+            generator=self.generator,
             sample=self.training,
             plus_assignment=self.plus_assignment,
         )
