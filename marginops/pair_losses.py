@@ -37,10 +37,13 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: flo
     same = labels[:, None] == labels[None, :]
     dist = torch.sqrt(sq.clamp_min(_DIST_EPS))
     pair_loss = torch.where(same, sq, torch.relu(margin - dist) ** 2)
-    upper = torch.triu(torch.ones_like(same), diagonal=1)
-    if not bool(upper.any()):
+    batch = labels.shape[0]
+    if batch < 2:  # a shape, not a value: no data-dependent branch under torch.compile
         return pair_loss.sum() * 0.0  # one row: no pairs
-    return pair_loss[upper].mean()
+    # the pairs i < j by index, in row-major order as a boolean mask would pick them: a size that depends on the
+    # batch size only, so torch.compile(fullgraph=True) traces it (a mask's result size is data-dependent)
+    i, j = torch.triu_indices(batch, batch, offset=1, device=labels.device)
+    return pair_loss[i, j].mean()
 
 
 def batch_hard_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
@@ -57,9 +60,11 @@ def batch_hard_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, marg
     hardest_neg = torch.where(~same, dist, torch.full_like(dist, float("inf"))).min(dim=1).values
     usable = positive.any(1) & (~same).any(1)
     losses = torch.relu(hardest_pos - hardest_neg + margin)
-    if not bool(usable.any()):
-        return dist.sum() * 0.0
-    return losses[usable].mean()
+    # the mean over usable anchors, masked rather than indexed or branched on (data-dependent under torch.compile);
+    # without any, 0 with dist (and so the embeddings) still in the graph
+    count = usable.sum()
+    mean = torch.where(usable, losses, torch.zeros_like(losses)).sum() / count.clamp_min(1)
+    return torch.where(count > 0, mean, dist.sum() * 0.0)
 
 
 class ContrastiveLoss(nn.Module):

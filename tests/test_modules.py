@@ -93,3 +93,19 @@ def test_module_trains():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_pair_losses_without_pairs_or_usable_anchors_are_zero_with_zero_gradient():
+    """The masked forms (no data-dependent branch, for torch.compile) keep the edge values: no pair (one row), no
+    anchor with both a positive and a negative (all labels equal, or all different)."""
+    emb, _, _ = make_problem(5, 6, 3, dtype=torch.float32)
+    for loss_fn, rows, labels in (
+        (marginops.contrastive_loss, 1, torch.tensor([2])),
+        (marginops.batch_hard_triplet_loss, 1, torch.tensor([2])),
+        (marginops.batch_hard_triplet_loss, 5, torch.zeros(5, dtype=torch.long)),
+        (marginops.batch_hard_triplet_loss, 5, torch.arange(5)),
+    ):
+        e = emb[:rows].clone().requires_grad_(True)
+        loss = loss_fn(e, labels)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(e.grad, torch.zeros_like(e)), (loss_fn.__name__, labels)
