@@ -22,7 +22,9 @@ a fingerprint of this rank's head: embedding_size, num_classes, the margin's cla
 CurricularFace's t), sub-centers, the weight's dtype, sample_rate, reduction, ignore_index and the filtering
 threshold.  Ranks that disagree (built with different arguments, or after loading different checkpoints or
 assigning different margins) raise the same ValueError on every rank, naming each difference and every
-rank's value, before any collective whose size depends on the configuration (where gloo would abort).
+rank's value, before any collective whose size depends on the configuration (where gloo would abort).  A single
+process (no process group, or world size 1) has nothing to compare and skips it: no host round trip, so
+torch.compile(fullgraph=True) traces that head whole.
 
 Autograd.  The loss is *replicated*: every rank computes the same function of the collectives' outputs and
 calls ``backward`` with the same upstream gradient.  So the backward of the all-reduce / all-gather above
@@ -64,7 +66,15 @@ from ._validation import (
 )
 from .functional import autocast_compute_dtype, compute_dtype_on
 from .loss_assembly import make_stats, reduce_loss
-from .margins import FILTER_OFF, NORM_EPS, CurricularFace, Margin, accumulation_dtype, subcenter_cosines
+from .margins import (
+    FILTER_OFF,
+    NORM_EPS,
+    CurricularFace,
+    Margin,
+    accumulation_dtype,
+    step_spec,
+    subcenter_cosines,
+)
 
 __all__ = ["DistributedMarginLoss", "shard_range"]
 
@@ -418,11 +428,20 @@ class DistributedMarginLoss(nn.Module):
 
     def current_margin(self) -> Margin:
         """The margin spec this step uses (CurricularFace with the module's t)."""
-        if isinstance(self.margin, CurricularFace):
-            if not hasattr(self, "t"):  # margin switched to CurricularFace after construction
-                self._add_t(self.margin)
-            return dataclasses.replace(self.margin, t=float(self.t))
-        return self.margin
+        margin = self._step_margin()
+        if isinstance(margin, CurricularFace):
+            return dataclasses.replace(margin, t=float(margin.t))
+        return margin
+
+    def _step_margin(self) -> Margin:
+        """current_margin with CurricularFace's t as the buffer itself: no host read, so torch.compile traces it."""
+        if not isinstance(self.margin, CurricularFace):
+            return self.margin
+        if not hasattr(self, "t"):  # margin switched to CurricularFace after construction
+            self._add_t(self.margin)
+        fields = {field.name: getattr(self.margin, field.name) for field in dataclasses.fields(self.margin)}
+        fields["t"] = self.t.detach()
+        return step_spec(type(self.margin), **fields)
 
     def extra_repr(self) -> str:
         return (
@@ -479,6 +498,23 @@ class DistributedMarginLoss(nn.Module):
         rest = _crc(repr([(name, raw) for name, _, raw in params[_MARGIN_PARAM_SLOTS:]]))
         return head + values + [rest]
 
+    def _handshake(self, rows: int, problem: Optional[str], group, world: int, device) -> list:
+        """Every rank's batch size, after checking that the ranks built the same head and that every rank's input is
+        valid (a collective: the same error on every rank)."""
+        info = torch.tensor([[rows, int(problem is None)] + self._fingerprint()], dtype=torch.float64, device=device)
+        infos = _gather_rows(info, [1] * world, group).tolist()
+        mismatch = _handshake_problem(
+            [row[2:] for row in infos], [(n, isinstance(raw, str)) for n, _, raw in _margin_params(self.margin)]
+        )
+        if mismatch is not None:
+            raise ValueError(mismatch)
+        if problem is not None:
+            raise ValueError(problem)
+        if not all(row[1] for row in infos):
+            bad = [r for r, row in enumerate(infos) if not row[1]]
+            raise ValueError(f"DistributedMarginLoss: rank(s) {bad} passed invalid inputs (see the error there)")
+        return [int(row[0]) for row in infos]
+
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
@@ -532,19 +568,14 @@ class DistributedMarginLoss(nn.Module):
             compute_dtype, weight.dtype
         )
         rows = local_embeddings.shape[0] if problem is None else 0
-        info = torch.tensor([[rows, int(problem is None)] + self._fingerprint()], dtype=torch.float64, device=device)
-        infos = _gather_rows(info, [1] * world, group).tolist()
-        mismatch = _handshake_problem(
-            [row[2:] for row in infos], [(n, isinstance(raw, str)) for n, _, raw in _margin_params(self.margin)]
-        )
-        if mismatch is not None:
-            raise ValueError(mismatch)
-        if problem is not None:
-            raise ValueError(problem)
-        if not all(row[1] for row in infos):
-            bad = [r for r, row in enumerate(infos) if not row[1]]
-            raise ValueError(f"DistributedMarginLoss: rank(s) {bad} passed invalid inputs (see the error there)")
-        sizes = [int(row[0]) for row in infos]
+        if world == 1:
+            # one rank: nothing to agree on, and no host round trip (the fingerprint's crc32 and .tolist() would stop
+            # torch.compile(fullgraph=True) from tracing the single-process head)
+            if problem is not None:
+                raise ValueError(problem)
+            sizes = [rows]
+        else:
+            sizes = self._handshake(rows, problem, group, world, device)
         if sum(sizes) == 0:
             raise ValueError("DistributedMarginLoss: the global batch is empty (0 rows on every rank)")
         check_backend_fits(self.backend, local_embeddings.to(weight.dtype))
@@ -576,12 +607,15 @@ class DistributedMarginLoss(nn.Module):
         cos_target = _ReplicatedSum.apply(cos_local.detach(), group)
 
         # CurricularFace: t ← α·mean(c_iy) + (1 − α)·t from the all-reduced cosines, identical on every rank
-        if isinstance(margin, CurricularFace) and self.training and bool(valid.any()):
-            self.current_margin()  # creates t if the margin was switched after construction
+        if isinstance(margin, CurricularFace) and self.training:
+            self._step_margin()  # creates t if the margin was switched after construction
             with torch.no_grad():
-                mean_cos = cos_target[valid].mean()
-                self.t.mul_(1.0 - self.curricular_alpha).add_(self.curricular_alpha * mean_cos.to(self.t.dtype))
-        margin = self.current_margin()
+                # masked, without a data-dependent branch (torch.compile): no counted row leaves t as it is
+                count = valid.sum()
+                mean_cos = torch.where(valid, cos_target, torch.zeros_like(cos_target)).sum() / count.clamp_min(1)
+                updated = self.t * (1.0 - self.curricular_alpha) + self.curricular_alpha * mean_cos.to(self.t.dtype)
+                self.t.copy_(torch.where(count > 0, updated, self.t))
+        margin = self._step_margin()
 
         # The owner's target logit (and per-row extra loss term), from its own cosines (with gradient) and
         # everyone else's (detached); a second all-reduce shares them.  The loss is then replicated, and
@@ -664,10 +698,9 @@ class DistributedMarginLoss(nn.Module):
 
     def _target_cosines(self, x_hat, local_labels, rows_mask, subcenters):
         """c_iy for the rows in rows_mask (labels local to the shard, max over sub-centers), 0 elsewhere."""
-        out = torch.zeros(x_hat.shape[0], dtype=x_hat.dtype, device=x_hat.device)
-        rows = torch.nonzero(rows_mask).flatten()
-        if rows.numel() == 0:
-            return out
-        xs, cls = x_hat.index_select(0, rows), local_labels.index_select(0, rows)
-        cos = subcenter_cosines(xs, self.weight, cls, subcenters)
-        return out.index_put((rows,), cos.max(dim=1).values.clamp(-1.0, 1.0))
+        # every row (class 0 for the others), then masked: no data-dependent size, so torch.compile traces it
+        if self.num_local == 0:
+            return torch.zeros(x_hat.shape[0], dtype=x_hat.dtype, device=x_hat.device)
+        cls = torch.where(rows_mask, local_labels, torch.zeros_like(local_labels))
+        cos = subcenter_cosines(x_hat, self.weight, cls, subcenters).max(dim=1).values.clamp(-1.0, 1.0)
+        return torch.where(rows_mask, cos, torch.zeros_like(cos))
