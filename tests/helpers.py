@@ -129,7 +129,7 @@ def child_env(**overrides) -> dict:
 
 
 # Every loss module of marginops.nn, small and on the CPU kernels, for the tests that must cover all of them
-# (torch.compile fullgraph in tests/test_edges.py, autocast in tests/test_mixed_precision.py).
+# (torch.compile fullgraph in tests/test_compile.py, autocast in tests/test_mixed_precision.py).
 EVERY_MODULE = {
     "NormFace": lambda: marginops.nn.NormFaceLoss(16, 30, s=16.0, backend="cpu"),
     "CosFace": lambda: marginops.nn.CosFaceLoss(16, 30, s=16.0, backend="cpu"),

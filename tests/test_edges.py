@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import EVERY_MODULE, KERNEL_BACKENDS, device_for
+from helpers import KERNEL_BACKENDS, device_for
 
 import marginops
 from marginops import nn as mnn
@@ -479,25 +479,8 @@ def test_bench_plot_names_cut_the_device_at_a_word():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torch.compile(fullgraph=True) of the stateful modules whose state updates had data-dependent branches
-
-
-def test_adaface_module_compiles_fullgraph_train_and_eval():
-    torch._dynamo.reset()
-    x, _, y = _problem(B=8, C=20, D=16, dtype=torch.float32)
-    y[3] = -100  # an ignored row: masked out of the statistics, not a data-dependent shape
-    for mode in ("train", "eval"):
-        eager = mnn.AdaFaceLoss(16, 20, s=16.0, backend="cpu")
-        compiled_module = mnn.AdaFaceLoss(16, 20, s=16.0, backend="cpu")
-        compiled_module.load_state_dict(eager.state_dict())
-        getattr(eager, mode)()
-        getattr(compiled_module, mode)()
-        compiled = torch.compile(compiled_module, fullgraph=True)
-        for step in range(2):
-            xs = x * (1.0 + 3.0 * step)
-            torch.testing.assert_close(compiled(xs, y), eager(xs, y), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(compiled_module.batch_mean, eager.batch_mean, rtol=1e-6, atol=0)
-            torch.testing.assert_close(compiled_module.batch_std, eager.batch_std, rtol=1e-6, atol=0)
+# AdaFace's and CurricularFace's statistics: masked, without data-dependent branches (torch.compile fullgraph:
+# tests/test_compile.py)
 
 
 def test_adaface_and_curricular_statistics_skip_batches_without_counted_rows():
@@ -516,35 +499,6 @@ def test_adaface_and_curricular_statistics_skip_batches_without_counted_rows():
     with torch.no_grad():
         ada.update_state(x, one)  # one counted row: the mean moves, the (unbiased) std cannot
     assert not torch.equal(ada.batch_mean, mean) and torch.equal(ada.batch_std, std)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("make", list(EVERY_MODULE.values()), ids=list(EVERY_MODULE))
-def test_every_module_compiles_fullgraph_and_matches_eager(make, mode):
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch(fallback_random=True):  # ElasticFace's draws as in eager
-        _compile_and_compare(make, mode)
-
-
-def _compile_and_compare(make, mode):
-    torch._dynamo.reset()
-    x, _, y = _problem(B=8, C=30, D=16, dtype=torch.float32)
-    y[2] = -100
-    eager, compiled_module = make(), make()
-    compiled_module.load_state_dict(eager.state_dict())
-    getattr(eager, mode)()
-    getattr(compiled_module, mode)()
-    compiled = torch.compile(compiled_module, fullgraph=True)
-    for step in range(2):
-        torch.manual_seed(step)
-        expected = eager(x * (1.0 + step), y)
-        torch.manual_seed(step)
-        torch.testing.assert_close(compiled(x * (1.0 + step), y), expected, rtol=1e-5, atol=1e-5)
-    for (name, a), (_, b) in zip(sorted(eager.state_dict().items()), sorted(compiled_module.state_dict().items())):
-        if isinstance(a, torch.Tensor):
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------
