@@ -89,16 +89,6 @@ def test_subcenters(backend):
     _compare_to_reference(backend, margin, "mean", torch.float64, (17, 23, 97), ignore_rows=(0,))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dim", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
-def test_tiny_feature_sizes(backend, dim, dtype):
-    """D far below the kernels' tile width.  D = 1 (issue 24): every cosine is ±1, so the weight gradient is 0
-    up to rounding and any mismatch between the dW product and its projection term shows up whole (Triton's
-    bf16 dW took the projection from dc before the fp16 rounding the product used: 0.15 instead of ~3e-5)."""
-    _compare_to_reference(backend, marginops.CosFace(s=40.0, m=0.1), "sum", dtype, (33, dim, 230), ignore_rows=(5,))
-
-
 def test_many_chunks_f64():
     """Enough classes that the CPU kernel streams over many class chunks and merges them."""
     margin = marginops.CurricularFace(s=64.0, m=0.5, t=0.2)
