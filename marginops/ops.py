@@ -33,15 +33,17 @@ import torch
 from . import _build, config
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
-# per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
+# once per op call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
 BACKENDS = ("auto", "reference", "cpu", "cuda", "cuda_fused", "triton")
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, target_logit, row_scale, threshold, class_index, *params = inputs
+    x, weight, labels, target_logit, row_scale, threshold, class_index, *params, switches = inputs
     lse, _ = output
     ctx.save_for_backward(x, weight, labels, target_logit, row_scale, threshold, class_index, lse)
     ctx.params = params
+    # the switches the forward ran with (fused_lse below read them): the backward must not read them again
+    ctx.switches = switches
 
 
 def _double_backward_message(backend: str) -> str:
@@ -99,6 +101,7 @@ def _make_backward(backward_op, backend: str):
                 *ctx.params,
                 need_x,
                 need_weight,
+                ctx.switches,
             )
         if higher_order:
             grads = _once_differentiable(
@@ -107,7 +110,7 @@ def _make_backward(backward_op, backend: str):
         grad_x, grad_weight, grad_target, grad_scale = grads
         grad_x = grad_x if need_x else None
         grad_weight = grad_weight if need_weight else None
-        return grad_x, grad_weight, None, grad_target, grad_scale, None, None, None, None, None, None, None
+        return grad_x, grad_weight, None, grad_target, grad_scale, None, None, None, None, None, None, None, None
 
     return backward
 
@@ -142,6 +145,7 @@ def _fake_forward(
     filter_threshold,
     subcenters,
     deterministic,
+    switches=-1,
 ):
     _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
     torch._check(non_target_param.numel() == 1, lambda: "fused_lse: non_target_param must have one element")
@@ -166,6 +170,7 @@ def _fake_backward(
     deterministic,
     need_grad_x=True,
     need_grad_weight=True,
+    switches=-1,
 ):
     _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
     torch._check(
@@ -325,6 +330,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "reference"
 
 
+# torch.compile runs the readers when it traces (their value is a constant of the graph), as it runs the Triton
+# launchers' Python; eager code reads at every op call.
+@torch.compiler.assume_constant_result
+def _read_cuda_switches() -> int:
+    _ensure_cpp_op("cuda")
+    return torch.ops.marginops.read_cuda_switches()
+
+
+@torch.compiler.assume_constant_result
+def _read_triton_switches() -> int:
+    return triton_kernels().read_switches()
+
+
+def read_switches(backend: str) -> int:
+    """The per-call switches of ``backend``'s kernels, read once for an op call's forward and carried to its
+    backward (the ops' ``switches`` argument): a switch changed in between must not give the backward another
+    path or precision than the forward.  Opaque: packed by the backend's own reader (C++:
+    csrc/switches.h read_cuda_switches; Triton: triton_kernels.launch.read_switches).  -1 for backends that read
+    none per call."""
+    if backend in ("cuda", "cuda_fused"):
+        return _read_cuda_switches()
+    if backend == "triton":
+        return _read_triton_switches()
+    return -1
+
+
 def non_target_param_tensor(value) -> torch.Tensor:
     """The op's non_target_param from a number or a tensor: a 0-dim float64 CPU tensor, a copy (the op saves it
     for the backward, and a module updates its own t in place).  A tensor is copied, never read on the host, so a
@@ -365,15 +396,16 @@ def fused_lse(
         int(subcenters),
         bool(deterministic),
     )
-    if backend in ("cpu", "cuda"):
-        return cpp_op(backend)(*args)
-    if backend == "cuda_fused":
-        cpp_op("cuda")
-        return torch.ops.marginops.fused_lse_cuda_fused(*args)
     if backend == "reference":
         from . import reference
 
         return reference.fused_lse(*args[:-1])
+    switches = read_switches(backend)
+    if backend in ("cpu", "cuda"):
+        return cpp_op(backend)(*args, switches)
+    if backend == "cuda_fused":
+        cpp_op("cuda")
+        return torch.ops.marginops.fused_lse_cuda_fused(*args, switches)
     if backend == "triton":
-        return triton_op()(*args)
+        return triton_op()(*args, switches)
     raise ValueError(f"fused_lse has no backend {backend!r}")
