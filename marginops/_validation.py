@@ -73,6 +73,48 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def check_tensor(name: str, value, expected: str = "") -> None:
+    """TypeError unless ``value`` is a torch.Tensor (``expected``: what it should hold, for the message)."""
+    if not isinstance(value, torch.Tensor):
+        what = f" ({expected})" if expected else ""
+        raise TypeError(f"{name} must be a torch.Tensor{what}, got {type(value).__name__}")
+
+
+def check_indices_tuple(indices_tuple, batch: int) -> None:
+    """A miner's output as pytorch-metric-learning's losses take it: (anchor, positive, negative) triplets or
+    (anchor, positive, anchor, negative) pairs, each a 1-D integer tensor of row indices into the batch; the
+    members of a triplet, and of each pair, line up one to one.  Empty members (a miner that found nothing)
+    may have any dtype, as pml's own conversions return float ones."""
+    kinds = "(anchors, positives, negatives) triplets or (anchors, positives, anchors, negatives) pairs"
+    if not isinstance(indices_tuple, (tuple, list)):
+        raise TypeError(
+            f"indices_tuple must be a tuple of index tensors, a miner's {kinds}, got {type(indices_tuple).__name__}"
+        )
+    if len(indices_tuple) not in (3, 4):
+        raise ValueError(f"indices_tuple must hold 3 or 4 index tensors, a miner's {kinds}, got {len(indices_tuple)}")
+    for i, t in enumerate(indices_tuple):
+        check_tensor(f"indices_tuple[{i}]", t, "1-D batch indices")
+        if t.dim() != 1:
+            raise ValueError(f"indices_tuple[{i}] must be 1-D (one batch index per entry), got {_describe(t)}")
+        if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise TypeError(f"indices_tuple[{i}] must hold integer batch indices, got {_describe(t)}")
+    # triplets: a, p, n line up; pairs: (a1, p) and (a2, n) line up
+    groups = ((0, 1, 2),) if len(indices_tuple) == 3 else ((0, 1), (2, 3))
+    for group in groups:
+        lengths = [indices_tuple[i].shape[0] for i in group]
+        if len(set(lengths)) > 1:
+            members = ", ".join(f"indices_tuple[{i}]: {n}" for i, n in zip(group, lengths))
+            raise ValueError(f"indices_tuple members that pair up must have equal lengths, got {members}")
+    for i, t in enumerate(indices_tuple):
+        if t.numel():
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or high >= batch:
+                raise ValueError(
+                    f"indices_tuple[{i}] holds batch indices in [{low}, {high}], outside [0, {batch}) for a batch "
+                    f"of {batch} rows"
+                )
+
+
 def check_loss_inputs(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
@@ -95,8 +137,7 @@ def check_loss_inputs(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be 2-D (batch, embedding_size), got {_describe(embeddings)}")
     if weight.dim() != 2:

@@ -34,7 +34,7 @@ from . import _build
 from .capabilities import BACKENDS, triton_usable  # noqa: F401  (re-exported for callers that read them here)
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
-# per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
+# once per op call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
 
 
 # The forward op's arguments by schema name (csrc/marginops.cpp's TORCH_LIBRARY schema; the Triton launchers and the
@@ -53,6 +53,7 @@ OP_ARGUMENTS = (
     "filter_threshold",
     "subcenters",
     "deterministic",
+    "switches",
 )
 # the tensors the backward needs besides the forward's output lse; the rest of OP_ARGUMENTS are plain parameters
 _SAVED = ("x", "weight", "labels", "target_logit", "row_scale", "threshold", "class_index")
@@ -61,10 +62,11 @@ _DIFFERENTIABLE = ("x", "weight", "target_logit", "row_scale")
 
 
 def _check_schema_names(op) -> None:
-    """The registered schema's argument names are OP_ARGUMENTS (forward) or grad_lse, lse, OP_ARGUMENTS and the
-    need-grad flags (backward): a schema changed on one side of the boundary fails here, at registration."""
+    """The registered schema's argument names are OP_ARGUMENTS (forward) or grad_lse, lse, OP_ARGUMENTS with the
+    need-grad flags before the switches (backward): a schema changed on one side of the boundary fails here."""
     names = tuple(a.name for a in op.default._schema.arguments)
-    if names not in (OP_ARGUMENTS, ("grad_lse", "lse", *OP_ARGUMENTS, "need_grad_x", "need_grad_weight")):
+    backward = ("grad_lse", "lse", *OP_ARGUMENTS[:-1], "need_grad_x", "need_grad_weight", OP_ARGUMENTS[-1])
+    if names not in (OP_ARGUMENTS, backward):
         raise RuntimeError(f"marginops: {op.default._schema} does not take marginops.ops.OP_ARGUMENTS by name")
 
 
@@ -72,6 +74,7 @@ def _setup_context(ctx, inputs, output):
     named = dict(zip(OP_ARGUMENTS, inputs))
     lse, _ = output
     ctx.save_for_backward(*(named[name] for name in _SAVED), lse)
+    # the plain parameters, the switches the forward ran with among them: the backward must not read them again
     ctx.params = {name: value for name, value in named.items() if name not in _SAVED}
 
 
@@ -166,6 +169,7 @@ def _fake_forward(
     filter_threshold,
     subcenters,
     deterministic,
+    switches=-1,
 ):
     _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
     torch._check(non_target_param.numel() == 1, lambda: "fused_lse: non_target_param must have one element")
@@ -190,6 +194,7 @@ def _fake_backward(
     deterministic,
     need_grad_x=True,
     need_grad_weight=True,
+    switches=-1,
 ):
     _check_op_shapes(x, weight, labels, target_logit, row_scale, threshold, class_index, subcenters)
     torch._check(
@@ -325,6 +330,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "reference"
 
 
+# torch.compile runs the readers when it traces (their value is a constant of the graph), as it runs the Triton
+# launchers' Python; eager code reads at every op call.
+@torch.compiler.assume_constant_result
+def _read_cuda_switches() -> int:
+    _ensure_cpp_op("cuda")
+    return torch.ops.marginops.read_cuda_switches()
+
+
+@torch.compiler.assume_constant_result
+def _read_triton_switches() -> int:
+    return triton_kernels().read_switches()
+
+
+def read_switches(backend: str) -> int:
+    """The per-call switches of ``backend``'s kernels, read once for an op call's forward and carried to its
+    backward (the ops' ``switches`` argument): a switch changed in between must not give the backward another
+    path or precision than the forward.  Opaque: packed by the backend's own reader (C++:
+    csrc/switches.h read_cuda_switches; Triton: triton_kernels.launch.read_switches).  -1 for backends that read
+    none per call."""
+    if backend in ("cuda", "cuda_fused"):
+        return _read_cuda_switches()
+    if backend == "triton":
+        return _read_triton_switches()
+    return -1
+
+
 def non_target_param_tensor(value) -> torch.Tensor:
     """The op's non_target_param from a number or a tensor: a 0-dim float64 CPU tensor, a copy (the op saves it
     for the backward, and a module updates its own t in place).  A tensor is copied, never read on the host, so a
@@ -364,18 +395,20 @@ def fused_lse(
         filter_threshold=float(filter_threshold),
         subcenters=int(subcenters),
         deterministic=bool(deterministic),
+        switches=-1,
     )
     assert tuple(arguments) == OP_ARGUMENTS
+    if backend == "reference":
+        from . import reference
+
+        del arguments["deterministic"], arguments["switches"]  # the oracle has one summation order, no switches
+        return reference.fused_lse(**arguments)
+    arguments["switches"] = read_switches(backend)
     if backend in ("cpu", "cuda"):
         return cpp_op(backend)(**arguments)
     if backend == "cuda_fused":
         cpp_op("cuda")
         return torch.ops.marginops.fused_lse_cuda_fused(**arguments)
-    if backend == "reference":
-        from . import reference
-
-        del arguments["deterministic"]  # the oracle has one summation order
-        return reference.fused_lse(**arguments)
     if backend == "triton":
         return triton_op()(**arguments)
     raise ValueError(f"fused_lse has no backend {backend!r}")

@@ -176,6 +176,50 @@ def test_pml_rejects_what_it_does_not_support():
         loss_fn(torch.randn(3, 4), torch.tensor([1, 2, 3]), ref_emb=torch.randn(3, 4))
 
 
+def test_pml_labels_must_be_a_tensor():
+    """pml's losses take tensors only; a list is a TypeError that says so (was an AttributeError on .to)."""
+    loss_fn = pml.CosFaceLoss(10, 4, backend="reference")
+    with pytest.raises(TypeError, match=r"labels must be a torch\.Tensor.*got list"):
+        loss_fn(torch.randn(3, 4), [1, 2, 3])
+    with pytest.raises(TypeError, match=r"embeddings must be a torch\.Tensor.*got list"):
+        loss_fn([[0.0] * 4] * 3, torch.tensor([1, 2, 3]))
+
+
+def test_pml_malformed_indices_tuple_raises():
+    """Where pml raises on a miner's output (e.g. torch.cat of a 2-D and a 1-D tensor), so does the compat layer,
+    instead of flattening it into weights; what pml's miners return still works."""
+    emb, _, labels = make_problem(6, 4, 10, seed=7)
+    loss_fn = pml.CosFaceLoss(10, 4, backend="reference").double()
+    idx = torch.tensor
+    bad = {
+        "2-D member": (
+            (idx([[0, 1], [2, 3]]), idx([1, 2]), idx([3, 4])),
+            ValueError,
+            r"indices_tuple\[0\] must be 1-D",
+        ),
+        "two members": ((idx([0, 1]), idx([2, 3])), ValueError, "3 or 4 index tensors, .* got 2"),
+        "triplet lengths": ((idx([0, 1]), idx([2, 3]), idx([4])), ValueError, "equal lengths"),
+        "pair lengths": ((idx([0]), idx([1, 2]), idx([3]), idx([4])), ValueError, "equal lengths"),
+        "out of batch": ((idx([0]), idx([6]), idx([1])), ValueError, r"outside \[0, 6\)"),
+        "negative": ((idx([-1]), idx([2]), idx([1])), ValueError, r"outside \[0, 6\)"),
+        "float indices": ((idx([0.0]), idx([1.0]), idx([2.0])), TypeError, "integer batch indices"),
+        "not tensors": (([0], [1], [2]), TypeError, r"indices_tuple\[0\] must be a torch\.Tensor"),
+        "not a tuple": (idx([0, 1, 2]), TypeError, "tuple of index tensors"),
+    }
+    for name, (indices_tuple, error, message) in bad.items():
+        with pytest.raises(error, match=message):
+            loss_fn(emb, labels, indices_tuple=indices_tuple)
+
+    # what pml's miners return: triplets, pairs whose positive and negative halves differ in length, nothing found
+    plain = loss_fn(emb, labels)
+    pairs = (idx([0, 0]), idx([1, 2]), idx([3]), idx([4]))
+    weights = pml.miner_weights(pairs, labels, torch.float64)
+    assert weights.tolist() == [1.0, 0.5, 0.5, 0.5, 0.5, 0.0]
+    assert torch.isfinite(loss_fn(emb, labels, indices_tuple=pairs))
+    empty = (torch.tensor([]),) * 3  # pml's convert_to_triplets returns float empties when nothing is found
+    assert_close("empty miner output", loss_fn(emb, labels, indices_tuple=empty), plain, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------- insightface
 
 

@@ -245,7 +245,7 @@ def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch
         if r["kernel"] not in names:
             continue
         dtype = getattr(torch, r["dtype"].split("-")[0])
-        split = names[r["kernel"]] == "dx" and launch._split_grad_dots(dtype)
+        split = names[r["kernel"]] == "dx" and launch._split_grad_dots(dtype, launch.read_switches())
         planned = configs.default_plan(
             names[r["kernel"]],
             gpu_static.REPORT_D,

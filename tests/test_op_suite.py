@@ -12,7 +12,7 @@ widths, thread counts, streams, sanitizers, a 4.3 GB GPU weight) are in tests/te
 
 import pytest
 import torch
-from helpers import assert_close, assert_within_reference_error
+from helpers import assert_close, assert_within_reference_error, report_mismatch
 from op_backends import BF16, DEFAULT_SIZES, F16, F32, F64, LOW, OpBackend, params
 from op_cases import (
     ARGMAX_TOL,
@@ -24,6 +24,7 @@ from op_cases import (
     FILTER_OFF,
     NAMES,
     NAN_OTHER_ROWS_TOL,
+    SINGLE_FEATURE_WEIGHT_REL,
     TF32_ARGMAX_TOL,
     TF32_ATOL,
     ZERO_ROW_RTOL,
@@ -34,6 +35,7 @@ from op_cases import (
     assert_within_rule,
     run_op,
     run_reference,
+    true_cosines,
 )
 
 from marginops.margins import NON_TARGET_CURRICULAR, NON_TARGET_MODES, NON_TARGET_PLAIN
@@ -217,6 +219,39 @@ def test_within_reference_error(use, monkeypatch, backend, dtype, spec):
     ops = use(backend)
     case, det = make(backend, monkeypatch, dtype, **spec)
     check_rule(ops, backend, case, det)
+
+
+def _uncancelled_weight_gradient(case):
+    """U_r = Σ_i |dcos_ir| / n_r in float64: the size of each of the two terms of grad_weight[r] that cancel along
+    w_r (plain mode, no filter, k = 1, no class_index)."""
+    c = case.on_exact()
+    cos = true_cosines(case)
+    target = torch.arange(cos.shape[1])[None, :] == c.labels[:, None]
+    p = torch.softmax(torch.where(target, c.target_logit[:, None], c.row_scale[:, None] * cos), dim=1)
+    dcos = torch.where(target, 0.0, (c.grad * c.row_scale)[:, None] * p)
+    return dcos.abs().sum(0) / c.weight.norm(dim=1).clamp_min(1e-12)
+
+
+@pytest.mark.parametrize("backend,dtype", params(_dtypes(F32, BF16, F16)))
+def test_one_to_three_features(use, monkeypatch, backend, dtype):
+    """D = 1, 2, 3, far below every tile width.  With D = 1 every cosine is ±1 and grad_weight is 0 but for
+    rounding: the dW product and its projection term must round the gradient operand alike (issue 24: Triton's
+    and the fused CUDA kernels' bf16 dW did not, 1e3 x the reference's error), and the §4 rule, relative to an
+    output that is 0, does not apply to it (SINGLE_FEATURE_WEIGHT_REL does)."""
+    ops = use(backend)
+    for D in (2, 3):
+        case, _ = make(backend, monkeypatch, dtype, B=33, D=D, C=230)
+        check_rule(ops, backend, case)
+    case, _ = make(backend, monkeypatch, dtype, B=33, D=1, C=230)
+    ours, truth, same = run_op(ops, case), run_reference(case.on_exact()), run_reference(case)
+    for name, a, t, r in zip(NAMES, ours, truth, same):
+        if name not in ("argmax", "grad_weight"):
+            assert_within_reference_error(name, a, t, r, slack=slack(backend, dtype) * float(t.abs().max()))
+    assert_argmax_near_max(ours[1], case, tol=ARGMAX_TOL[dtype])
+    error = (ours[3].double() - truth[3]).abs()[:, 0]
+    bad = error > SINGLE_FEATURE_WEIGHT_REL * _uncancelled_weight_gradient(case)
+    if bool(bad.any()):
+        raise AssertionError(report_mismatch("grad_weight (D = 1)", ours[3][:, 0], truth[3][:, 0], bad))
 
 
 @pytest.mark.parametrize("backend,dtype,spec", params(_mixed))

@@ -3,10 +3,12 @@
 Exports the two launchers, one per op schema (csrc/marginops.cpp):
 
 * ``fused_lse_forward(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target_param,
-  non_target, filter_threshold, subcenters, deterministic) -> (lse, argmax)``
+  non_target, filter_threshold, subcenters, deterministic, switches=-1) -> (lse, argmax)``
 * ``fused_lse_backward(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index,
-  non_target_param, non_target, filter_threshold, subcenters, deterministic)
-  -> (grad_x, grad_weight, grad_target_logit, grad_row_scale)``
+  non_target_param, non_target, filter_threshold, subcenters, deterministic, need_grad_x=True,
+  need_grad_weight=True, switches=-1) -> (grad_x, grad_weight, grad_target_logit, grad_row_scale)``
+
+and ``read_switches()``, the value of ``switches``: the two switches below, read now (-1: read at the call).
 
 Both are meant for ``torch.library.triton_op`` (they launch through ``torch.library.wrap_triton``).  On CPU
 tensors they run under Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before Triton is
@@ -14,7 +16,7 @@ first imported.
 
 ``ALLOW_TF32`` (None: follow ``MARGINOPS_TRITON_TF32``, default off): let float32 inputs use TF32
 tensor-core dot products.  Off by default so that float32 results match the float32 reference to fp32
-rounding; read at each call (so it is baked in when a graph is compiled).
+rounding; read once per op call by its forward, whose backward uses the same (baked in when a graph is compiled).
 
 ``FAST_GRAD_DOTS`` (None: follow ``MARGINOPS_TRITON_FAST_BWD``, default off): for fp16 inputs, form the
 backward's dX and dW products from one fp16 copy of the gradient operand instead of a hi + lo pair.  That
@@ -27,10 +29,10 @@ Only relative imports inside this package: ``triton_kernels`` on PyPI is a diffe
 
 from typing import Optional
 
-from .launch import fused_lse_backward, fused_lse_forward
+from .launch import fused_lse_backward, fused_lse_forward, read_switches
 
-# True/False override the environment switches (marginops/config.py), which are read at each call
+# True/False override the environment switches (marginops/config.py), read by read_switches()
 ALLOW_TF32: Optional[bool] = None
 FAST_GRAD_DOTS: Optional[bool] = None
 
-__all__ = ["ALLOW_TF32", "FAST_GRAD_DOTS", "fused_lse_backward", "fused_lse_forward"]
+__all__ = ["ALLOW_TF32", "FAST_GRAD_DOTS", "fused_lse_backward", "fused_lse_forward", "read_switches"]

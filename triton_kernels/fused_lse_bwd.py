@@ -15,7 +15,9 @@ grad_weight, above the docs/DESIGN.md §4 bound.  So both products run on **fp16
 keeps 11 mantissa bits, within the bound with one rounding (as the CUDA kernels, measured in
 tests/test_op_suite.py); fp16 inputs must match a reference 8x more precise and split dc into hi + lo
 halves, both multiplied (``_split``, SPLIT; ~16 bits for 2x the product GEMMs; ``FAST_GRAD_DOTS`` turns it
-off).  fp16's range: in the dW product dc is multiplied by the power of two ``dscale`` (launch.py: from
+off).  The dW projection sum takes dc as the product rounds it (hi, or hi + lo), so that the two terms of
+grad_w cancel along w_r as they do in exact arithmetic (with D = 1 that cancellation is all of grad_w).  fp16's
+range: in the dW product dc is multiplied by the power of two ``dscale`` (launch.py: from
 max |g * s|, so that |dc * dscale| < 2^15 whatever the upstream gradient) and the accumulator divided by it.
 The dX products scale per row instead (``xs``: a row's dX depends on its own g only, so a tiny upstream
 gradient keeps its precision) and split 1/n_r = f 2^k into the gradient operand (f) and the W rows (2^k,
@@ -138,6 +140,15 @@ def _split(v, in_ty: tl.constexpr, SPLIT: tl.constexpr, FIX: tl.constexpr):
 
 
 @triton.jit
+def _unsplit(hi, lo, acc_ty: tl.constexpr, SPLIT: tl.constexpr):
+    """The value ``_split``'s operands stand for in the products (hi, or hi + lo), in acc_ty."""
+    if SPLIT:
+        return hi.to(acc_ty) + lo.to(acc_ty)
+    else:
+        return hi.to(acc_ty)
+
+
+@triton.jit
 def _mma_split(hi, lo, b, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     acc = _mma(hi, b, acc, DOT_PREC, UPCAST)
     if SPLIT:
@@ -248,9 +259,11 @@ def _bwd_dw_kernel(
             c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
         )
         dcs = tl.where(sub == s_own, dc, 0.0)
-        proj += tl.sum(dcs * c, axis=0)
         xv = _load_k(x_ptr + rows_ld[:, None] * D + dcols[None, :], dcols, D, EVEN_DV).to(prod_ty)
         hi, lo = _split(dcs * dscale, prod_ty, SPLIT, UPCAST)
+        # the projection term from the dc the product sees (rounded to 16 bits), not the fp32 dc: the two terms
+        # cancel exactly along w_r, and with D = 1 they are all there is (issue 24: bf16 dW off by 1e3x)
+        proj += tl.sum(_unsplit(hi, lo, acc_ty, SPLIT) / dscale * c, axis=0)
         dacc = _mma_split(tl.trans(hi), tl.trans(lo), xv, dacc, SPLIT, DOT_PREC, UPCAST)
         if FUSE_DX:
             w_own_t = _load_k(w_own_ptrs, dcols, D, EVEN_DV)

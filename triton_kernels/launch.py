@@ -17,6 +17,11 @@ launchers pick the 16-bit configurations, with narrower d-chunks where a dX prod
 Float32 dot products: IEEE fp32 by default (exact against the reference); set
 ``marginops.triton_kernels.ALLOW_TF32 = True`` or the environment variable ``MARGINOPS_TRITON_TF32=1`` to let
 ``tl.dot`` use TF32 tensor cores (about 8x the fp32 throughput, ~1e-3 relative error on the cosines).
+
+Those switches (and the fp16 backward's ``FAST_GRAD_DOTS`` / ``MARGINOPS_TRITON_FAST_BWD``) reach the launchers
+as their ``switches`` argument: ``read_switches()`` packs them, marginops/ops.py reads them once for a forward
+and passes the same value to its backward (which recomputes the forward's cosines: they must be computed with
+the same precision as the lse it received); -1 reads them at the call.
 """
 
 from __future__ import annotations
@@ -58,15 +63,28 @@ def _package_switch(attribute: str, switch: str) -> bool:
     return config.flag(switch) if value is None else bool(value)
 
 
-def _allow_tf32() -> bool:
-    return _package_switch("ALLOW_TF32", "MARGINOPS_TRITON_TF32")
+# bits of the launchers' `switches` argument (opaque outside this module)
+_TF32, _FAST_BWD = 1, 2
 
 
-def _split_grad_dots(dtype: torch.dtype) -> bool:
+def read_switches() -> int:
+    """The Triton backend's per-call switches, now, packed for the launchers' ``switches`` argument."""
+    tf32 = _package_switch("ALLOW_TF32", "MARGINOPS_TRITON_TF32")
+    fast = _package_switch("FAST_GRAD_DOTS", "MARGINOPS_TRITON_FAST_BWD")
+    return (_TF32 if tf32 else 0) | (_FAST_BWD if fast else 0)
+
+
+def _decided(switches: int) -> int:
+    if not -1 <= switches <= _TF32 | _FAST_BWD:
+        raise ValueError(f"switches must be -1 (read them now) or a value of read_switches(), got {switches}")
+    return read_switches() if switches < 0 else switches
+
+
+def _split_grad_dots(dtype: torch.dtype, switches: int) -> bool:
     """fp16: multiply the gradient operand as hi + lo halves (see fused_lse_bwd._split) unless
     ``FAST_GRAD_DOTS`` / MARGINOPS_TRITON_FAST_BWD=1 asks for one fp16 product.  bf16 inputs always run
     their products on fp16 operands with one rounding (accurate enough, see the kernels' docstring)."""
-    return dtype == torch.float16 and not _package_switch("FAST_GRAD_DOTS", "MARGINOPS_TRITON_FAST_BWD")
+    return dtype == torch.float16 and not switches & _FAST_BWD
 
 
 def _grad_scale(grad_lse: Tensor, row_scale: Tensor, non_target_param: Tensor, non_target: int, dtype: torch.dtype):
@@ -83,8 +101,8 @@ def _grad_scale(grad_lse: Tensor, row_scale: Tensor, non_target_param: Tensor, n
     return torch.where(bound > 0, scale, torch.ones_like(bound))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.float32 and _allow_tf32() else "ieee"
+def _dot_precision(dtype: torch.dtype, switches: int) -> str:
+    return "tf32" if dtype == torch.float32 and switches & _TF32 else "ieee"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -196,6 +214,7 @@ def fused_lse_forward(
     filter_threshold: float,
     subcenters: int,
     deterministic: bool,
+    switches: int = -1,
 ) -> tuple[Tensor, Tensor]:
     """(lse, argmax) of the fused op.  Always deterministic (no atomics); ``deterministic`` is accepted for
     schema symmetry."""
@@ -210,7 +229,7 @@ def fused_lse_forward(
 
     if not _launches(x):
         return lse, argmax
-    tf32 = _dot_precision(x.dtype) == "tf32"
+    tf32 = _dot_precision(x.dtype, _decided(switches)) == "tf32"
     splits = _fwd_splits(B, N, D, dev, x.dtype, tf32)
     m_part = torch.empty((splits, B), dtype=acc, device=dev)
     l_part = torch.empty((splits, B), dtype=acc, device=dev)
@@ -283,6 +302,7 @@ def fused_lse_backward(
     deterministic: bool,
     need_grad_x: bool = True,
     need_grad_weight: bool = True,
+    switches: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_target_logit, grad_row_scale); an unwanted grad_x / grad_weight (need_grad_*
     false: frozen embeddings / weight) comes back empty (0 elements).  With deterministic=True a frozen weight
@@ -319,6 +339,7 @@ def fused_lse_backward(
         subcenters,
         deterministic,
         need_grad_weight or not deterministic,
+        _decided(switches),
     )
     grad_x, grad_w, gtl, grs = grads
     return (grad_x if need_grad_x else x.new_empty(0), grad_w if need_grad_weight else weight.new_empty(0), gtl, grs)
@@ -340,6 +361,7 @@ def _backward_launch(
     subcenters,
     deterministic,
     with_dw,
+    switches,
 ):
     B, D = x.shape
     N = _num_columns(weight, class_index, subcenters)
@@ -366,8 +388,8 @@ def _backward_launch(
     ds_buf = _grad_scale(g, row_scale, non_target_param, non_target, x.dtype)
     ci = class_index if class_index is not None else labels
     has_ci = class_index is not None
-    split = _split_grad_dots(x.dtype)
-    tf32 = _dot_precision(x.dtype) == "tf32"
+    split = _split_grad_dots(x.dtype, switches)
+    tf32 = _dot_precision(x.dtype, switches) == "tf32"
     mixed = _mixed(x, weight)
     common = dict(
         SUBC=subcenters,

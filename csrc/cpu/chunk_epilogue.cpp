@@ -423,11 +423,10 @@ MARGINOPS_WIDTH_VARIANTS(float)
 MARGINOPS_WIDTH_VARIANTS(double)
 
 #if MARGINOPS_X86_WIDTHS
-// Widest vectors the CPU (and OS) support; MARGINOPS_CPU_VECTOR=128|256|512 caps it (tests,
-// comparisons). Read once.
+// Widest vectors the CPU (and OS) support; MARGINOPS_CPU_VECTOR (128-512) caps it (tests, comparisons).
+// Read once, at the first call (width() keeps the answer).
 int detect_width() {
-  int cap = 512;
-  if (const int64_t env = switch_int("MARGINOPS_CPU_VECTOR"); env != 0) cap = static_cast<int>(env);
+  const int cap = static_cast<int>(read_switch(kCpuVector).value_or(512));
   __builtin_cpu_init();
   if (cap >= 512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {

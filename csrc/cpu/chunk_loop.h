@@ -37,7 +37,7 @@
 //     inputs with one fp16 block: grad_x 1.43, grad_weight 1.66 in that emulation and 2.2 (a failure) on
 //     this path's k=3 class_index case (tests/test_chunked.py); G in fp32: 1.00 / 1.00.  Hence: fp32 /
 //     fp64 / bf16 inputs 4 GEMM-equivalents per forward + backward, fp16 inputs 6 (hi + lo for dX and dW);
-//     MARGINOPS_CUDA_FAST_BWD=1 (read per call, as for the fused kernels) drops lo: 4, less accurate.
+//     MARGINOPS_CUDA_FAST_BWD=1 (Problem::fast_backward, as for the fused kernels) drops lo: 4, less accurate.
 //
 // Workspace (bytes; bt = min(B, 8192) rows per tile, Rc = class rows per chunk = clamp(64 MiB / (4 bt),
 // 8192, 32768), D = 512, 16-bit inputs, k = 1), independent of C:
@@ -51,8 +51,8 @@
 // cast into a buffer of Rc*D*2 bytes (16 MiB at Rc = 16384, D = 512) as each chunk is used, never a 16-bit copy of
 // all of W; row norms, the dX operand (w_r 2^e_r in fp16, rounded once from float32) and grad_weight come from
 // the float32 rows, grad_weight in float32.  The epilogue's element type is the weight's.
-// MARGINOPS_CHUNK_COLS / MARGINOPS_CHUNK_ROWS (read per call) override the classes per chunk and the rows
-// per tile (tests: many chunks and row tiles at small shapes).
+// MARGINOPS_CHUNK_COLS / MARGINOPS_CHUNK_ROWS (read by each forward and each backward: planning only) override
+// the classes per chunk and the rows per tile (tests: many chunks and row tiles at small shapes).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -196,6 +196,7 @@ struct Problem {
   int64_t non_target = 0;
   double filter = 2.0;
   int64_t B = 0, D = 0, R = 0, N = 0, k = 1;
+  bool fast_backward = false;  // MARGINOPS_CUDA_FAST_BWD as the op call decided it (csrc/switches.h)
 };
 
 struct Plan {
@@ -210,8 +211,8 @@ inline Plan make_plan(const Problem& P) {
   int64_t rows = kBlockBytes / std::max<int64_t>(1, plan.rows_per_tile * 4);
   rows = std::min<int64_t>(std::max<int64_t>(rows, 8192), 32768);
   plan.cols_per_chunk = std::max<int64_t>(1, rows / P.k);
-  if (const int64_t r = switch_int("MARGINOPS_CHUNK_ROWS"); r > 0) plan.rows_per_tile = r;
-  if (const int64_t c = switch_int("MARGINOPS_CHUNK_COLS"); c > 0) plan.cols_per_chunk = c;
+  if (const std::optional<int64_t> r = read_switch(kChunkRows)) plan.rows_per_tile = *r;
+  if (const std::optional<int64_t> c = read_switch(kChunkCols)) plan.cols_per_chunk = *c;
   plan.rows_per_tile = std::max<int64_t>(1, std::min(plan.rows_per_tile, P.B));
   plan.cols_per_chunk = std::max<int64_t>(1, std::min(plan.cols_per_chunk, P.N));
   return plan;
@@ -322,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
                                                        : at::empty_like(P.weight);
 
   at::Tensor S = at::empty({bt * rmax}, opts);
-  const bool split = P.x.scalar_type() == at::kHalf && !switch_flag("MARGINOPS_CUDA_FAST_BWD");
+  const bool split = P.x.scalar_type() == at::kHalf && !P.fast_backward;
   at::Tensor G = half ? at::empty({(split ? 2 : 1) * bt * rmax}, P.x.options().dtype(at::kHalf)) : S;  // 32/64: in place
   at::Tensor sumsq = at::empty({rmax}, opts), inv = at::empty({rmax}, opts);
   at::Tensor gathered = P.class_index.has_value() ? at::empty({rmax, D}, P.weight.options()) : at::Tensor();

@@ -664,7 +664,8 @@ std::tuple<Tensor, Tensor> fused_lse_cpu(const Tensor& x, const Tensor& weight,
                                          const std::optional<Tensor>& class_index,
                                          const Tensor& non_target_param, int64_t non_target,
                                          double filter_threshold, int64_t subcenters,
-                                         bool /*deterministic: always, see the file comment*/) {
+                                         bool /*deterministic: always, see the file comment*/,
+                                         int64_t /*switches: none read per call on the CPU*/) {
   const Checked c = check_inputs(x, weight, labels, target_logit, row_scale, threshold, class_index,
                                  non_target, subcenters, /*need_unique_classes=*/false);
   const double t = non_target_param_value(non_target_param, "marginops fused_lse (CPU): ");
@@ -684,7 +685,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_lse_backward_cpu(
     const Tensor& labels, const Tensor& target_logit, const Tensor& row_scale,
     const Tensor& threshold, const std::optional<Tensor>& class_index, const Tensor& non_target_param,
     int64_t non_target, double filter_threshold, int64_t subcenters, bool /*deterministic*/,
-    bool need_grad_x, bool need_grad_weight) {
+    bool need_grad_x, bool need_grad_weight, int64_t /*switches*/) {
   const Checked c = check_inputs(x, weight, labels, target_logit, row_scale, threshold, class_index,
                                  non_target, subcenters, /*need_unique_classes=*/true);
   const double t = non_target_param_value(non_target_param, "marginops fused_lse (CPU): ");

@@ -3,15 +3,15 @@
 // allocates outputs / workspaces on the current stream's allocator and dispatches on dtype; the kernels
 // are in fused_lse_kernels.cuh (instantiated per dtype in fused_lse_<dtype>.cu).
 //
-// Environment switches (read per call):
+// Switches (csrc/switches.h), decided once per op call: the ops' last argument `switches` carries them, as
+// marginops/ops.py read them for the forward and passes them to its backward (-1: read at this call):
+//   MARGINOPS_CUDA_PATH=fused  fused_lse / fused_lse_backward run the fused kernels (default: class-chunked)
 //   MARGINOPS_CUDA_TF32=1      float32 inputs use TF32 tensor cores (default: exact SIMT fp32)
 //   MARGINOPS_CUDA_FAST_BWD=1  fp16 backward rounds dcos once to fp16 instead of the fp32-accurate
 //                              hi + lo pair (faster dW / dX products, less accurate).  bf16 inputs always
 //                              use one fp16 rounding (see fused_lse_kernels.cuh), so it changes nothing there
 // `deterministic` is accepted for the schema but every mode here is deterministic: there are no float
 // atomics anywhere (see the comment at the top of fused_lse_kernels.cuh).
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -91,7 +91,7 @@ struct Problem {
 Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
                  const at::Tensor& target_logit, const at::Tensor& row_scale, const at::Tensor& threshold,
                  const std::optional<at::Tensor>& class_index, int64_t non_target, int64_t subcenters,
-                 bool mixed_precision = false) {
+                 int64_t switches, bool mixed_precision = false) {
   Problem pr;
   TORCH_CHECK(x.is_cuda(), "marginops.fused_lse (cuda): x must be a CUDA tensor, got ", x.device());
   const at::Device device = x.device();
@@ -148,7 +148,7 @@ Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   switch (dt) {
     case at::kBFloat16: pr.path = KernelPath::kBf16; break;
     case at::kHalf: pr.path = KernelPath::kFp16; break;
-    case at::kFloat: pr.path = switch_flag("MARGINOPS_CUDA_TF32") ? KernelPath::kTf32 : KernelPath::kFp32; break;
+    case at::kFloat: pr.path = (switches & kSwitchTf32) != 0 ? KernelPath::kTf32 : KernelPath::kFp32; break;
     default: pr.path = KernelPath::kFp64; break;
   }
   return pr;
@@ -230,9 +230,12 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_cuda(const at::Tensor& x, const at:
                                                   const at::Tensor& row_scale, const at::Tensor& threshold,
                                                   const std::optional<at::Tensor>& class_index,
                                                   const at::Tensor& non_target_param, int64_t non_target,
-                                                  double filter_threshold, int64_t subcenters, bool deterministic) {
+                                                  double filter_threshold, int64_t subcenters, bool deterministic,
+                                                  int64_t switches) {
   (void)deterministic;  // always deterministic (no float atomics)
-  Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
+  switches = decided_cuda_switches(switches);
+  Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters,
+                        switches);
   const c10::cuda::CUDAGuard device_guard(x.device());
   pr.props = at::cuda::getCurrentDeviceProperties();
   check_device(pr, "forward");
@@ -273,9 +276,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
     const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, const at::Tensor& non_target_param,
     int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
-    bool need_grad_weight) {
+    bool need_grad_weight, int64_t switches) {
   (void)deterministic;  // always deterministic (no float atomics)
-  Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters);
+  switches = decided_cuda_switches(switches);
+  Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters,
+                        switches);
   // grad_lse comes from autograd and may be an expanded view: make it dense here.
   const at::Tensor grad_lse = grad_lse_in.contiguous();
   check_row_vector(grad_lse, "grad_lse", pr.B, pr.acc, x.device());
@@ -324,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   p.lse = lse.data_ptr();
   p.splits = static_cast<int>(splits);
   p.dchunks = static_cast<int>(dchunks);
-  p.split_dcos = !switch_flag("MARGINOPS_CUDA_FAST_BWD");
+  p.split_dcos = (switches & kSwitchFastBwd) == 0;
   p.grad_x = grad_x.data_ptr();
   p.grad_weight = need_grad_weight ? grad_weight.data_ptr() : nullptr;
   p.grad_target_logit = grad_target_logit.data_ptr();
@@ -338,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
 }
 
 // ---- the class-chunked path (issue 13; loop: csrc/cpu/chunk_loop.h, kernels: chunk_epilogue.cuh): the
-// default of the op on CUDA tensors; MARGINOPS_CUDA_PATH=fused (read per call) selects the fused kernels above,
+// default of the op on CUDA tensors; MARGINOPS_CUDA_PATH=fused (kSwitchFusedPath) selects the fused kernels above,
 // and the ops fused_lse_cuda_fused / fused_lse_cuda_fused_backward (backend="cuda_fused") always run them.
 namespace {
 
@@ -365,15 +370,6 @@ chunked::Problem chunked_problem(const Problem& pr, const at::Tensor& x, const a
   return P;
 }
 
-// MARGINOPS_CUDA_PATH=fused|chunked (default chunked)
-bool use_fused_path() {
-  const char* v = switch_value("MARGINOPS_CUDA_PATH");
-  if (v == nullptr || std::strcmp(v, "chunked") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "fused") == 0, "marginops: MARGINOPS_CUDA_PATH must be 'fused' or 'chunked', got '", v,
-              "'");
-  return true;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> fused_lse_chunked_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -382,10 +378,11 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_chunked_cuda(const at::Tensor& x, c
                                                           const std::optional<at::Tensor>& class_index,
                                                           const at::Tensor& non_target_param, int64_t non_target,
                                                           double filter_threshold, int64_t subcenters,
-                                                          bool deterministic) {
+                                                          bool deterministic, int64_t switches) {
   (void)deterministic;  // always deterministic (no atomics)
+  switches = decided_cuda_switches(switches);
   const Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target,
-                              subcenters, /*mixed_precision=*/true);
+                              subcenters, switches, /*mixed_precision=*/true);
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_class_index_values(pr, class_index, /*need_unique=*/false);
   if (pr.B == 0) {
@@ -401,10 +398,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_ch
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
     const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, const at::Tensor& non_target_param,
     int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
-    bool need_grad_weight) {
+    bool need_grad_weight, int64_t switches) {
   (void)deterministic;
+  switches = decided_cuda_switches(switches);
   const Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target,
-                              subcenters, /*mixed_precision=*/true);
+                              subcenters, switches, /*mixed_precision=*/true);
   const at::Tensor grad_lse = grad_lse_in.contiguous();
   check_row_vector(grad_lse, "grad_lse", pr.B, pr.acc, x.device());
   check_row_vector(lse, "lse", pr.B, pr.acc, x.device());
@@ -416,10 +414,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_ch
             need_grad_weight ? at::zeros_like(weight) : at::empty({0}, weight.options()), at::empty({0}, acc_opts),
             at::empty({0}, acc_opts)};
   }
-  return chunked_backward(chunked_problem(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
-                                          mode_scalar(non_target_param), non_target, filter_threshold),
-                          grad_lse, lse, need_grad_x, need_grad_weight,
-                          at::cuda::getCurrentCUDAStream().stream());
+  chunked::Problem P = chunked_problem(pr, x, weight, labels, target_logit, row_scale, threshold, class_index,
+                                       mode_scalar(non_target_param), non_target, filter_threshold);
+  P.fast_backward = (switches & kSwitchFastBwd) != 0;
+  return chunked_backward(P, grad_lse, lse, need_grad_x, need_grad_weight, at::cuda::getCurrentCUDAStream().stream());
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_lse_cuda_default(const at::Tensor& x, const at::Tensor& weight,
@@ -428,10 +426,11 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_cuda_default(const at::Tensor& x, c
                                                           const std::optional<at::Tensor>& class_index,
                                                           const at::Tensor& non_target_param, int64_t non_target,
                                                           double filter_threshold, int64_t subcenters,
-                                                          bool deterministic) {
-  auto run = use_fused_path() ? fused_lse_cuda : fused_lse_chunked_cuda;
+                                                          bool deterministic, int64_t switches) {
+  switches = decided_cuda_switches(switches);  // once: the path and the kernels' switches from one reading
+  auto run = (switches & kSwitchFusedPath) != 0 ? fused_lse_cuda : fused_lse_chunked_cuda;
   return run(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target_param, non_target,
-             filter_threshold, subcenters, deterministic);
+             filter_threshold, subcenters, deterministic, switches);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cuda_default(
@@ -439,10 +438,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
     const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
     const at::Tensor& threshold, const std::optional<at::Tensor>& class_index, const at::Tensor& non_target_param,
     int64_t non_target, double filter_threshold, int64_t subcenters, bool deterministic, bool need_grad_x,
-    bool need_grad_weight) {
-  auto run = use_fused_path() ? fused_lse_backward_cuda : fused_lse_backward_chunked_cuda;
+    bool need_grad_weight, int64_t switches) {
+  switches = decided_cuda_switches(switches);
+  auto run = (switches & kSwitchFusedPath) != 0 ? fused_lse_backward_cuda : fused_lse_backward_chunked_cuda;
   return run(grad_lse, lse, x, weight, labels, target_logit, row_scale, threshold, class_index, non_target_param,
-             non_target, filter_threshold, subcenters, deterministic, need_grad_x, need_grad_weight);
+             non_target, filter_threshold, subcenters, deterministic, need_grad_x, need_grad_weight, switches);
 }
 
 }  // namespace cuda

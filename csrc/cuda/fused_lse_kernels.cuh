@@ -463,18 +463,21 @@ __global__ void fused_lse_fwd_merge_kernel(const FusedLseParams p) {
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-// Store v into the dcos tile (product operand type) as hi (+ lo when split).
+// Store v into the dcos tile (product operand type) as hi (+ lo when split); returns what it holds (hi, or hi + lo).
 template <class Tr>
-__device__ __forceinline__ void store_dcos(typename Tr::Prod::io_t* hi, typename Tr::Prod::io_t* lo,
-                                           typename Tr::acc_t v, bool split) {
+__device__ __forceinline__ typename Tr::acc_t store_dcos(typename Tr::Prod::io_t* hi, typename Tr::Prod::io_t* lo,
+                                                         typename Tr::acc_t v, bool split) {
   using prod_t = typename Tr::Prod::io_t;
+  const prod_t h = Conv<prod_t>::from(v);
+  *hi = h;
   if constexpr (Tr::kSplit) {
-    const prod_t h = Conv<prod_t>::from(v);
-    *hi = h;
-    if (split) *lo = Conv<prod_t>::from(v - to_acc(h));
-  } else {
-    *hi = Conv<prod_t>::from(v);
+    if (split) {
+      const prod_t l = Conv<prod_t>::from(v - to_acc(h));
+      *lo = l;
+      return to_acc(h) + to_acc(l);
+    }
   }
+  return to_acc(h);
 }
 
 // The power of two S = 2^(15 - e) with bound < 2^e: |S * v| < 2^15 for |v| <= bound, so fp16 product operands
@@ -582,14 +585,15 @@ __device__ __forceinline__ void bwd_tile_epilogue(typename Tr::acc_t* Ss, const 
     for (int u = 0; u < nsub; ++u) {
       const int sl = s0 + u;
       acc_t v = u == sub ? dc : acc_t(0);
-      if (FOR_DX) {
-        v *= a_scale[sl];
-      } else {
-        // dcos * cos of this W row; exactly 0 for the other subcenters (0 * c would turn a NaN / inf
-        // winning cosine into NaN in their Jacobian term).
-        srow[sl] = u == sub ? v * c : acc_t(0);
+      if (FOR_DX) v *= a_scale[sl];
+      const acc_t held = store_dcos<Tr>(hrow + sl, lrow + sl, v * dscale, split);
+      if (!FOR_DX) {
+        // dcos * cos of this W row, from the dcos the dW product multiplies (rounded to its operand type): the
+        // product and this projection term then cancel along w as in exact arithmetic (with D = 1 that is all
+        // of grad_weight).  Exactly 0 for the other subcenters (0 * c would turn a NaN / inf winning cosine
+        // into NaN in their Jacobian term).
+        srow[sl] = u == sub ? held / dscale * c : acc_t(0);
       }
-      store_dcos<Tr>(hrow + sl, lrow + sl, v * dscale, split);
     }
   }
 }

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .. import margins
-from .._validation import check_label_values, label_dtype_problem
+from .._validation import check_indices_tuple, check_label_values, check_tensor, label_dtype_problem
 from ..functional import margin_cross_entropy
 
 __all__ = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "SubCenterArcFaceLoss", "SubCenterOutliers"]
@@ -58,7 +58,11 @@ def _warn_once(message: str) -> None:
 def miner_weights(indices_tuple, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """pml's per-row weights from a miner's output: count of appearances / max count, 0 if absent, 1 without a miner."""
     weights = torch.ones(labels.shape[0], dtype=dtype, device=labels.device)
-    if indices_tuple is None or all(len(t) == 0 for t in indices_tuple):
+    if indices_tuple is None:
+        return weights
+    # pml fails on a malformed tuple (torch.cat of a 2-D and a 1-D tensor); flattening would hide it
+    check_indices_tuple(indices_tuple, labels.shape[0])
+    if all(len(t) == 0 for t in indices_tuple):
         return weights
     flat = torch.cat([t.reshape(-1) for t in indices_tuple]).to(labels.device)
     indices, counts = torch.unique(flat, return_counts=True)
@@ -131,6 +135,9 @@ class _WeightedMarginLoss(nn.Module):
             )
         if ref_emb is not None or ref_labels is not None:
             raise ValueError(f"{type(self).__name__} does not support ref_emb/ref_labels (neither does pml)")
+        # pml takes tensors only (its check_shapes reads .shape); say so instead of an AttributeError below
+        check_tensor("embeddings", embeddings, "(batch, embedding_size)")
+        check_tensor("labels", labels, "(batch,) class indices; e.g. torch.as_tensor(labels)")
         weight = self.class_weights()
         labels = labels.to(embeddings.device)
         losses = margin_cross_entropy(
