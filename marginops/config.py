@@ -62,8 +62,9 @@ SWITCHES = {
             "python",
             "0: the first Triton configuration of each kernel, no autotuning (reproducible across processes)",
         ),
+        # read by the C++ chunk loop and by the hybrid path's launcher (triton_kernels/hybrid_launch.py)
         Switch("MARGINOPS_CHUNK_COLS", "", "cpp", "classes per chunk of the chunked paths (default: planned)"),
-        Switch("MARGINOPS_CHUNK_ROWS", "", "cpp", "rows per tile of the chunked CUDA path (default: planned)"),
+        Switch("MARGINOPS_CHUNK_ROWS", "", "cpp", "rows per tile of the chunked paths (default: planned)"),
         Switch("MARGINOPS_CPU_VECTOR", "", "cpp", "cap the CPU epilogue's SIMD width in bits (tests; read once)"),
         Switch("TRITON_INTERPRET", "0", "python", "1: the Triton backend runs CPU tensors through the interpreter"),
         # build

@@ -34,7 +34,9 @@ from . import _build, config
 from .capabilities import BACKENDS  # noqa: F401  (re-exported: validation and callers read it here)
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
-# per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
+# per call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment;
+# "hybrid": the Triton forward, a backward of Triton gradient blocks and cuBLAS products (triton_kernels/hybrid_*.py;
+# not chosen by "auto" until GPU measurements decide).
 
 
 def _setup_context(ctx, inputs, output):
@@ -69,7 +71,8 @@ def _once_differentiable(grads: tuple, message: str) -> tuple:
 
 
 def _make_backward(backward_op, backend: str):
-    """The op's autograd backward; backend "cpp" (the C++ op: "cpu" or "cuda" by the tensors' device) or "triton"."""
+    """The op's autograd backward; backend "cpp" (the C++ op: "cpu" or "cuda" by the tensors' device), "triton" or
+    "hybrid"."""
 
     def backward(ctx, grad_lse, _grad_argmax):
         x, weight, labels, target_logit, row_scale, threshold, class_index, lse = ctx.saved_tensors
@@ -259,6 +262,26 @@ def triton_op():
     return torch.ops.marginops.triton_fused_lse
 
 
+@torch.compiler.assume_constant_result
+def _ensure_hybrid_op() -> bool:
+    """The hybrid path (backend "hybrid"): the Triton forward under its own name, with the hybrid backward (a Triton
+    gradient-block kernel per class chunk, torch.mm products) as its autograd formula."""
+    if "hybrid" not in _registered:
+        kernels = triton_kernels()
+        forward = torch.library.triton_op("marginops::hybrid_fused_lse", mutates_args=())(kernels.fused_lse_forward)
+        backward = torch.library.triton_op("marginops::hybrid_fused_lse_backward", mutates_args=())(
+            kernels.hybrid_backward
+        )
+        forward.register_autograd(_make_backward(backward, "hybrid"), setup_context=_setup_context)
+        _registered.add("hybrid")
+    return True
+
+
+def hybrid_op():
+    _ensure_hybrid_op()
+    return torch.ops.marginops.hybrid_fused_lse
+
+
 def triton_usable(device: torch.device) -> Optional[str]:
     """None if the Triton backend can run on this device, else why not."""
     if device.type == "cpu" and not config.flag("TRITON_INTERPRET"):
@@ -349,7 +372,7 @@ def fused_lse(
     subcenters: int = 1,
     deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the fused op on a concrete backend ("cpu", "cuda", "triton", or "reference": the
+    """Run the fused op on a concrete backend ("cpu", "cuda", "cuda_fused", "triton", "hybrid", or "reference": the
     materialized oracle with the same semantics); inputs already validated."""
     args = (
         x.contiguous(),
@@ -376,4 +399,6 @@ def fused_lse(
         return reference.fused_lse(*args[:-1])
     if backend == "triton":
         return triton_op()(*args)
+    if backend == "hybrid":
+        return hybrid_op()(*args)
     raise ValueError(f"fused_lse has no backend {backend!r}")
