@@ -152,14 +152,16 @@ def bwd_dw_configs(dp2: int, dcls: str, split: bool, tf32: bool, mixed: bool = F
 
 
 # The hybrid backward's gradient-block kernel (hybrid_bwd.py): one (BLOCK_M x BLOCK_N) cosine tile per program and
-# a store, no accumulator across tiles, so the forward's tiles, minus the register room of the block it stores
-# (bench.gpu_static reports each).  Fixed rather than autotuned: the launcher sizes the per-row partials by BLOCK_N.
+# a store, no accumulator across tiles.  The forward's 128 x 128 / 8 warps spilled 32 bytes (the epilogue keeps c,
+# 1/n and dc tiles live); 128 x 64 / 8 warps does not for any 16-bit or mixed input (4 warps: 255 registers and
+# 8 bytes of spills with fp16's hi + lo); bench.gpu_static reports each.  Fixed rather than autotuned: the
+# launcher sizes the per-row partials by BLOCK_N.
 def hybrid_block_config(dtype: torch.dtype, tf32: bool = False) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages of ``_hybrid_grad_block_kernel``."""
     if interpreting():
         bm, bn, w, s = 16, 32, 4, 1
     else:
-        bm, bn, w, s = {"half": (128, 128, 8, 3), "fp32": (128, 128, 8, 3) if tf32 else (64, 64, 4, 3)}.get(
+        bm, bn, w, s = {"half": (128, 64, 8, 3), "fp32": (128, 64, 8, 3) if tf32 else (64, 64, 4, 3)}.get(
             _dtype_class(dtype), (32, 32, 4, 2)
         )
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
