@@ -14,7 +14,9 @@ Per class chunk of Cc columns (Rc = Cc * k weight rows) and row tile of bt rows:
     - 32/64-bit inputs: G = dcos / n_r, in the input dtype (the dX operand is the raw row).
     - 16-bit inputs (bf16 too, docs/DESIGN.md §5.2): G = sigma_i f_r dcos in fp16, sigma_i the row's power of two
       (launcher: |sigma_i dcos_ij| < 2^15 for any upstream gradient) so that a row with a tiny upstream gradient
-      keeps its precision; fp16 inputs also write lo = fp16(G - hi), the rounding error of hi (``_split``).
+      keeps its precision; fp16 inputs also write lo = fp16(G - hi), the rounding error of hi (``_split``), beside
+      hi in the same row: [hi_i | lo_i] times the stacked W_hat is dX's hi + lo in one GEMM, and the same block
+      read as (2 bt x Rc) rows hi_0, lo_0, hi_1, ... against x' with each row repeated gives dW's.
 * ``_hybrid_weight_rows_kernel``: grad_weight rows from U = G^T x' (x' = x sigma_min / sigma_i in fp16 for 16-bit
   inputs, so that U_r = sigma_min f_r sum_i dcos_ir x_i; x itself otherwise):
       grad_w_r = alpha_r (U_r - (U_r . w^_r) w^_r)    (projection only where ||w_r|| > eps)
@@ -50,6 +52,7 @@ def _hybrid_rows_kernel(
     HAS_CI: tl.constexpr,
     SCALE16: tl.constexpr,
     UPCAST: tl.constexpr,
+    DUP: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -68,7 +71,11 @@ def _hybrid_rows_kernel(
         if SCALE16:
             # mixed precision: rounded to x's dtype first, as every product sees W (marginops/ops.py)
             w = _rows_to_prod(_as_operand(w, in_ty, UPCAST), p2, in_ty, what_ptr.dtype.element_ty)
-        tl.store(what_ptr + q[:, None] * D + dd[None, :], w, mask=q_mask[:, None] & (dd < D)[None, :])
+        q64 = q.to(tl.int64)
+        mask = q_mask[:, None] & (dd < D)[None, :]
+        tl.store(what_ptr + q64[:, None] * D + dd[None, :], w, mask=mask)
+        if DUP:  # rows n_rows.. repeat them: the operand of [G_hi | G_lo] (the hi + lo product as one GEMM)
+            tl.store(what_ptr + (q64 + n_rows)[:, None] * D + dd[None, :], w, mask=mask)
 
 
 @triton.jit
@@ -83,8 +90,7 @@ def _hybrid_grad_block_kernel(
     lse_ptr,
     g_ptr,
     sigma_ptr,
-    ghi_ptr,
-    glo_ptr,
+    gblk_ptr,
     gtl_part_ptr,
     grs_part_ptr,
     B,
@@ -134,22 +140,23 @@ def _hybrid_grad_block_kernel(
     tl.store(grs_part_ptr + part, grs, mask=row_mask)
 
     if WRITE_G:
-        g_ty: tl.constexpr = ghi_ptr.dtype.element_ty
+        g_ty: tl.constexpr = gblk_ptr.dtype.element_ty
         if SCALE16:
             # 1/n = f 2^e: f into G, 2^e into W_hat (_hybrid_rows_kernel); sigma_i keeps the row inside fp16
             f, _p2 = _pow2_split(inv_sel)
             v = dc * f * tl.load(sigma_ptr + rows_ld)[:, None]
         else:
             v = dc * inv_sel
+        # row i of the block: [hi_i | lo_i] with SPLIT (one GEMM of twice the depth forms hi + lo), else hi_i
         ld = n_cols * SUBC
-        offs = local.to(tl.int64)[:, None] * ld + (jl * SUBC)[None, :]
+        offs = local.to(tl.int64)[:, None] * (2 * ld if SPLIT else ld) + (jl * SUBC)[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
         for s in tl.static_range(SUBC):
             vs = v if SUBC == 1 else tl.where(sub == s, v, 0.0)
             hi, lo = _split(vs, g_ty, SPLIT, UPCAST)
-            tl.store(ghi_ptr + offs + s, hi, mask=mask)
+            tl.store(gblk_ptr + offs + s, hi, mask=mask)
             if SPLIT:
-                tl.store(glo_ptr + offs + s, lo, mask=mask)
+                tl.store(gblk_ptr + offs + ld + s, lo, mask=mask)
 
 
 @triton.jit

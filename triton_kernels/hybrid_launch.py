@@ -62,20 +62,24 @@ class HybridPlan:
         return self.cols_per_chunk * self.k
 
     def workspace_bytes(self) -> int:
-        """Peak extra memory on a GPU beyond the inputs and the outputs: the same for every C once a chunk is full.
-        (CPU tensors under the interpreter add the float32 copies of one chunk's operands.)"""
+        """A bound on the peak extra memory on a GPU beyond the inputs and the outputs: every buffer the launcher
+        holds during the chunk loop, or while it forms x' if that is more; the same for every C once a chunk is
+        full.  (CPU tensors under the interpreter add the float32 copies of one chunk's operands.)"""
         bt, rc, D, B, acc = self.rows_per_tile, self.chunk_rows, self.D, self.B, self.acc_item
-        total = self.g_blocks * bt * rc * self.g_item  # G (hi, lo)
-        total += 2 * triton.cdiv(self.cols_per_chunk, self.block_n) * bt * acc  # per-row partials
-        total += 4 * B * acc  # grad_lse, lse in acc dtype, sigma, the partials' sums
+        depth = self.g_blocks or 1  # hi + lo: G rows twice as long, W_hat stacked twice, x' rows repeated
+        rows = 4 * B * acc + 1024  # sigma, the per-row bounds, the partials' sums; scalars
+        loop = rows + self.g_blocks * bt * rc * self.g_item  # G
+        loop += 2 * triton.cdiv(self.cols_per_chunk, self.block_n) * bt * acc  # per-row partials
         if self.w_hat:
-            total += rc * D * self.g_item
+            loop += depth * rc * D * self.g_item
         if self.need_weight:
-            total += rc * D * acc * (2 if B > bt else 1)  # U (+ a later row tile's product before its add)
-            total += B * D * 2 if self.half else 0  # x' in fp16
+            loop += rc * D * acc * (2 if B > bt else 1)  # U (+ a later row tile's product before its add)
+            loop += depth * B * D * 2 if self.half else 0  # x' in fp16 (rows repeated for hi + lo)
         if self.need_x and self.half:
-            total += B * D * acc + bt * D * acc  # fp32 dX accumulator (grad_x is x's dtype) + one product
-        return total
+            loop += B * D * acc + bt * D * acc  # fp32 dX accumulator (grad_x is x's dtype) + one product
+        # forming x': x in fp32 and its rescaled copy, or the fp16 copy and its repetition
+        prep = rows + max(2 * B * D * acc, (1 + depth) * B * D * 2) if self.half and self.need_weight else 0
+        return max(loop, prep)
 
 
 def plan(
@@ -194,18 +198,30 @@ def hybrid_backward(
     g_dtype = torch.float16 if half else x.dtype
 
     # per-row power of two of the fp16 gradient block (hybrid_bwd.py), the dW operand x' = x sigma_min / sigma_i
-    sigma = pow2_scales(_grad_bounds(g, row_scale, non_target_param, non_target)) if half else g
-    sigma_min = sigma.amin().reshape(1) if half else g
-    x_prod = (x.to(acc) * (sigma_min / sigma)[:, None]).to(torch.float16) if half and need_w else x
+    # (a power of two <= 1: exact but for entries that fall below fp16's normal range).  sigma_min is taken over
+    # the rows with a gradient: a row with g = 0 (or NaN / inf, scale 1) would otherwise push every other row's x'
+    # into fp16's subnormals; its own G row is 0 (or non-finite) whatever x' is, which stays finite (ratio <= 1).
+    sigma_min = sigma = g
+    if half:
+        bounds = _grad_bounds(g, row_scale, non_target_param, non_target)
+        sigma = pow2_scales(bounds)
+        sigma_min = torch.where(bounds > 0, sigma, sigma.amax()).amin().reshape(1)
+    x_rows = x
+    if half and need_w:
+        x_rows = (x.to(acc) * (sigma_min / sigma).clamp(max=1.0)[:, None]).to(torch.float16)
     dx_acc = None
     if need_x:
         dx_acc = torch.zeros((B, D), dtype=acc, device=dev) if half else grad_x.zero_()
 
-    G = torch.empty((p.g_blocks, bt * rmax), dtype=g_dtype, device=dev) if p.g_blocks else None
+    # fp16's hi + lo: rows [hi_i | lo_i] of G, W_hat stacked twice, x' rows repeated (hybrid_bwd.py): one GEMM each
+    depth = 2 if split else 1
+    G = torch.empty((bt * depth * rmax,), dtype=g_dtype, device=dev) if p.g_blocks else None
+    if split and need_w:
+        x_rows = x_rows.repeat_interleave(2, dim=0)
     blk = configs.hybrid_block_config(x.dtype, tf32)
     n_ct = triton.cdiv(cols, blk["BLOCK_N"])
     parts = torch.empty((2, n_ct, bt), dtype=acc, device=dev)
-    w_hat = torch.empty((rmax, D), dtype=g_dtype, device=dev) if p.w_hat else None
+    w_hat = torch.empty((depth * rmax, D), dtype=g_dtype, device=dev) if p.w_hat else None
     rows_cfg = configs.hybrid_rows_config(D)
     tiles = configs.tile_k_dv(D, x.dtype, split, tf32)
     common = dict(SUBC=k, HAS_CI=has_ci, SCALE16=half, UPCAST=upcast)
@@ -215,14 +231,13 @@ def hybrid_backward(
         nr = nc * k
         if p.w_hat:
             wrap_triton(_hybrid_rows_kernel)[(triton.cdiv(nr, rows_cfg["BLOCK_R"]),)](
-                x, weight, ci, w_hat, c0, nr, D, **common, **rows_cfg
+                x, weight, ci, w_hat, c0, nr, D, DUP=split, **common, **rows_cfg
             )
-        w_c = w_hat[:nr] if p.w_hat else weight[c0 * k : c0 * k + nr]
+        w_c = w_hat[: depth * nr] if p.w_hat else weight[c0 * k : c0 * k + nr]
         u_c = None
         for r0 in range(0, B, bt):
             n = min(bt, B - r0)
-            g_hi = G[0, : n * nr].view(n, nr) if G is not None else g
-            g_lo = G[1, : n * nr].view(n, nr) if split and G is not None else g_hi
+            g_blk = G[: n * depth * nr].view(n, depth * nr) if G is not None else g
             grid = (triton.cdiv(n, blk["BLOCK_M"]), triton.cdiv(nc, blk["BLOCK_N"]))
             wrap_triton(_hybrid_grad_block_kernel)[grid](
                 x,
@@ -235,8 +250,7 @@ def hybrid_backward(
                 lse,
                 g,
                 sigma,
-                g_hi,
-                g_lo,
+                g_blk,
                 parts[0],
                 parts[1],
                 B,
@@ -261,14 +275,15 @@ def hybrid_backward(
             sums = parts[:, : grid[1], :n].sum(dim=1)
             gtl[r0 : r0 + n] += sums[0]
             grs[r0 : r0 + n] += sums[1]
-            for block in (g_hi, g_lo) if split else (g_hi,):
-                if need_x:
-                    _mm_add(dx_acc[r0 : r0 + n], block, w_c)
-                if need_w:
-                    if u_c is None:
-                        u_c = _mm(block.t(), x_prod[r0 : r0 + n], acc)
-                    else:
-                        _mm_add(u_c, block.t(), x_prod[r0 : r0 + n])
+            if need_x:
+                _mm_add(dx_acc[r0 : r0 + n], g_blk, w_c)
+            if need_w:
+                g_t = g_blk.view(depth * n, nr).t()
+                x_t = x_rows[depth * r0 : depth * (r0 + n)]
+                if u_c is None:
+                    u_c = _mm(g_t, x_t, acc)
+                else:
+                    _mm_add(u_c, g_t, x_t)
         if need_w:
             wrap_triton(_hybrid_weight_rows_kernel)[(triton.cdiv(nr, rows_cfg["BLOCK_R"]),)](
                 u_c, weight, ci, grad_w, sigma_min, c0, nr, D, **common, **rows_cfg
