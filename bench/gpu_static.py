@@ -4,12 +4,12 @@
 
 Triton: the launchers (triton_kernels/launch.py; rows of backend "hybrid": the hybrid path's backward,
 hybrid_launch.py) are run on fake CUDA tensors with the kernel launch intercepted, so the report sees exactly the
-kernels, constexprs and grids a real call would use; each
-(kernel, dtype, autotune candidate) is then compiled ahead of time for sm_90a (``triton.compile`` with
-``GPUTarget("cuda", 90, 32)``, no device needed).  CUDA: the built extension (``python -m marginops.build
---cuda``; ``MARGINOPS_CUDA_ARCHS="8.0;9.0"`` for both archs) is read with ``cuobjdump``.  For every kernel
-the SASS is counted: tensor-core instructions (HGMMA = wgmma, HMMA = mma.sync/WMMA), LDSM (ldmatrix),
-generic loads (LD.E, which neither LDG nor LDS is), spill traffic (STL/LDL), and the resource usage.
+kernels, constexprs and grids a real call would use; each (kernel, dtype, autotune candidate) is then compiled
+ahead of time for sm_90a (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``, no device needed).  CUDA: the
+built extension (``python -m marginops.build --cuda``; ``MARGINOPS_CUDA_ARCHS="8.0;9.0"`` for both archs) is read
+with ``cuobjdump``.  For every kernel the SASS is counted: tensor-core instructions (HGMMA = wgmma, HMMA =
+mma.sync/WMMA), LDSM (ldmatrix), generic loads (LD.E, which neither LDG nor LDS is), spill traffic (STL/LDL), and
+the resource usage.
 
 DIR/gpu_static.csv has one row per kernel × arch × dtype × config (columns in ``FIELDS``); the wave
 efficiency of a Triton kernel's planned grid is given at B = 1024 on 132 SMs (H100/H200 SXM) and, in further

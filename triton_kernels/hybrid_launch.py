@@ -94,9 +94,9 @@ def plan(
     class_index: bool = False,
     tf32: bool = False,
 ) -> HybridPlan:
-    """bt = min(B, 8192) rows per tile; Rc = clamp(32 MiB / (G bytes per row), 8192, 32768) weight rows per chunk
-    (Cc = Rc / k classes), never more than the problem has.  MARGINOPS_CHUNK_COLS / MARGINOPS_CHUNK_ROWS (read per
-    call) override Cc / bt (tests: many chunks and row tiles at small shapes)."""
+    """bt = min(B, 8192) rows per tile; Rc = clamp(32 MiB / (bt x the bytes of a G element, x 2 for hi + lo), 8192,
+    32768) weight rows per chunk (Cc = Rc / k classes), never more than the problem has.  MARGINOPS_CHUNK_COLS /
+    MARGINOPS_CHUNK_ROWS (read per call) override Cc / bt (tests: many chunks and row tiles at small shapes)."""
     half = dtype in (torch.bfloat16, torch.float16)
     g_item = 2 if half else dtype.itemsize
     blocks = (2 if split else 1) if (need_x or need_weight) else 0
