@@ -92,7 +92,8 @@ BACKENDS="$("$PY" - <<'EOF' 2>/dev/null || echo reference,cuda,triton,matmul
 import sys
 sys.path.insert(0, ".")
 from bench.providers import PROVIDERS
-wanted = ["reference", "insightface", "cuda", "cuda_mixed", "cuda_fused", "triton", "triton_onepass", "matmul"]
+wanted = ["reference", "insightface", "cuda", "cuda_mixed", "cuda_fused", "triton", "triton_onepass", "hybrid",
+          "hybrid_mixed", "matmul"]
 print(",".join(p for p in wanted if p in PROVIDERS))
 EOF
 )"
@@ -166,7 +167,7 @@ else
   stage build "$PY" -m marginops.build --cuda --verbose
 fi
 pytest_stage tests_cuda tests -m cuda -k "not triton and not compute_sanitizer"
-pytest_stage tests_triton tests -k triton -m "not slow"
+pytest_stage tests_triton tests -k "triton or hybrid" -m "not slow"
 if [ $DRY = 1 ]; then
   note "memcheck: skipped in a dry run"
 elif command -v compute-sanitizer > /dev/null; then

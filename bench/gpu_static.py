@@ -2,13 +2,14 @@
 
     python -m bench.gpu_static --out DIR [--triton-only | --cuda-only] [--all-configs]
 
-Triton: the launchers (triton_kernels/launch.py) are run on fake CUDA tensors with the kernel launch
-intercepted, so the report sees exactly the kernels, constexprs and grids a real call would use; each
-(kernel, dtype, autotune candidate) is then compiled ahead of time for sm_90a (``triton.compile`` with
-``GPUTarget("cuda", 90, 32)``, no device needed).  CUDA: the built extension (``python -m marginops.build
---cuda``; ``MARGINOPS_CUDA_ARCHS="8.0;9.0"`` for both archs) is read with ``cuobjdump``.  For every kernel
-the SASS is counted: tensor-core instructions (HGMMA = wgmma, HMMA = mma.sync/WMMA), LDSM (ldmatrix),
-generic loads (LD.E, which neither LDG nor LDS is), spill traffic (STL/LDL), and the resource usage.
+Triton: the launchers (triton_kernels/launch.py; rows of backend "hybrid": the hybrid path's backward,
+hybrid_launch.py) are run on fake CUDA tensors with the kernel launch intercepted, so the report sees exactly the
+kernels, constexprs and grids a real call would use; each (kernel, dtype, autotune candidate) is then compiled
+ahead of time for sm_90a (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``, no device needed).  CUDA: the
+built extension (``python -m marginops.build --cuda``; ``MARGINOPS_CUDA_ARCHS="8.0;9.0"`` for both archs) is read
+with ``cuobjdump``.  For every kernel the SASS is counted: tensor-core instructions (HGMMA = wgmma, HMMA =
+mma.sync/WMMA), LDSM (ldmatrix), generic loads (LD.E, which neither LDG nor LDS is), spill traffic (STL/LDL), and
+the resource usage.
 
 DIR/gpu_static.csv has one row per kernel × arch × dtype × config (columns in ``FIELDS``); the wave
 efficiency of a Triton kernel's planned grid is given at B = 1024 on 132 SMs (H100/H200 SXM) and, in further
@@ -205,10 +206,17 @@ TRITON_DTYPES = [
 
 
 def _capture_triton(
-    dtype_name: str, tf32: bool, B: int, sms: int, deterministic: bool = True, weight_name: Optional[str] = None
+    dtype_name: str,
+    tf32: bool,
+    B: int,
+    sms: int,
+    deterministic: bool = True,
+    weight_name: Optional[str] = None,
+    hybrid: bool = False,
 ) -> list[Launch]:
     """Run both launchers on fake CUDA tensors (W in ``weight_name``, default x's dtype); return every kernel
-    launch they would make."""
+    launch they would make.  ``hybrid``: the hybrid path's backward instead (its forward is the Triton one), the
+    first launch of each kernel only (it launches the same kernels once per class chunk)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -232,8 +240,9 @@ def _capture_triton(
 
             return record
 
-    saved = (launch.wrap_triton, launch._num_sms, getattr(kernels, "ALLOW_TF32", None))
-    launch.wrap_triton = Recorder
+    hybrid_launch = sys.modules["marginops.triton_kernels.hybrid_launch"]
+    saved = (launch.wrap_triton, hybrid_launch.wrap_triton, launch._num_sms, getattr(kernels, "ALLOW_TF32", None))
+    launch.wrap_triton = hybrid_launch.wrap_triton = Recorder
     launch._num_sms = lambda index: sms
     kernels.ALLOW_TF32 = tf32
     try:
@@ -246,11 +255,19 @@ def _capture_triton(
             rows = [torch.empty((B,), dtype=acc, device=dev) for _ in range(3)]
             t = torch.zeros((), dtype=torch.float64)  # non_target_param (a CPU scalar tensor)
             args = (x, w, labels, *rows, None, t, 0, 2.0, 1)
-            kernels.fused_lse_forward(*args, deterministic)
             lse = torch.empty((B,), dtype=acc, device=dev)
-            kernels.fused_lse_backward(lse, lse, *args, deterministic)
+            if hybrid:
+                kernels.hybrid_backward(lse, lse, *args, deterministic)
+            else:
+                kernels.fused_lse_forward(*args, deterministic)
+                kernels.fused_lse_backward(lse, lse, *args, deterministic)
     finally:
-        launch.wrap_triton, launch._num_sms, kernels.ALLOW_TF32 = saved
+        launch.wrap_triton, hybrid_launch.wrap_triton, launch._num_sms, kernels.ALLOW_TF32 = saved
+    if hybrid:
+        firsts = {}
+        for item in captured:
+            firsts.setdefault(item.name, item)
+        captured = list(firsts.values())
     return captured
 
 
@@ -359,11 +376,11 @@ def iter_triton_rows(all_configs: bool = True):
     os.environ.pop("TRITON_INTERPRET", None)  # the GPU tables, not the interpreter's one small config
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for label, dtype_name, opts in TRITON_DTYPES:
+        for (label, dtype_name, opts), backend in ((d, b) for d in TRITON_DTYPES for b in ("triton", "hybrid")):
             tf32 = opts.get("tf32", False)
             weight = opts.get("weight")
             plans = {
-                suffix: _capture_triton(dtype_name, tf32, B, sms, weight_name=weight)
+                suffix: _capture_triton(dtype_name, tf32, B, sms, weight_name=weight, hybrid=backend == "hybrid")
                 for suffix, (B, sms) in SHAPES.items()
             }
             base = plans[""]
@@ -388,7 +405,7 @@ def iter_triton_rows(all_configs: bool = True):
                     occupancy = ctas_per_sm("sm_90", usage["REG"], threads, smem)
                     row = dict(
                         kernel=fn.__name__,
-                        backend="triton",
+                        backend=backend,
                         arch="sm_90a",
                         dtype=label,
                         config=_config_name(cfg, num_warps, num_stages),

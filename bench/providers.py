@@ -4,7 +4,8 @@ A provider turns raw inputs (embeddings x (B, D), class weights W (C, D), labels
 ``Case``: the leaves it keeps (and whose gradients are outputs, not overhead), a ``forward`` that
 returns what ``backward`` needs, and a ``backward``.
 
-* ``reference``, ``cpu``, ``cuda`` (class-chunked), ``cuda_fused``, ``triton``:
+* ``reference``, ``cpu``, ``cuda`` (class-chunked), ``cuda_fused``, ``triton``, ``hybrid`` (Triton gradient blocks,
+  cuBLAS products):
   ``marginops.margin_cross_entropy(..., backend=...)`` with the requested margin, from raw x and W
   (normalization included).  Variants: ``*_frozen`` (weight without gradient), ``*_mixed`` (fp32 weight, 16-bit
   products), ``triton_onepass`` (the atomic one-pass backward), ``cuda_chunk{4,8,32}k`` (classes per chunk).
@@ -362,6 +363,25 @@ PROVIDERS = {
             _check_triton,
             _marginops_case("triton", deterministic=False),
             compare_to="triton",
+        ),
+        Provider(
+            "hybrid",
+            True,
+            ("cpu", "cuda"),
+            "marginops hybrid path: the Triton forward; backward per class chunk a Triton gradient block and cuBLAS "
+            "products (docs/CHUNKED.md)",
+            _check_triton,
+            _marginops_case("hybrid"),
+            compare_to="triton",
+        ),
+        Provider(
+            "hybrid_mixed",
+            True,
+            ("cuda",),
+            "marginops hybrid path, fp32 weight with products in the case's dtype (mixed precision)",
+            _check_triton,
+            _marginops_case("hybrid", mixed=True),
+            compare_to="cuda_mixed",
         ),
         Provider(
             "matmul",

@@ -195,10 +195,10 @@ def check_backend_fits(backend: str, embeddings: torch.Tensor) -> None:
             )
     elif backend in ("cuda", "cuda_fused") and device.type != "cuda":
         raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}")
-    elif backend == "triton":
+    elif backend in ("triton", "hybrid"):
         reason = triton_usable(device)
         if reason is not None:
-            raise ValueError(f"backend='triton' cannot run here: {reason}")
+            raise ValueError(f"backend={backend!r} cannot run here: {reason}")
 
 
 def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:

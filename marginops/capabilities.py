@@ -38,6 +38,8 @@ BACKEND_CAPABILITIES = {
         Capabilities("cuda_fused", ("cuda",), False, False, True),
         # CPU tensors only under TRITON_INTERPRET=1 (triton_usable says why not otherwise)
         Capabilities("triton", ("cuda", "cpu"), True, False, True),
+        # the Triton forward; backward: Triton gradient blocks + torch.mm products per class chunk (docs/CHUNKED.md)
+        Capabilities("hybrid", ("cuda", "cpu"), True, False, True),
     )
 }
 

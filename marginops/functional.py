@@ -71,7 +71,7 @@ def margin_cross_entropy(
     margin.subcenters (1 except for SubCenterArcFace); labels (B,) int64/int32 class ids or
     ``ignore_index``; margin one of the specs in marginops (NormFace, CosFace, ArcFace, ...).
     interclass_filtering_threshold > 0: non-target cosines above it get logit 0 and no gradient
-    (insightface semantics).  backend: "auto", "reference", "cpu", "cuda" or "triton".
+    (insightface semantics).  backend: "auto", "reference", "cpu", "cuda", "cuda_fused", "triton" or "hybrid".
     return_stats: also return MarginStats (per-row lse, target cosine, prediction, batch accuracy).
     compute_dtype: the dtype of the head's matrix products.  None: the weight's, or under torch.autocast on a float32
     weight autocast's bf16 / fp16 (mixed precision: the weight and its gradient stay float32, each class chunk is

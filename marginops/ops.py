@@ -34,7 +34,9 @@ from . import _build
 from .capabilities import BACKENDS, triton_usable  # noqa: F401  (re-exported for callers that read them here)
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
-# once per op call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment.
+# once per op call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment;
+# "hybrid": the Triton forward, a backward of Triton gradient blocks and cuBLAS products (triton_kernels/hybrid_*.py;
+# not chosen by "auto" until GPU measurements decide).
 
 
 # The forward op's arguments by schema name (csrc/marginops.cpp's TORCH_LIBRARY schema; the Triton launchers and the
@@ -103,7 +105,8 @@ def _once_differentiable(grads: tuple, message: str) -> tuple:
 
 
 def _make_backward(backward_op, backend: str):
-    """The op's autograd backward; backend "cpp" (the C++ op: "cpu" or "cuda" by the tensors' device) or "triton"."""
+    """The op's autograd backward; backend "cpp" (the C++ op: "cpu" or "cuda" by the tensors' device), "triton" or
+    "hybrid"."""
 
     def backward(ctx, grad_lse, _grad_argmax):
         *saved, lse = ctx.saved_tensors
@@ -298,6 +301,28 @@ def triton_op():
 
 
 @torch.compiler.assume_constant_result
+def _ensure_hybrid_op() -> bool:
+    """The hybrid path (backend "hybrid"): the Triton forward under its own name, with the hybrid backward (a Triton
+    gradient-block kernel per class chunk, torch.mm products) as its autograd formula."""
+    if "hybrid" not in _registered:
+        kernels = triton_kernels()
+        forward = torch.library.triton_op("marginops::hybrid_fused_lse", mutates_args=())(kernels.fused_lse_forward)
+        backward = torch.library.triton_op("marginops::hybrid_fused_lse_backward", mutates_args=())(
+            kernels.hybrid_backward
+        )
+        forward.register_autograd(_make_backward(backward, "hybrid"), setup_context=_setup_context)
+        _check_schema_names(torch.ops.marginops.hybrid_fused_lse)
+        _check_schema_names(torch.ops.marginops.hybrid_fused_lse_backward)
+        _registered.add("hybrid")
+    return True
+
+
+def hybrid_op():
+    _ensure_hybrid_op()
+    return torch.ops.marginops.hybrid_fused_lse
+
+
+@torch.compiler.assume_constant_result
 def _build_failure(kind: str) -> str:
     return _build.build_failure(kind) or ""
 
@@ -351,7 +376,7 @@ def read_switches(backend: str) -> int:
     none per call."""
     if backend in ("cuda", "cuda_fused"):
         return _read_cuda_switches()
-    if backend == "triton":
+    if backend in ("triton", "hybrid"):
         return _read_triton_switches()
     return -1
 
@@ -380,7 +405,7 @@ def fused_lse(
     subcenters: int = 1,
     deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the fused op on a concrete backend ("cpu", "cuda", "triton", or "reference": the
+    """Run the fused op on a concrete backend ("cpu", "cuda", "cuda_fused", "triton", "hybrid", or "reference": the
     materialized oracle with the same semantics); inputs already validated."""
     arguments = dict(
         x=x.contiguous(),
@@ -411,4 +436,6 @@ def fused_lse(
         return torch.ops.marginops.fused_lse_cuda_fused(**arguments)
     if backend == "triton":
         return triton_op()(**arguments)
+    if backend == "hybrid":
+        return hybrid_op()(**arguments)
     raise ValueError(f"fused_lse has no backend {backend!r}")

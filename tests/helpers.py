@@ -160,3 +160,26 @@ def progress(message: str) -> None:
     capture = config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
         reporter.write_line(f"    {message}")
+
+
+def matmul_flops(fn):
+    """Matrix-product FLOPs of fn(): 2·M·K·N of every aten::mm / addmm / addmm_ torch.profiler records (every
+    thread), from the recorded operand shapes (the profiler's own FLOP estimate leaves addmm_ out).  One thread:
+    the profiler sees the OpenMP workers' ops only in its first session of a process, the caller's always."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
+    total = 0
+    for e in prof.events():
+        if e.name == "aten::mm":
+            a, b = e.input_shapes[:2]
+        elif e.name in ("aten::addmm", "aten::addmm_"):
+            a, b = e.input_shapes[1:3]
+        else:
+            continue
+        total += 2 * a[0] * a[1] * b[1]
+    return total

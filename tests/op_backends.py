@@ -147,6 +147,19 @@ def _triton_ops():
     return _Ops(tk.fused_lse_forward, tk.fused_lse_backward)
 
 
+def _hybrid_ops():
+    from marginops import ops
+
+    ops.hybrid_op()  # registers both triton_ops
+    return _Ops(torch.ops.marginops.hybrid_fused_lse, torch.ops.marginops.hybrid_fused_lse_backward)
+
+
+def _hybrid_chunks(cols="37", rows="20", **case):
+    """A case of the hybrid path crossing chunks and row tiles: chunks of 37 classes (ragged against the
+    interpreter's 32-column tiles and the last chunk), row tiles of 20 (a partial 16-row program in each)."""
+    return dict(case, env={"MARGINOPS_CHUNK_COLS": cols, "MARGINOPS_CHUNK_ROWS": rows})
+
+
 def _cuda_tf32(monkeypatch):
     monkeypatch.setenv("MARGINOPS_CUDA_TF32", "1")  # read by the op at each call
 
@@ -254,6 +267,57 @@ BACKENDS = [
             "small_norm": dict(B=37, D=61, C=60),
             "large_gradient": dict(B=37, D=61, C=101),
             "atomic": dict(C=52),
+            "labels": dict(C=50),
+        },
+        extra_tiny_shapes=((1, 20, 3, 1),),
+        big_offsets_skip=None if HAS_CUDA else "a 4.3 GB weight through the interpreter: GPU only",
+    ),
+    OpBackend(
+        # the Triton forward with the hybrid backward (Triton gradient blocks + torch.mm products per class chunk);
+        # under the interpreter its products are torch's CPU float32 GEMMs on the 16-bit values
+        name="hybrid",
+        device="cuda" if HAS_CUDA else "cpu",
+        load=_hybrid_ops,
+        dtypes=(F64, F32, BF16, F16),
+        mixed_dtypes=(BF16, F16),
+        unavailable=lambda: None if HAS_TRITON else "triton is not installed",
+        checks_arguments=False,
+        low_slack=LOW_SLACK_TRITON_GPU if HAS_CUDA else LOW_SLACK_CUDA,
+        tf32=_triton_tf32 if HAS_CUDA else "the interpreter runs tl.dot in IEEE fp32 whatever the precision",
+        fast_backward=_triton_fast_backward,
+        fast_backward_dtypes=(F16,),
+        grid_shapes={"ragged": _hybrid_chunks(B=37, D=61, C=60)},
+        float64_shapes={
+            "one_class_per_chunk": _hybrid_chunks(cols="1", rows="1", B=7, D=33, C=12, k=2),
+            "default_plan": dict(B=70, D=64, C=150),
+            "k5": _hybrid_chunks(cols="7", B=6, D=300, C=30, k=5, class_index=True),
+            "k64": _hybrid_chunks(cols="3", B=4, D=16, C=8, k=64),
+        },
+        precision_cases={
+            "ragged": _hybrid_chunks(B=67, D=128, C=300),
+            "k3_class_index": _hybrid_chunks(B=67, D=128, C=300, k=3, class_index=True),
+            "curricular_filter": _hybrid_chunks(B=67, D=128, C=1001, non_target=1, filter_threshold=0.3),
+            "default_plan": dict(B=67, D=128, C=1001),
+        }
+        if HAS_CUDA
+        else {
+            "curricular_filter": _hybrid_chunks(C=101, non_target=1, filter_threshold=0.3),
+            "k3_class_index": _hybrid_chunks(C=41, k=3, class_index=True),
+        },
+        # (zero_rows, small_norm, large_gradient and labels build their Case directly: no "env")
+        sizes={}
+        if HAS_CUDA
+        else {
+            "every_mode": _hybrid_chunks(cols="11", C=40),
+            "zero_rows": dict(C=30),
+            "class_index_zero": _hybrid_chunks(C=30),
+            "nan": _hybrid_chunks(B=21, C=40),
+            "deterministic": _hybrid_chunks(B=37, D=61, C=40, filter_threshold=0.4),
+            "switches": _hybrid_chunks(B=37, D=64, C=60),
+            "small_norm": dict(B=37, D=61, C=60),
+            "large_gradient": dict(B=37, D=61, C=101),
+            "no_target": _hybrid_chunks(),
+            "atomic": _hybrid_chunks(C=52),
             "labels": dict(C=50),
         },
         extra_tiny_shapes=((1, 20, 3, 1),),

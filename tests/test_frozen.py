@@ -5,6 +5,7 @@ bitwise those of the full backward.  (The chunked CUDA path: tests/test_chunked.
 
 import pytest
 import torch
+from helpers import matmul_flops
 from op_cases import Case
 
 import marginops
@@ -15,29 +16,6 @@ from marginops import ops
 def cpu_ops():
     ops.cpp_op("cpu")
     return torch.ops.marginops
-
-
-def _mm_flops(fn):
-    """Matrix-product FLOPs of fn(): 2·M·K·N of every aten::mm / addmm / addmm_ torch.profiler records (every
-    thread), from the recorded operand shapes (the profiler's own FLOP estimate leaves addmm_ out).  One thread:
-    the profiler sees the OpenMP workers' ops only in its first session of a process, the caller's always."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-            fn()
-    finally:
-        torch.set_num_threads(threads)
-    total = 0
-    for e in prof.events():
-        if e.name == "aten::mm":
-            a, b = e.input_shapes[:2]
-        elif e.name in ("aten::addmm", "aten::addmm_"):
-            a, b = e.input_shapes[1:3]
-        else:
-            continue
-        total += 2 * a[0] * a[1] * b[1]
-    return total
 
 
 @pytest.mark.parametrize("need", [(False, True), (True, False), (False, False)], ids=["frozen_x", "frozen_w", "both"])
@@ -56,8 +34,8 @@ def test_cpu_backward_skips_unwanted_gradients(cpu_ops, dtype, need):
         else:
             assert a.numel() == 0 and a.dtype == b.dtype, name
     assert torch.equal(part[2], full[2]) and torch.equal(part[3], full[3])
-    flops = _mm_flops(lambda: cpu_ops.fused_lse_backward(case.grad, lse, *case.args(), True, need_x, need_w))
-    full_flops = _mm_flops(lambda: cpu_ops.fused_lse_backward(case.grad, lse, *case.args(), True))
+    flops = matmul_flops(lambda: cpu_ops.fused_lse_backward(case.grad, lse, *case.args(), True, need_x, need_w))
+    full_flops = matmul_flops(lambda: cpu_ops.fused_lse_backward(case.grad, lse, *case.args(), True))
     assert full_flops == 3 * unit, "the profiler must see the CPU kernels' matrix products"
     assert flops == unit * (1 + int(need_x) + int(need_w))
 
@@ -73,7 +51,7 @@ def test_autograd_asks_only_for_wanted_gradients(cpu_ops, frozen):
     def run(emb_grad, weight_grad):
         e, w = emb.clone().requires_grad_(emb_grad), weight.clone().requires_grad_(weight_grad)
         loss = marginops.margin_cross_entropy(e, w, labels, marginops.ArcFace(), backend="cpu")
-        flops = _mm_flops(loss.backward)
+        flops = matmul_flops(loss.backward)
         return e.grad, w.grad, flops
 
     full = run(True, True)

@@ -49,6 +49,8 @@ REGISTERED = {
     "fused_lse_cuda_fused_backward": ("fused_lse_cuda_fused", ("cuda",)),
     "triton_fused_lse": ("triton_fused_lse", ("cpu", "cuda")),
     "triton_fused_lse_backward": ("triton_fused_lse", ("cpu", "cuda")),
+    "hybrid_fused_lse": ("hybrid_fused_lse", ("cpu", "cuda")),
+    "hybrid_fused_lse_backward": ("hybrid_fused_lse", ("cpu", "cuda")),
 }
 
 
@@ -90,7 +92,9 @@ def _positional(op, kwargs):
 
 
 def _load(name):
-    if name.startswith("triton"):
+    if name.startswith("hybrid"):
+        ops.hybrid_op()
+    elif name.startswith("triton"):
         ops.triton_op()
     else:
         ops.cpp_op("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +114,7 @@ def test_every_registered_op_has_opcheck_samples():
     ops.cpp_op("cpu")
     if HAS_TRITON:
         ops.triton_op()
+        ops.hybrid_op()
     registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("marginops::")}
     missing = registered - set(REGISTERED) - NO_TENSOR_OPS
     assert not missing, f"ops without opcheck samples: {sorted(missing)}"
@@ -125,7 +130,7 @@ def test_opcheck(name, sample, device):
     forward_name, devices = REGISTERED[name]
     if device not in devices:
         pytest.skip(f"{name} has {'/'.join(devices)} kernels only")
-    if name.startswith("triton"):
+    if name.startswith(("triton", "hybrid")):
         if not HAS_TRITON:
             pytest.skip("triton is not installed")
         if device == "cpu" and not config.flag("TRITON_INTERPRET"):
@@ -133,7 +138,7 @@ def test_opcheck(name, sample, device):
     if name.startswith("fused_lse_cuda_fused") and "weight_dtype" in sample:
         pytest.skip("the fused CUDA kernels have no mixed precision (capabilities: cuda_fused)")
     checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if name.startswith("triton") and device == "cpu":
+    if name.startswith(("triton", "hybrid")) and device == "cpu":
         checks = checks[:-1]  # the interpreter runs kernels eagerly: no AOT graph of CPU tensors
     forward = _load(forward_name)
     kwargs = _forward_kwargs(device, **sample)

@@ -10,7 +10,13 @@ Exports the two launchers, one per op schema (csrc/marginops.cpp):
 
 and ``read_switches()``, the value of ``switches``: the two switches below, read now (-1: read at the call).
 
-Both are meant for ``torch.library.triton_op`` (they launch through ``torch.library.wrap_triton``).  On CPU
+and the hybrid path's backward (backend ``"hybrid"``: the forward is ``fused_lse_forward``), same signature as
+``fused_lse_backward``:
+
+* ``hybrid_backward(...)``: per class chunk a Triton kernel writes the 16-bit logit-gradient block, ``torch.mm``
+  (cuBLAS) forms dX and dW from it, a Triton row kernel finishes dW (hybrid_bwd.py, hybrid_launch.py).
+
+All are meant for ``torch.library.triton_op`` (they launch through ``torch.library.wrap_triton``).  On CPU
 tensors they run under Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before Triton is
 first imported.
 
@@ -29,10 +35,18 @@ Only relative imports inside this package: ``triton_kernels`` on PyPI is a diffe
 
 from typing import Optional
 
+from .hybrid_launch import hybrid_backward
 from .launch import fused_lse_backward, fused_lse_forward, read_switches
 
 # True/False override the environment switches (marginops/config.py), read by read_switches()
 ALLOW_TF32: Optional[bool] = None
 FAST_GRAD_DOTS: Optional[bool] = None
 
-__all__ = ["ALLOW_TF32", "FAST_GRAD_DOTS", "fused_lse_backward", "fused_lse_forward", "read_switches"]
+__all__ = [
+    "ALLOW_TF32",
+    "FAST_GRAD_DOTS",
+    "fused_lse_backward",
+    "fused_lse_forward",
+    "hybrid_backward",
+    "read_switches",
+]

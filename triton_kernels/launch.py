@@ -87,6 +87,21 @@ def _split_grad_dots(dtype: torch.dtype, switches: int) -> bool:
     return dtype == torch.float16 and not switches & _FAST_BWD
 
 
+def _grad_bounds(grad_lse: Tensor, row_scale: Tensor, non_target_param: Tensor, non_target: int) -> Tensor:
+    """(B,) bounds |g_i s_i| max |dphi| of row i's |dc| (marginops/non_target.py); a NaN or inf row counts as 0, so
+    that its scale is 1 and the non-finite value propagates instead of zeroing the other rows' scales."""
+    bound = (grad_lse * row_scale).abs().nan_to_num(0.0, 0.0, 0.0)
+    return bound * non_target_max_abs_dphi(non_target, non_target_param.to(bound.device, bound.dtype).reshape(1))
+
+
+def pow2_scales(bound: Tensor) -> Tensor:
+    """Powers of two S = 2^(15 - e) with bound < 2^e, so that |S dc| < 2^15 (fp16 holds it with its full precision),
+    exponent clamped to [-100, 100]; 1 where the bound is 0.  Stays on the device (no host sync)."""
+    _, exponent = torch.frexp(bound)  # bound < 2^exponent
+    scale = torch.ldexp(torch.ones_like(bound), (15 - exponent).clamp(-100, 100))
+    return torch.where(bound > 0, scale, torch.ones_like(bound))
+
+
 def _grad_scale(grad_lse: Tensor, row_scale: Tensor, non_target_param: Tensor, non_target: int, dtype: torch.dtype):
     """(1,) tensor: the power of two S that dc = g p s dphi is multiplied by before it becomes an fp16 product
     operand, with |S dc| < 2^15 since |dc| <= max |g s| * max |dphi| (marginops/non_target.py); 1 for 32/64-bit
@@ -94,11 +109,7 @@ def _grad_scale(grad_lse: Tensor, row_scale: Tensor, non_target_param: Tensor, n
     acc = row_scale.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         return torch.ones((1,), dtype=acc, device=row_scale.device)
-    bound = (grad_lse * row_scale).abs().nan_to_num(0.0, 0.0, 0.0).amax().reshape(1)
-    bound = bound * non_target_max_abs_dphi(non_target, non_target_param.to(bound.device, bound.dtype).reshape(1))
-    _, exponent = torch.frexp(bound)  # bound < 2^exponent
-    scale = torch.ldexp(torch.ones_like(bound), (15 - exponent).clamp(-100, 100))
-    return torch.where(bound > 0, scale, torch.ones_like(bound))
+    return pow2_scales(_grad_bounds(grad_lse, row_scale, non_target_param, non_target).amax().reshape(1))
 
 
 def _dot_precision(dtype: torch.dtype, switches: int) -> str:
