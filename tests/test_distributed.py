@@ -541,7 +541,7 @@ CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if n
 # the spawned worker and the pytest side
 
 
-def _worker(rank, world, init_file, out_dir, backends):
+def _worker(rank, world, init_file, out_dir, backends, cases):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -553,7 +553,8 @@ def _worker(rank, world, init_file, out_dir, backends):
     results = {}
     try:
         for backend in backends:
-            for name, fn in CASES.items():
+            for name in cases:
+                fn = CASES[name]
                 torch.manual_seed(0)
                 start = time.perf_counter()
                 try:
@@ -572,13 +573,18 @@ def _worker(rank, world, init_file, out_dir, backends):
 BACKENDS = ["reference", "cpu"]
 
 
-def _selected_backends(session):
-    """The backends of the test_distributed items this session runs (so `-k reference` never builds C++)."""
-    wanted = {
-        item.callspec.params["backend"]
+def _selected(session, param):
+    """The values of ``param`` among the test_distributed items this session runs."""
+    return {
+        item.callspec.params[param]
         for item in session.items
         if getattr(item, "originalname", None) == "test_distributed" and hasattr(item, "callspec")
     }
+
+
+def _selected_backends(session):
+    """The backends of the test_distributed items this session runs (so `-k reference` never builds C++)."""
+    wanted = _selected(session, "backend")
     found = [b for b in BACKENDS if b in wanted and b != "cpu"]
     if "cpu" in wanted:
         from marginops import _build
@@ -592,6 +598,7 @@ def _selected_backends(session):
 def run_world(request, tmp_path_factory):
     cache = {}
     backends = _selected_backends(request.session)
+    cases = sorted(_selected(request.session, "case"))  # `-k case_name` spawns the workers for that case only
 
     def run(world):
         if world not in cache:
@@ -600,7 +607,7 @@ def run_world(request, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"world{world}")
             context = mp.start_processes(
                 _worker,
-                args=(world, str(out / "init"), str(out), backends),
+                args=(world, str(out / "init"), str(out), backends, cases),
                 nprocs=world,
                 join=False,
                 start_method="spawn",
