@@ -70,8 +70,8 @@ from ._validation import (
     label_dtype_problem,
 )
 from .capabilities import BACKENDS
-from .functional import autocast_compute_dtype, compute_dtype_on
-from .loss_assembly import make_stats, reduce_loss
+from .functional import compute_dtype_on, resolve_precision
+from .loss_assembly import make_stats, reduce_loss, row_losses
 from .margins import (
     FILTER_OFF,
     NORM_EPS,
@@ -729,13 +729,13 @@ class DistributedMarginLoss(nn.Module):
         ``MarginStats`` of the global batch (rows in rank order: this rank's rows are
         ``[sum(sizes[:rank]), sum(sizes[:rank + 1]))``), identical on every rank; ``predicted`` is the global
         class of the highest raw cosine over every shard's columns (the sampled ones under Partial FC)."""
-        compute = self._products_dtype()
-        if isinstance(self.weight, torch.Tensor) and torch.is_autocast_enabled(self.weight.device.type):
-            # autocast: the products in its bf16 / fp16 on a float32 weight, the rest with autocast off
-            compute = compute or autocast_compute_dtype(self.weight, self.weight.device.type)
-            with torch.autocast(self.weight.device.type, enabled=False):
-                return self._forward(local_embeddings, local_labels, return_stats, compute)
-        return self._forward(local_embeddings, local_labels, return_stats, compute)
+        local_embeddings, compute, autocast_device = resolve_precision(
+            local_embeddings, self.weight, self._products_dtype()
+        )
+        if autocast_device is None:
+            return self._forward(local_embeddings, local_labels, return_stats, compute)
+        with torch.autocast(autocast_device, enabled=False):
+            return self._forward(local_embeddings, local_labels, return_stats, compute)
 
     def _products_dtype(self):
         """The products' dtype asked for outside autocast (None: the weight's)."""
@@ -856,10 +856,7 @@ class DistributedMarginLoss(nn.Module):
 
         # 5. global log-sum-exp and the loss
         lse = torch.logsumexp(_ReplicatedStack.apply(lse_local, rank, world, group), dim=0)
-        loss = lse - target_logit
-        if extra is not None:
-            loss = loss + shared[1]
-        loss = torch.where(valid, loss, zero)
+        loss = row_losses(lse, target_logit, None if extra is None else shared[1], valid)
         reduced = reduce_loss(loss, valid, self.reduction).to(weight.dtype)
         if not return_stats:
             return reduced

@@ -36,6 +36,23 @@ def autocast_compute_dtype(weight: torch.Tensor, device_type: str):
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+def resolve_precision(embeddings, weight, compute_dtype: Optional[torch.dtype]):
+    """``(embeddings, compute_dtype, autocast_device)``: torch.autocast and ``compute_dtype`` resolved, in this one
+    place for every entry point (the functional, the modules, the distributed head).
+
+    Under autocast on the embeddings' device, ``compute_dtype`` None becomes autocast's bf16 / fp16 on a float32
+    weight, floating embeddings come back in the weight's dtype, and ``autocast_device`` names the device type
+    whose autocast the caller turns off while the loss runs (PyTorch's cross_entropy runs in float32 under
+    autocast too).  Otherwise everything as given and None.  Whether compute_dtype fits the weight is validation's
+    (compute_dtype_problem); which dtype a concrete backend runs, compute_dtype_on's."""
+    if not autocast_active(embeddings):
+        return embeddings, compute_dtype, None
+    device_type = embeddings.device.type
+    if compute_dtype is None and isinstance(weight, torch.Tensor):
+        compute_dtype = autocast_compute_dtype(weight, device_type)
+    return to_weight_dtype(embeddings, weight), compute_dtype, device_type
+
+
 def compute_dtype_on(backend: str, compute_dtype, weight: torch.Tensor) -> torch.dtype:
     """The dtype the products run in on a concrete ``backend``: ``compute_dtype`` (validated), or the weight's when
     it is None or the backend has no mixed precision (one warning)."""
@@ -78,12 +95,11 @@ def margin_cross_entropy(
     rounded as it is used, the loss comes back in float32).  The embeddings may be in the weight's dtype or in
     compute_dtype.  Under torch.autocast the loss itself runs with autocast off, as PyTorch's cross_entropy does.
     """
-    if autocast_active(embeddings):
-        if compute_dtype is None and isinstance(weight, torch.Tensor):
-            compute_dtype = autocast_compute_dtype(weight, embeddings.device.type)
-        with torch.autocast(embeddings.device.type, enabled=False):
+    embeddings, compute_dtype, autocast_device = resolve_precision(embeddings, weight, compute_dtype)
+    if autocast_device is not None:
+        with torch.autocast(autocast_device, enabled=False):  # resolve_precision is a no-op in the call below
             return margin_cross_entropy(
-                to_weight_dtype(embeddings, weight),
+                embeddings,
                 weight,
                 labels,
                 margin,
@@ -142,7 +158,7 @@ def margin_cross_entropy(
         margin.subcenters,
         deterministic,
     )
-    loss = row_losses(lse, pre, valid)
+    loss = row_losses(lse, pre.target_logit, pre.extra_loss, valid)
     reduced = reduce_loss(loss, valid, reduction).to(embeddings.dtype)
     if not return_stats:
         return reduced

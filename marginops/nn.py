@@ -10,7 +10,7 @@ from torch import nn
 
 from . import margins
 from ._validation import check_compute_dtype, check_loss_inputs, check_module_options, check_number
-from .functional import autocast_active, autocast_compute_dtype, margin_cross_entropy, to_weight_dtype
+from .functional import margin_cross_entropy, resolve_precision
 from .pair_losses import ContrastiveLoss, TripletLoss
 
 
@@ -88,11 +88,11 @@ class MarginLoss(nn.Module):
         """The loss (and with return_stats, MarginStats: per-row lse, target cosine, prediction, accuracy).
         Under torch.autocast on a float32 weight: the products in autocast's bf16 / fp16 (unless compute_dtype says
         otherwise), the rest in float32 with autocast off."""
-        if autocast_active(embeddings):
-            compute = self.compute_dtype or autocast_compute_dtype(self.weight, embeddings.device.type)
-            with torch.autocast(embeddings.device.type, enabled=False):
-                return self._forward(to_weight_dtype(embeddings, self.weight), labels, return_stats, compute)
-        return self._forward(embeddings, labels, return_stats, self.compute_dtype)
+        embeddings, compute, autocast_device = resolve_precision(embeddings, self.weight, self.compute_dtype)
+        if autocast_device is None:
+            return self._forward(embeddings, labels, return_stats, compute)
+        with torch.autocast(autocast_device, enabled=False):
+            return self._forward(embeddings, labels, return_stats, compute)
 
     def _forward(self, embeddings, labels, return_stats, compute_dtype):
         if self.training:
