@@ -132,6 +132,11 @@ def _classes(start: int, n: int) -> str:
     return f"classes {start}..{start + n - 1}" if n else "no class"
 
 
+def _labels_out_of_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    labels = labels.long()  # compared as int64, as check_label_values does
+    return ((labels != ignore_index) & ((labels < 0) | (labels >= num_classes))).sum()
+
+
 def _shares_a_larger_storage(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
@@ -196,6 +201,8 @@ _HEAD_FIELDS = (
     "curricular_alpha",
 )
 _FINGERPRINT_SIZE = len(_HEAD_FIELDS) + _MARGIN_PARAM_SLOTS + 1
+# margin parameters that are device tensors (CurricularFace's t), gathered without a host read of their own
+_DEVICE_SLOTS = 2
 
 
 def _crc(text: str) -> float:
@@ -224,13 +231,14 @@ def _margin_name(code: float) -> str:
 
 
 def _margin_params(margin: Margin) -> list:
-    """(name, value) of the spec's numeric, boolean and string fields (not generators)."""
+    """(name, value, raw) of the spec's numeric, boolean and string fields (not generators).  A one-element tensor
+    (CurricularFace's t buffer) stays a tensor, raw None: the handshake reads it in its one host read."""
     out = []
     for field in dataclasses.fields(margin) if dataclasses.is_dataclass(margin) else ():
         value = getattr(margin, field.name)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, (bool, int, float)):
+            out.append((field.name, value.detach(), None))
+        elif isinstance(value, (bool, int, float)):
             out.append((field.name, float(value), value))
         elif isinstance(value, str):
             out.append((field.name, _crc(value), value))
@@ -655,9 +663,10 @@ class DistributedMarginLoss(nn.Module):
         reason = ops._build_failure(kind) if kind is not None else ""
         return f"backend {backend!r} cannot run on rank {self.rank}: {reason}" if reason else None
 
-    def _fingerprint(self, compute_dtype, backend: str) -> list:
-        """This rank's configuration as _FINGERPRINT_SIZE floats (see _HEAD_FIELDS), compared across ranks."""
-        margin = self.current_margin()
+    def _fingerprint(self, compute_dtype, backend: str) -> tuple[list, list]:
+        """This rank's configuration as _FINGERPRINT_SIZE floats (see _HEAD_FIELDS), compared across ranks, and the
+        (slot, 0-dim tensor) pairs of the slots whose value lives on the device (0.0 in the list until gathered)."""
+        margin = self._step_margin()
         dtype = self.weight.dtype
         compute = compute_dtype or dtype
         head = [
@@ -679,19 +688,42 @@ class DistributedMarginLoss(nn.Module):
             float(self.curricular_alpha) if isinstance(margin, CurricularFace) else 0.0,
         ]
         params = _margin_params(margin)
-        values = [v for _, v, _ in params[:_MARGIN_PARAM_SLOTS]]
+        values, on_device = [], []
+        for i, (_, value, _) in enumerate(params[:_MARGIN_PARAM_SLOTS]):
+            if isinstance(value, torch.Tensor) and len(on_device) < _DEVICE_SLOTS:
+                on_device.append((len(head) + i, value))
+                value = 0.0
+            values.append(float(value))  # a further tensor: read here (no margin has one)
         values += [0.0] * (_MARGIN_PARAM_SLOTS - len(values))
-        rest = _crc(repr([(name, raw) for name, _, raw in params[_MARGIN_PARAM_SLOTS:]]))
-        return head + values + [rest]
+        rest = _crc(repr([(name, raw) for name, _, raw in params[_MARGIN_PARAM_SLOTS:] if raw is not None]))
+        return head + values + [rest], on_device
 
-    def _handshake(self, rows: int, problem: Optional[str], group, world: int, device, compute_dtype, backend) -> list:
-        """Every rank's batch size, after checking that the ranks built the same head and that every rank's input is
-        valid (a collective: the same error on every rank)."""
-        fingerprint = self._fingerprint(compute_dtype, backend)
-        info = torch.tensor([[rows, int(problem is None)] + fingerprint], dtype=torch.float64, device=device)
+    def _handshake(
+        self, rows: int, problem: Optional[str], bad_labels, group, world: int, device, compute_dtype, backend
+    ) -> tuple[list, bool]:
+        """(every rank's batch size, whether some rank has labels out of range), after checking that the ranks built
+        the same head and that every rank's input is valid (a collective: the same error on every rank).
+
+        The step's one host read: a fixed-size row per rank, [rows, valid, fingerprint, the device slots' indices,
+        their values, this rank's count of labels out of range]; the last ones are device tensors (CurricularFace's
+        t, the label check), so reading them costs no host synchronization of its own."""
+        fingerprint, on_device = self._fingerprint(compute_dtype, backend)
+        slots = [float(slot) for slot, _ in on_device] + [-1.0] * (_DEVICE_SLOTS - len(on_device))
+        values = [value for _, value in on_device] + [torch.zeros(())] * (_DEVICE_SLOTS - len(on_device))
+        values.append(bad_labels if bad_labels is not None else torch.zeros(()))
+        host = torch.tensor([rows, int(problem is None)] + fingerprint + slots, dtype=torch.float64)
+        measured = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values])
+        info = torch.cat([host.to(device), measured])[None]
         infos = _gather_rows(info, [1] * world, group).tolist()
+        fingerprints = []
+        for row in infos:
+            fp, tail = row[2 : 2 + _FINGERPRINT_SIZE], row[2 + _FINGERPRINT_SIZE :]
+            for slot, value in zip(tail[:_DEVICE_SLOTS], tail[_DEVICE_SLOTS : 2 * _DEVICE_SLOTS]):
+                if slot >= 0:
+                    fp[int(slot)] = value
+            fingerprints.append(fp)
         mismatch = _handshake_problem(
-            [row[2:] for row in infos], [(n, isinstance(raw, str)) for n, _, raw in _margin_params(self.margin)]
+            fingerprints, [(n, isinstance(raw, str)) for n, _, raw in _margin_params(self.margin)]
         )
         if mismatch is not None:
             raise ValueError(mismatch)
@@ -700,7 +732,7 @@ class DistributedMarginLoss(nn.Module):
         if not all(row[1] for row in infos):
             bad = [r for r, row in enumerate(infos) if not row[1]]
             raise ValueError(f"DistributedMarginLoss: rank(s) {bad} passed invalid inputs (see the error there)")
-        return [int(row[0]) for row in infos]
+        return [int(row[0]) for row in infos], any(row[-1] > 0 for row in infos)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -762,10 +794,14 @@ class DistributedMarginLoss(nn.Module):
             if problem is not None:
                 raise ValueError(problem)
             check_backend_fits(self.backend, weight)
-            sizes = [rows]
+            sizes, bad_labels = [rows], not torch.compiler.is_compiling()  # checked below, one host read
         else:
             problem = problem or self._backend_problem(backend)
-            sizes = self._handshake(rows, problem, group, world, device, compute_dtype, backend)
+            # this rank's labels out of range, counted on the device and read in the handshake's one host read
+            count = (
+                None if problem is not None else _labels_out_of_range(local_labels, self.num_classes, self.ignore_index)
+            )
+            sizes, bad_labels = self._handshake(rows, problem, count, group, world, device, compute_dtype, backend)
         if sum(sizes) == 0:
             raise ValueError("DistributedMarginLoss: the global batch is empty (0 rows on every rank)")
         compute_dtype = compute_dtype_on(backend, compute_dtype, weight)
@@ -775,8 +811,8 @@ class DistributedMarginLoss(nn.Module):
             local_embeddings.to(weight.dtype), sizes, rank, group, self.embedding_grad_scale
         )
         labels = _gather_rows(local_labels.long(), sizes, group)
-        if not torch.compiler.is_compiling():
-            check_label_values(labels, self.num_classes, self.ignore_index)  # same labels, same error everywhere
+        if bad_labels:  # the gathered labels: the same error on every rank
+            check_label_values(labels, self.num_classes, self.ignore_index)
         valid = labels != self.ignore_index
         owned = valid & (labels >= self.class_start) & (labels < self.class_start + self.num_local)
         local_labels_all = torch.where(owned, labels - self.class_start, torch.zeros_like(labels))

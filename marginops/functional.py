@@ -96,31 +96,44 @@ def margin_cross_entropy(
     compute_dtype.  Under torch.autocast the loss itself runs with autocast off, as PyTorch's cross_entropy does.
     """
     embeddings, compute_dtype, autocast_device = resolve_precision(embeddings, weight, compute_dtype)
-    if autocast_device is not None:
-        with torch.autocast(autocast_device, enabled=False):  # resolve_precision is a no-op in the call below
-            return margin_cross_entropy(
-                embeddings,
-                weight,
-                labels,
-                margin,
-                reduction=reduction,
-                ignore_index=ignore_index,
-                backend=backend,
-                interclass_filtering_threshold=interclass_filtering_threshold,
-                deterministic=deterministic,
-                return_stats=return_stats,
-                compute_dtype=compute_dtype,
-            )
-    check_loss_inputs(
-        embeddings,
-        weight,
-        labels,
-        margin,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        backend=backend,
-        compute_dtype=compute_dtype,
-    )
+    options = dict(reduction=reduction, ignore_index=ignore_index, backend=backend, compute_dtype=compute_dtype)
+
+    def validated():
+        check_loss_inputs(embeddings, weight, labels, margin, **options)
+        return validated_margin_cross_entropy(
+            embeddings,
+            weight,
+            labels,
+            margin,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+            deterministic=deterministic,
+            return_stats=return_stats,
+            **options,
+        )
+
+    if autocast_device is None:
+        return validated()
+    with torch.autocast(autocast_device, enabled=False):
+        return validated()
+
+
+def validated_margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: Margin,
+    *,
+    reduction: str,
+    ignore_index: int,
+    backend: str,
+    interclass_filtering_threshold: float,
+    deterministic: bool,
+    return_stats: bool,
+    compute_dtype: Optional[torch.dtype],
+):
+    """margin_cross_entropy for inputs that check_loss_inputs passed and a precision resolve_precision resolved
+    (autocast already off): the loss modules validate once per call, then come here, so that a step reads the
+    labels on the host once (the range check), not once per layer."""
     backend = ops.resolve_backend(backend, weight.device)
     compute_dtype = compute_dtype_on(backend, compute_dtype, weight)
     # the pre-pass (norms, target cosine, margin) and the loss in the weight's dtype; only the products are narrower

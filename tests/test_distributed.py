@@ -508,6 +508,29 @@ def case_handshake_compares_precision_backend_mode(rank, world, backend):
         assert torch.isfinite(module(emb[lo:hi], labels[lo:hi]))
 
 
+def case_one_host_read_per_step(rank, world, backend):
+    """A training step (forward and backward) of the distributed head reads tensor data on the host once: the
+    handshake's all-gather, which also carries the label range check and CurricularFace's t (whose update is
+    sync-free); Partial FC's sampling adds its two (see tests/test_host_reads.py)."""
+    from test_host_reads import PARTIAL_FC_READS_PER_STEP, READS_PER_STEP, count_host_reads
+
+    sizes = [4] * world
+    emb, weight, labels = problem(60, sum(sizes), 6, 23, ignore=(1,))
+    found = []
+    for margin, rate, expected in (
+        (marginops.ArcFace(s=16.0), 1.0, READS_PER_STEP),
+        (marginops.CurricularFace(s=16.0), 1.0, READS_PER_STEP),
+        (marginops.ArcFace(s=16.0), 0.5, PARTIAL_FC_READS_PER_STEP),
+    ):
+        module = make_module(margin, weight, backend, sample_rate=rate).train()
+        distributed_loss_grads(module, emb, labels, sizes, rank)  # not counted: first-use work
+        with count_host_reads() as counts:
+            distributed_loss_grads(module, emb, labels, sizes, rank)
+        found.append((type(margin).__name__, rate, expected, dict(counts)))
+    for name, rate, expected, counts in found:
+        assert sum(counts.values()) == expected, (name, rate, counts)
+
+
 def case_reshard_full_state_dict_to_fewer_ranks(rank, world, backend):
     """Train a step on `world` ranks, gather the whole head, resume on world − 1 ranks (3 → 2, 2 → 1): the
     second step equals single-process training of both steps; the same for the compat PartialFC_V2."""
