@@ -39,7 +39,8 @@ averaged, is exactly single-process training on the global batch.  The shard's w
 
 Checkpoints.  Every ``state_dict`` records in its extra state what ``weight`` holds (num_classes, sub-centers,
 embedding_size, world size, rank, the class range, whole head or shard); ``load_state_dict`` checks it and names
-each difference (docs/DESIGN.md §6.4).
+each difference (docs/DESIGN.md §6.4).  ``get_state_dict`` marks the head's rows and their optimizer states for
+torch.distributed.checkpoint, which then saves and loads them sharded, on any world size (§6.5).
 
 Partial FC (``sample_rate < 1``, training mode): every rank keeps the classes of its shard that are positive
 in the global batch plus a uniformly random subset of the others, ``max(int(sample_rate·num_local),
@@ -82,7 +83,7 @@ from .margins import (
     subcenter_cosines,
 )
 
-__all__ = ["DistributedMarginLoss", "legacy_shard", "shard_range"]
+__all__ = ["DistributedMarginLoss", "get_state_dict", "legacy_shard", "shard_range"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,6 +172,45 @@ def legacy_shard(
     out = dict(state_dict)
     out[prefix + "_extra_state"] = extra
     return out
+
+
+def get_state_dict(model: nn.Module, optimizers, *, submodules=None, options=None):
+    """``torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizers)`` for a model that holds
+    DistributedMarginLoss / PartialFC_V2 heads: the same (model, optimizer) state dicts, with each head's weight
+    and every optimizer state shaped like it (SGD's momentum, Adam(W)'s moments) marked as this rank's rows of the
+    whole (num_classes·k, D) head.  ``dcp.save`` then writes one global tensor each, and ``dcp.load`` into the
+    state dicts this returns on another run, of any world size, reads each rank's rows only; finish with
+    ``torch.distributed.checkpoint.state_dict.set_state_dict``.  Everything else is as torch returns it."""
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    model_sd, optim_sd = dcp_state_dict.get_state_dict(model, optimizers, submodules=submodules, options=options)
+    for name, head in model.named_modules():
+        if not isinstance(head, DistributedMarginLoss):
+            continue
+        for fqn in dcp_state_dict._get_fqns(model, f"{name}.weight" if name else "weight"):
+            prefix = fqn[: -len("weight")]
+            if isinstance(model_sd.get(fqn), torch.Tensor):
+                model_sd[fqn] = head._global_shard(model_sd[fqn])
+            extra = model_sd.get(prefix + "_extra_state")
+            if isinstance(extra, dict):
+                model_sd[prefix + "_extra_state"] = dict(extra, layout=head._layout(sharded=True))
+            _mark_optimizer_states(head, optim_sd, fqn)
+    return model_sd, optim_sd
+
+
+def _mark_optimizer_states(head: "DistributedMarginLoss", optim_sd: dict, fqn: str) -> None:
+    """Mark the optimizer states of ``fqn`` shaped like the head's weight, nested ({"state": {fqn: {...}}}) or
+    flattened ("state.<fqn>.<name>", StateDictOptions(flatten_optimizer_state_dict=True))."""
+    shape = tuple(head.weight.shape)
+
+    def mark(value):
+        return head._global_shard(value) if isinstance(value, torch.Tensor) and tuple(value.shape) == shape else value
+
+    states = optim_sd.get("state")
+    if isinstance(states, dict) and isinstance(states.get(fqn), dict):
+        states[fqn] = {key: mark(value) for key, value in states[fqn].items()}
+    for key in [key for key in optim_sd if isinstance(key, str) and key.startswith(f"state.{fqn}.")]:
+        optim_sd[key] = mark(optim_sd[key])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -456,8 +496,10 @@ class DistributedMarginLoss(nn.Module):
 
     # -- state ---------------------------------------------------------------------------------------------
 
-    def _layout(self, whole: bool = False) -> dict:
-        """What a state_dict's ``weight`` holds, checked by load_state_dict (see _layout_rows)."""
+    def _layout(self, whole: bool = False, sharded: bool = False) -> dict:
+        """What a state_dict's ``weight`` holds, checked by load_state_dict (see _layout_rows).  ``sharded``: the
+        weight is this rank's rows of the whole head, placed by its DCP offsets (get_state_dict); the record is then
+        the same on every rank (DCP saves one copy of an object) and the rows are named by the tensor."""
         start, n = (0, self.num_classes) if whole else (self.class_start, self.num_local)
         return {
             "format": _LAYOUT_FORMAT,
@@ -465,11 +507,24 @@ class DistributedMarginLoss(nn.Module):
             "subcenters": self.margin.subcenters,
             "embedding_size": self.embedding_size,
             "world_size": self.world_size,
-            "rank": self.rank,
+            "rank": None if sharded else self.rank,
             "whole": whole,
-            "class_start": start,
-            "num_local": n,
+            "sharded": sharded,
+            "class_start": None if sharded else start,
+            "num_local": None if sharded else n,
         }
+
+    def _global_shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (this rank's rows of the weight, or of an optimizer state shaped like it) as DCP's
+        CheckpointableTensor: an alias with the global shape and this rank's offset in it, so that dcp.save writes
+        one (num_classes·k, D) tensor and dcp.load reads into it exactly this rank's rows, on any world size."""
+        k = self.margin.subcenters
+        alias = tensor.detach()  # a new tensor object on the same storage: the attributes stay off the original
+        alias.global_shape = (self.num_classes * k, self.embedding_size)
+        alias.global_offsets = ((self.class_start * k, 0),)
+        alias.local_offsets = ((0, 0),)
+        alias.local_sizes = (tuple(tensor.shape),)
+        return alias
 
     def get_extra_state(self):
         return {"sample_step": self.sample_step, "layout": self._layout()}
@@ -567,6 +622,8 @@ class DistributedMarginLoss(nn.Module):
         ]
         if differ:
             return "the checkpoint holds another head: " + "; ".join(differ) + f" ({self._where()})", None
+        if layout.get("sharded"):
+            return self._sharded_rows(weight), None
         saved_k = layout["subcenters"]
         start, n = int(layout["class_start"]), int(layout["num_local"])
         if tuple(weight.shape) != (n * saved_k, self.embedding_size):
@@ -593,6 +650,20 @@ class DistributedMarginLoss(nn.Module):
                 f"{_classes(self.class_start, self.num_local)}"
             ), None
         return None, None
+
+    def _sharded_rows(self, weight: torch.Tensor) -> Optional[str]:
+        """A DCP record: the weight must be the tensor get_state_dict marked for this rank, which dcp.load filled."""
+        k = self.margin.subcenters
+        offsets = getattr(weight, "global_offsets", None)
+        if offsets == ((self.class_start * k, 0),) and tuple(weight.shape) == tuple(self.weight.shape):
+            return None
+        found = "no global offsets" if offsets is None else f"global offsets {offsets}"
+        return (
+            f"the checkpoint's weight is a shard of a DCP checkpoint (marginops.distributed.get_state_dict), and "
+            f"this tensor has {found} and shape {tuple(weight.shape)}, not this rank's rows "
+            f"{self.class_start * k}..{(self.class_start + self.num_local) * k - 1} ({self._where()}): dcp.load it "
+            "into the state dicts of marginops.distributed.get_state_dict on this run, then set_state_dict"
+        )
 
     def _shard_rows(self) -> slice:
         k = self.margin.subcenters
