@@ -184,10 +184,12 @@ def get_state_dict(model: nn.Module, optimizers, *, submodules=None, options=Non
     from torch.distributed.checkpoint import state_dict as dcp_state_dict
 
     model_sd, optim_sd = dcp_state_dict.get_state_dict(model, optimizers, submodules=submodules, options=options)
+    # the keys torch gives a parameter (without DDP's "module." and torch.compile's "_orig_mod." prefixes)
+    fqns = getattr(dcp_state_dict, "_get_fqns", lambda model, name: {name})
     for name, head in model.named_modules():
         if not isinstance(head, DistributedMarginLoss):
             continue
-        for fqn in dcp_state_dict._get_fqns(model, f"{name}.weight" if name else "weight"):
+        for fqn in fqns(model, f"{name}.weight" if name else "weight"):
             prefix = fqn[: -len("weight")]
             if isinstance(model_sd.get(fqn), torch.Tensor):
                 model_sd[fqn] = head._global_shard(model_sd[fqn])
