@@ -144,7 +144,7 @@ def emulated_loss(embeddings, weight, labels, margin: Margin, tau: float, rows: 
     logits, factor, target, pre = margined_logits(embeddings, weight, labels, margin)
     lse = SkipTilesLSE.apply(logits, factor, target, tau, rows, cols)
     valid = torch.ones_like(labels, dtype=torch.bool)
-    return reduce_loss(row_losses(lse, pre, valid), valid, "mean")
+    return reduce_loss(row_losses(lse, pre.target_logit, pre.extra_loss, valid), valid, "mean")
 
 
 def gradient_block(embeddings, weight, labels, margin: Margin):

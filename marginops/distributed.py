@@ -19,12 +19,13 @@ the same state on every rank (seed it identically); otherwise each row simply us
 
 Rank handshake.  Every forward's first collective (a fixed-size all-gather of the batch sizes) also carries
 a fingerprint of this rank's head: embedding_size, num_classes, the margin's class and parameters (with
-CurricularFace's t), sub-centers, the weight's dtype, sample_rate, reduction, ignore_index and the filtering
-threshold.  Ranks that disagree (built with different arguments, or after loading different checkpoints or
-assigning different margins) raise the same ValueError on every rank, naming each difference and every
-rank's value, before any collective whose size depends on the configuration (where gloo would abort).  A single
-process (no process group, or world size 1) has nothing to compare and skips it: no host round trip, so
-torch.compile(fullgraph=True) traces that head whole.
+CurricularFace's t and curricular_alpha), sub-centers, the weight's dtype, the products' dtype (compute_dtype,
+PartialFC_V2's fp16, autocast), the resolved backend, deterministic, train / eval, sample_rate, reduction,
+ignore_index and the filtering threshold.  Ranks that disagree (built with different arguments, or after
+loading different checkpoints or assigning different margins) raise the same ValueError on every rank, naming
+each difference and every rank's value, before any collective whose size depends on the configuration (where
+gloo would abort).  A single process (no process group, or world size 1) has nothing to compare and skips it: no
+host round trip, so torch.compile(fullgraph=True) traces that head whole.
 
 Autograd.  The loss is *replicated*: every rank computes the same function of the collectives' outputs and
 calls ``backward`` with the same upstream gradient.  So the backward of the all-reduce / all-gather above
@@ -35,6 +36,11 @@ shares, and each rank keeps its own rows.  That gradient is multiplied by ``worl
 because DistributedDataParallel *averages* the backbone's gradients over ranks: world × ∂L/∂x_local,
 averaged, is exactly single-process training on the global batch.  The shard's weight gradient is
 ∂L/∂W_shard unscaled — keep the head out of DDP (each rank's shard is a different tensor).
+
+Checkpoints.  Every ``state_dict`` records in its extra state what ``weight`` holds (num_classes, sub-centers,
+embedding_size, world size, rank, the class range, whole head or shard); ``load_state_dict`` checks it and names
+each difference (docs/DESIGN.md §6.4).  ``get_state_dict`` marks the head's rows and their optimizer states for
+torch.distributed.checkpoint, which then saves and loads them sharded, on any world size (§6.5).
 
 Partial FC (``sample_rate < 1``, training mode): every rank keeps the classes of its shard that are positive
 in the global batch plus a uniformly random subset of the others, ``max(int(sample_rate·num_local),
@@ -64,8 +70,9 @@ from ._validation import (
     compute_dtype_problem,
     label_dtype_problem,
 )
-from .functional import autocast_compute_dtype, compute_dtype_on
-from .loss_assembly import make_stats, reduce_loss
+from .capabilities import BACKENDS
+from .functional import compute_dtype_on, resolve_precision
+from .loss_assembly import make_stats, reduce_loss, row_losses
 from .margins import (
     FILTER_OFF,
     NORM_EPS,
@@ -76,7 +83,7 @@ from .margins import (
     subcenter_cosines,
 )
 
-__all__ = ["DistributedMarginLoss", "shard_range"]
+__all__ = ["DistributedMarginLoss", "get_state_dict", "legacy_shard", "shard_range"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,14 +124,107 @@ def _gather_rows(local: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# checkpoint layout: every state_dict says which head, world and class range its weight holds
+
+_LAYOUT_FORMAT = 1
+
+
+def _classes(start: int, n: int) -> str:
+    return f"classes {start}..{start + n - 1}" if n else "no class"
+
+
+def _labels_out_of_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    labels = labels.long()  # compared as int64, as check_label_values does
+    return ((labels != ignore_index) & ((labels < 0) | (labels >= num_classes))).sum()
+
+
+def _shares_a_larger_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
+
+
+def legacy_shard(
+    state_dict: dict, *, num_classes: int, world_size: int, rank: int, subcenters: int = 1, prefix: str = ""
+) -> dict:
+    """A per-rank checkpoint saved without a layout record (by marginops before it wrote one, or insightface's
+    ``PartialFC_V2``), declared as rank ``rank``'s shard of a ``num_classes`` head on ``world_size`` ranks:
+    a shallow copy with that record added, which ``load_state_dict`` then checks like any other.  Such a
+    checkpoint is refused without it, as its row count alone cannot tell which classes it holds."""
+    weight = state_dict[prefix + "weight"]
+    start, n = shard_range(num_classes, world_size, rank)
+    if weight.dim() != 2 or weight.shape[0] != n * subcenters:
+        raise ValueError(
+            f"legacy_shard: rank {rank} of {world_size} holds {n} of {num_classes} classes x {subcenters} "
+            f"sub-centers = {n * subcenters} rows, but weight has shape {tuple(weight.shape)}"
+        )
+    extra = state_dict.get(prefix + "_extra_state")
+    extra = dict(extra) if isinstance(extra, dict) else {}
+    extra["layout"] = {
+        "format": _LAYOUT_FORMAT,
+        "num_classes": num_classes,
+        "subcenters": subcenters,
+        "embedding_size": weight.shape[1],
+        "world_size": world_size,
+        "rank": rank,
+        "whole": False,
+        "class_start": start,
+        "num_local": n,
+    }
+    out = dict(state_dict)
+    out[prefix + "_extra_state"] = extra
+    return out
+
+
+def get_state_dict(model: nn.Module, optimizers, *, submodules=None, options=None):
+    """``torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizers)`` for a model that holds
+    DistributedMarginLoss / PartialFC_V2 heads: the same (model, optimizer) state dicts, with each head's weight
+    and every optimizer state shaped like it (SGD's momentum, Adam(W)'s moments) marked as this rank's rows of the
+    whole (num_classes·k, D) head.  ``dcp.save`` then writes one global tensor each, and ``dcp.load`` into the
+    state dicts this returns on another run, of any world size, reads each rank's rows only; finish with
+    ``torch.distributed.checkpoint.state_dict.set_state_dict``.  Everything else is as torch returns it."""
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    model_sd, optim_sd = dcp_state_dict.get_state_dict(model, optimizers, submodules=submodules, options=options)
+    # the keys torch gives a parameter (without DDP's "module." and torch.compile's "_orig_mod." prefixes)
+    fqns = getattr(dcp_state_dict, "_get_fqns", lambda model, name: {name})
+    for name, head in model.named_modules():
+        if not isinstance(head, DistributedMarginLoss):
+            continue
+        for fqn in fqns(model, f"{name}.weight" if name else "weight"):
+            prefix = fqn[: -len("weight")]
+            if isinstance(model_sd.get(fqn), torch.Tensor):
+                model_sd[fqn] = head._global_shard(model_sd[fqn])
+            extra = model_sd.get(prefix + "_extra_state")
+            if isinstance(extra, dict):
+                model_sd[prefix + "_extra_state"] = dict(extra, layout=head._layout(sharded=True))
+            _mark_optimizer_states(head, optim_sd, fqn)
+    return model_sd, optim_sd
+
+
+def _mark_optimizer_states(head: "DistributedMarginLoss", optim_sd: dict, fqn: str) -> None:
+    """Mark the optimizer states of ``fqn`` shaped like the head's weight, nested ({"state": {fqn: {...}}}) or
+    flattened ("state.<fqn>.<name>", StateDictOptions(flatten_optimizer_state_dict=True))."""
+    shape = tuple(head.weight.shape)
+
+    def mark(value):
+        return head._global_shard(value) if isinstance(value, torch.Tensor) and tuple(value.shape) == shape else value
+
+    states = optim_sd.get("state")
+    if isinstance(states, dict) and isinstance(states.get(fqn), dict):
+        states[fqn] = {key: mark(value) for key, value in states[fqn].items()}
+    for key in [key for key in optim_sd if isinstance(key, str) and key.startswith(f"state.{fqn}.")]:
+        optim_sd[key] = mark(optim_sd[key])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # rank handshake: every rank must have built the head the same way
 
 # A fixed-length float64 fingerprint of the head's configuration, gathered with the batch sizes in one
 # all-gather of fixed size: ranks that disagree must never reach a collective whose sizes differ (gloo
 # aborts the process on that), and every rank must raise the same error.
-_HANDSHAKE_MAGIC = 0x6D6F6873  # "mohs"; a rank running another layout shows up as a mismatch of this slot
+_HANDSHAKE_MAGIC = 0x6D6F6832  # "moh2"; a rank running another layout shows up as a mismatch of this slot
 _MARGIN_PARAM_SLOTS = 8
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_COMPUTE_FIELD = "compute dtype (compute_dtype, PartialFC_V2's fp16 or autocast)"
 _HEAD_FIELDS = (
     "handshake layout",
     "embedding_size",
@@ -136,8 +236,15 @@ _HEAD_FIELDS = (
     "reduction",
     "ignore_index",
     "interclass_filtering_threshold",
+    _COMPUTE_FIELD,
+    "backend (resolved)",
+    "deterministic",
+    "training mode",
+    "curricular_alpha",
 )
 _FINGERPRINT_SIZE = len(_HEAD_FIELDS) + _MARGIN_PARAM_SLOTS + 1
+# margin parameters that are device tensors (CurricularFace's t), gathered without a host read of their own
+_DEVICE_SLOTS = 2
 
 
 def _crc(text: str) -> float:
@@ -166,13 +273,14 @@ def _margin_name(code: float) -> str:
 
 
 def _margin_params(margin: Margin) -> list:
-    """(name, value) of the spec's numeric, boolean and string fields (not generators)."""
+    """(name, value, raw) of the spec's numeric, boolean and string fields (not generators).  A one-element tensor
+    (CurricularFace's t buffer) stays a tensor, raw None: the handshake reads it in its one host read."""
     out = []
     for field in dataclasses.fields(margin) if dataclasses.is_dataclass(margin) else ():
         value = getattr(margin, field.name)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, (bool, int, float)):
+            out.append((field.name, value.detach(), None))
+        elif isinstance(value, (bool, int, float)):
             out.append((field.name, float(value), value))
         elif isinstance(value, str):
             out.append((field.name, _crc(value), value))
@@ -195,11 +303,18 @@ def _handshake_problem(fingerprints: list, param_names: list) -> Optional[str]:
         differ = [i for i in differ if i < len(_HEAD_FIELDS)]
 
     def show(i, value):
-        if i == _HEAD_FIELDS.index("weight dtype"):
+        field = _HEAD_FIELDS[i] if i < len(_HEAD_FIELDS) else None
+        if field in ("weight dtype", _COMPUTE_FIELD):
             return str(_DTYPES[int(value)]) if 0 <= value < len(_DTYPES) else f"dtype code {value:g}"
-        if i == margin_slot:
+        if field == "backend (resolved)":
+            return repr(BACKENDS[int(value)]) if 0 <= value < len(BACKENDS) else f"code {value:g}"
+        if field == "training mode":
+            return "train" if value else "eval"
+        if field == "deterministic":
+            return str(bool(value))
+        if field == "margin":
             return _margin_name(value)
-        if i == _HEAD_FIELDS.index("reduction"):
+        if field == "reduction":
             return repr(REDUCTIONS[int(value)]) if 0 <= value < len(REDUCTIONS) else f"code {value:g}"
         if i == 0:
             return f"{int(value):#x}"
@@ -221,7 +336,7 @@ def _handshake_problem(fingerprints: list, param_names: list) -> Optional[str]:
         lines.append(f"{name} ({values})")
     return (
         "DistributedMarginLoss: the ranks built the head differently; every rank must construct it with the same "
-        "margin, embedding_size, num_classes, sample_rate and dtype. Differences: " + "; ".join(lines)
+        "arguments, load the same checkpoint and be in the same mode (train / eval). Differences: " + "; ".join(lines)
     )
 
 
@@ -350,8 +465,8 @@ class DistributedMarginLoss(nn.Module):
             raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size}, {num_classes}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         check_number("curricular_alpha", curricular_alpha, 0.0, 1.0, why="the EMA rate of CurricularFace's t")
@@ -383,8 +498,38 @@ class DistributedMarginLoss(nn.Module):
 
     # -- state ---------------------------------------------------------------------------------------------
 
+    def _layout(self, whole: bool = False, sharded: bool = False) -> dict:
+        """What a state_dict's ``weight`` holds, checked by load_state_dict (see _layout_rows).  ``sharded``: the
+        weight is this rank's rows of the whole head, placed by its DCP offsets (get_state_dict); the record is then
+        the same on every rank (DCP saves one copy of an object) and the rows are named by the tensor."""
+        start, n = (0, self.num_classes) if whole else (self.class_start, self.num_local)
+        return {
+            "format": _LAYOUT_FORMAT,
+            "num_classes": self.num_classes,
+            "subcenters": self.margin.subcenters,
+            "embedding_size": self.embedding_size,
+            "world_size": self.world_size,
+            "rank": None if sharded else self.rank,
+            "whole": whole,
+            "sharded": sharded,
+            "class_start": None if sharded else start,
+            "num_local": None if sharded else n,
+        }
+
+    def _global_shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (this rank's rows of the weight, or of an optimizer state shaped like it) as DCP's
+        CheckpointableTensor: an alias with the global shape and this rank's offset in it, so that dcp.save writes
+        one (num_classes·k, D) tensor and dcp.load reads into it exactly this rank's rows, on any world size."""
+        k = self.margin.subcenters
+        alias = tensor.detach()  # a new tensor object on the same storage: the attributes stay off the original
+        alias.global_shape = (self.num_classes * k, self.embedding_size)
+        alias.global_offsets = ((self.class_start * k, 0),)
+        alias.local_offsets = ((0, 0),)
+        alias.local_sizes = (tuple(tensor.shape),)
+        return alias
+
     def get_extra_state(self):
-        return {"sample_step": self.sample_step}
+        return {"sample_step": self.sample_step, "layout": self._layout()}
 
     def set_extra_state(self, state):
         self.sample_step = int(state.get("sample_step", 0))
@@ -399,28 +544,132 @@ class DistributedMarginLoss(nn.Module):
         sizes = [shard_range(self.num_classes, self.world_size, r)[1] * k for r in range(self.world_size)]
         with torch.no_grad():
             state["weight"] = _gather_rows(self.weight.detach(), sizes, self.process_group).clone()
+        extra = dict(state.get("_extra_state") or {})
+        extra["layout"] = self._layout(whole=True)
+        state["_extra_state"] = extra
         return state
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # a whole head (full_state_dict, any world size): keep this rank's shard of it
-        key, k = prefix + "weight", self.margin.subcenters
-        weight = state_dict.get(key)
-        rows = self.num_classes * k
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] != self.weight.shape[0]:
-            if weight.shape[0] == rows:
-                state_dict = dict(state_dict)
-                state_dict[key] = weight[self.class_start * k : (self.class_start + self.num_local) * k]
+        key, extra_key = prefix + "weight", prefix + "_extra_state"
+        weight, extra = state_dict.get(key), state_dict.get(extra_key)
+        layout = extra.get("layout") if isinstance(extra, dict) else None
+        if isinstance(weight, torch.Tensor):
+            if layout is None:
+                problem, rows = self._legacy_rows(weight)
             else:
-                error_msgs.append(
-                    f"{type(self).__name__}: {key} has {weight.shape[0]} rows, but this rank's shard has "
-                    f"{self.weight.shape[0]} and the whole head {rows} (num_classes {self.num_classes} x {k}): a shard "
-                    "saved on another world size? Save the whole head with full_state_dict() to reshard"
-                )
+                problem, rows = self._layout_rows(layout, weight)
+            if problem is not None:  # nothing loaded: a refused checkpoint leaves the head as it was
+                error_msgs.append(f"{type(self).__name__}: {problem}")
+                return
+            if rows is not None:
+                weight = weight[rows]
+            if local_metadata.get("assign_to_params_buffers", False) and _shares_a_larger_storage(weight):
+                weight = weight.clone()  # assign=True: keep a copy of this rank's rows, not a view of the whole head
+            state_dict = dict(state_dict)
+            state_dict[key] = weight
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if layout is None and extra_key in missing_keys:  # a weight-only checkpoint (insightface's, or hand-made)
+            missing_keys.remove(extra_key)
+
+    def _where(self) -> str:
+        k = self.margin.subcenters
+        head = f"num_classes {self.num_classes}" + (f" x {k} sub-centers" if k > 1 else "")
+        return (
+            f"rank {self.rank} of {self.world_size}, {_classes(self.class_start, self.num_local)} of a head with "
+            f"{head}, embedding_size {self.embedding_size}"
+        )
+
+    def _legacy_rows(self, weight: torch.Tensor):
+        """(problem, rows to keep) for a weight without a layout record (saved before marginops recorded one, or by
+        insightface): loaded only where its row count has one reading, the whole head."""
+        k, rows_here = self.margin.subcenters, self.weight.shape[0]
+        whole = self.num_classes * k
+        if weight.dim() != 2 or weight.shape[1] != self.embedding_size:
+            return (
+                f"weight has shape {tuple(weight.shape)}, this head's rows have embedding_size {self.embedding_size} "
+                f"({self._where()})"
+            ), None
+        rows = weight.shape[0]
+        if rows == whole:  # the whole head (or a one-rank run's shard, the same rows)
+            return None, self._shard_rows()
+        if rows == rows_here:
+            return (
+                f"weight has {rows} rows and no layout record (a checkpoint saved before marginops recorded one, or "
+                f"insightface's): it may be this rank's shard ({self._where()}), or a shard of another world size "
+                f"or head with as many rows. If it is this rank's shard from a run on {self.world_size} ranks, load "
+                f"marginops.distributed.legacy_shard(state_dict, num_classes={self.num_classes}, world_size="
+                f"{self.world_size}, rank={self.rank}" + (f", subcenters={k}" if k > 1 else "") + "); to reshard, "
+                "load the whole head (full_state_dict())"
+            ), None
+        return (
+            f"weight has {rows} rows and no layout record; this rank's shard has {rows_here} rows and the whole head "
+            f"{whole} ({self._where()})"
+        ), None
+
+    def _layout_rows(self, layout: dict, weight: torch.Tensor):
+        """(problem, rows to keep) for a weight saved with its layout record: every difference named."""
+        k = self.margin.subcenters
+        if not isinstance(layout, dict) or layout.get("format") != _LAYOUT_FORMAT:
+            fmt = layout.get("format") if isinstance(layout, dict) else layout
+            return f"the checkpoint's layout record has format {fmt!r}; this marginops reads {_LAYOUT_FORMAT}", None
+        ours = {"num_classes": self.num_classes, "subcenters": k, "embedding_size": self.embedding_size}
+        differ = [
+            f"{name} {layout.get(name)!r} in the checkpoint, {value} here"
+            for name, value in ours.items()
+            if layout.get(name) != value
+        ]
+        if differ:
+            return "the checkpoint holds another head: " + "; ".join(differ) + f" ({self._where()})", None
+        if layout.get("sharded"):
+            return self._sharded_rows(weight), None
+        saved_k = layout["subcenters"]
+        start, n = int(layout["class_start"]), int(layout["num_local"])
+        if tuple(weight.shape) != (n * saved_k, self.embedding_size):
+            return (
+                f"weight has shape {tuple(weight.shape)} but its layout record says {n} classes x {saved_k} "
+                f"sub-centers of embedding_size {self.embedding_size}"
+            ), None
+        if layout.get("whole") or (start, n) == (0, self.num_classes):  # a whole head, or a one-rank run's shard
+            return None, self._shard_rows()
+        if (layout["world_size"], layout["rank"]) != (self.world_size, self.rank):
+            differ = [
+                f"{name} {layout[name]} in the checkpoint, {value} here"
+                for name, value in (("world_size", self.world_size), ("rank", self.rank))
+                if layout[name] != value
+            ]
+            return (
+                f"the checkpoint is the shard of rank {layout['rank']} of {layout['world_size']} "
+                f"({_classes(start, n)}), this is {self._where()}: " + "; ".join(differ) + ". A per-rank shard "
+                "loads on the rank and world size that saved it; to reshard, save the whole head with full_state_dict()"
+            ), None
+        if (start, n) != (self.class_start, self.num_local):  # same rank and world: a corrupt or hand-made record
+            return (
+                f"the checkpoint's shard holds {_classes(start, n)}, this rank's "
+                f"{_classes(self.class_start, self.num_local)}"
+            ), None
+        return None, None
+
+    def _sharded_rows(self, weight: torch.Tensor) -> Optional[str]:
+        """A DCP record: the weight must be the tensor get_state_dict marked for this rank, which dcp.load filled."""
+        k = self.margin.subcenters
+        offsets = getattr(weight, "global_offsets", None)
+        if offsets == ((self.class_start * k, 0),) and tuple(weight.shape) == tuple(self.weight.shape):
+            return None
+        found = "no global offsets" if offsets is None else f"global offsets {offsets}"
+        return (
+            f"the checkpoint's weight is a shard of a DCP checkpoint (marginops.distributed.get_state_dict), and "
+            f"this tensor has {found} and shape {tuple(weight.shape)}, not this rank's rows "
+            f"{self.class_start * k}..{(self.class_start + self.num_local) * k - 1} ({self._where()}): dcp.load it "
+            "into the state dicts of marginops.distributed.get_state_dict on this run, then set_state_dict"
+        )
+
+    def _shard_rows(self) -> slice:
+        k = self.margin.subcenters
+        return slice(self.class_start * k, (self.class_start + self.num_local) * k)
 
     def _add_t(self, margin: CurricularFace) -> None:
         # float64 so that the spec's t round-trips exactly; identical on every rank by construction
@@ -476,10 +725,23 @@ class DistributedMarginLoss(nn.Module):
             )
         return None
 
-    def _fingerprint(self) -> list:
-        """This rank's configuration as _FINGERPRINT_SIZE floats (see _HEAD_FIELDS), compared across ranks."""
-        margin = self.current_margin()
+    def _backend_problem(self, backend: str) -> Optional[str]:
+        """Why ``backend`` cannot run here, found before the handshake so that every rank raises (a kernel build
+        that fails on one rank only would otherwise leave the others waiting in the next collective)."""
+        try:
+            check_backend_fits(self.backend, self.weight)  # the embeddings are cast to the weight's dtype, device
+        except (TypeError, ValueError) as exc:
+            return f"{exc} (rank {self.rank})"
+        kind = {"cpu": "cpu", "cuda": "cuda", "cuda_fused": "cuda"}.get(backend)
+        reason = ops._build_failure(kind) if kind is not None else ""
+        return f"backend {backend!r} cannot run on rank {self.rank}: {reason}" if reason else None
+
+    def _fingerprint(self, compute_dtype, backend: str) -> tuple[list, list]:
+        """This rank's configuration as _FINGERPRINT_SIZE floats (see _HEAD_FIELDS), compared across ranks, and the
+        (slot, 0-dim tensor) pairs of the slots whose value lives on the device (0.0 in the list until gathered)."""
+        margin = self._step_margin()
         dtype = self.weight.dtype
+        compute = compute_dtype or dtype
         head = [
             float(_HANDSHAKE_MAGIC),
             float(self.embedding_size),
@@ -491,20 +753,50 @@ class DistributedMarginLoss(nn.Module):
             float(REDUCTIONS.index(self.reduction)),
             float(self.ignore_index),
             float(self.interclass_filtering_threshold),
+            float(_DTYPES.index(compute)) if compute in _DTYPES else 100.0 + _crc(str(compute)),
+            float(BACKENDS.index(backend)) if backend in BACKENDS else 100.0 + _crc(backend),
+            float(bool(self.deterministic)),
+            float(self.training),
+            # read only by CurricularFace: other heads built with another alpha train the same
+            float(self.curricular_alpha) if isinstance(margin, CurricularFace) else 0.0,
         ]
         params = _margin_params(margin)
-        values = [v for _, v, _ in params[:_MARGIN_PARAM_SLOTS]]
+        values, on_device = [], []
+        for i, (_, value, _) in enumerate(params[:_MARGIN_PARAM_SLOTS]):
+            if isinstance(value, torch.Tensor) and len(on_device) < _DEVICE_SLOTS:
+                on_device.append((len(head) + i, value))
+                value = 0.0
+            values.append(float(value))  # a further tensor: read here (no margin has one)
         values += [0.0] * (_MARGIN_PARAM_SLOTS - len(values))
-        rest = _crc(repr([(name, raw) for name, _, raw in params[_MARGIN_PARAM_SLOTS:]]))
-        return head + values + [rest]
+        rest = _crc(repr([(name, raw) for name, _, raw in params[_MARGIN_PARAM_SLOTS:] if raw is not None]))
+        return head + values + [rest], on_device
 
-    def _handshake(self, rows: int, problem: Optional[str], group, world: int, device) -> list:
-        """Every rank's batch size, after checking that the ranks built the same head and that every rank's input is
-        valid (a collective: the same error on every rank)."""
-        info = torch.tensor([[rows, int(problem is None)] + self._fingerprint()], dtype=torch.float64, device=device)
+    def _handshake(
+        self, rows: int, problem: Optional[str], bad_labels, group, world: int, device, compute_dtype, backend
+    ) -> tuple[list, bool]:
+        """(every rank's batch size, whether some rank has labels out of range), after checking that the ranks built
+        the same head and that every rank's input is valid (a collective: the same error on every rank).
+
+        The step's one host read: a fixed-size row per rank, [rows, valid, fingerprint, the device slots' indices,
+        their values, this rank's count of labels out of range]; the last ones are device tensors (CurricularFace's
+        t, the label check), so reading them costs no host synchronization of its own."""
+        fingerprint, on_device = self._fingerprint(compute_dtype, backend)
+        slots = [float(slot) for slot, _ in on_device] + [-1.0] * (_DEVICE_SLOTS - len(on_device))
+        values = [value for _, value in on_device] + [torch.zeros(())] * (_DEVICE_SLOTS - len(on_device))
+        values.append(bad_labels if bad_labels is not None else torch.zeros(()))
+        host = torch.tensor([rows, int(problem is None)] + fingerprint + slots, dtype=torch.float64)
+        measured = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values])
+        info = torch.cat([host.to(device), measured])[None]
         infos = _gather_rows(info, [1] * world, group).tolist()
+        fingerprints = []
+        for row in infos:
+            fp, tail = row[2 : 2 + _FINGERPRINT_SIZE], row[2 + _FINGERPRINT_SIZE :]
+            for slot, value in zip(tail[:_DEVICE_SLOTS], tail[_DEVICE_SLOTS : 2 * _DEVICE_SLOTS]):
+                if slot >= 0:
+                    fp[int(slot)] = value
+            fingerprints.append(fp)
         mismatch = _handshake_problem(
-            [row[2:] for row in infos], [(n, isinstance(raw, str)) for n, _, raw in _margin_params(self.margin)]
+            fingerprints, [(n, isinstance(raw, str)) for n, _, raw in _margin_params(self.margin)]
         )
         if mismatch is not None:
             raise ValueError(mismatch)
@@ -513,7 +805,7 @@ class DistributedMarginLoss(nn.Module):
         if not all(row[1] for row in infos):
             bad = [r for r, row in enumerate(infos) if not row[1]]
             raise ValueError(f"DistributedMarginLoss: rank(s) {bad} passed invalid inputs (see the error there)")
-        return [int(row[0]) for row in infos]
+        return [int(row[0]) for row in infos], any(row[-1] > 0 for row in infos)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -542,13 +834,13 @@ class DistributedMarginLoss(nn.Module):
         ``MarginStats`` of the global batch (rows in rank order: this rank's rows are
         ``[sum(sizes[:rank]), sum(sizes[:rank + 1]))``), identical on every rank; ``predicted`` is the global
         class of the highest raw cosine over every shard's columns (the sampled ones under Partial FC)."""
-        compute = self._products_dtype()
-        if isinstance(self.weight, torch.Tensor) and torch.is_autocast_enabled(self.weight.device.type):
-            # autocast: the products in its bf16 / fp16 on a float32 weight, the rest with autocast off
-            compute = compute or autocast_compute_dtype(self.weight, self.weight.device.type)
-            with torch.autocast(self.weight.device.type, enabled=False):
-                return self._forward(local_embeddings, local_labels, return_stats, compute)
-        return self._forward(local_embeddings, local_labels, return_stats, compute)
+        local_embeddings, compute, autocast_device = resolve_precision(
+            local_embeddings, self.weight, self._products_dtype()
+        )
+        if autocast_device is None:
+            return self._forward(local_embeddings, local_labels, return_stats, compute)
+        with torch.autocast(autocast_device, enabled=False):
+            return self._forward(local_embeddings, local_labels, return_stats, compute)
 
     def _products_dtype(self):
         """The products' dtype asked for outside autocast (None: the weight's)."""
@@ -568,18 +860,23 @@ class DistributedMarginLoss(nn.Module):
             compute_dtype, weight.dtype
         )
         rows = local_embeddings.shape[0] if problem is None else 0
+        backend = ops.resolve_backend(self.backend, device)
         if world == 1:
             # one rank: nothing to agree on, and no host round trip (the fingerprint's crc32 and .tolist() would stop
             # torch.compile(fullgraph=True) from tracing the single-process head)
             if problem is not None:
                 raise ValueError(problem)
-            sizes = [rows]
+            check_backend_fits(self.backend, weight)
+            sizes, bad_labels = [rows], not torch.compiler.is_compiling()  # checked below, one host read
         else:
-            sizes = self._handshake(rows, problem, group, world, device)
+            problem = problem or self._backend_problem(backend)
+            # this rank's labels out of range, counted on the device and read in the handshake's one host read
+            count = (
+                None if problem is not None else _labels_out_of_range(local_labels, self.num_classes, self.ignore_index)
+            )
+            sizes, bad_labels = self._handshake(rows, problem, count, group, world, device, compute_dtype, backend)
         if sum(sizes) == 0:
             raise ValueError("DistributedMarginLoss: the global batch is empty (0 rows on every rank)")
-        check_backend_fits(self.backend, local_embeddings.to(weight.dtype))
-        backend = ops.resolve_backend(self.backend, weight.device)
         compute_dtype = compute_dtype_on(backend, compute_dtype, weight)
 
         # 2. the global batch
@@ -587,8 +884,8 @@ class DistributedMarginLoss(nn.Module):
             local_embeddings.to(weight.dtype), sizes, rank, group, self.embedding_grad_scale
         )
         labels = _gather_rows(local_labels.long(), sizes, group)
-        if not torch.compiler.is_compiling():
-            check_label_values(labels, self.num_classes, self.ignore_index)  # same labels, same error everywhere
+        if bad_labels:  # the gathered labels: the same error on every rank
+            check_label_values(labels, self.num_classes, self.ignore_index)
         valid = labels != self.ignore_index
         owned = valid & (labels >= self.class_start) & (labels < self.class_start + self.num_local)
         local_labels_all = torch.where(owned, labels - self.class_start, torch.zeros_like(labels))
@@ -668,10 +965,7 @@ class DistributedMarginLoss(nn.Module):
 
         # 5. global log-sum-exp and the loss
         lse = torch.logsumexp(_ReplicatedStack.apply(lse_local, rank, world, group), dim=0)
-        loss = lse - target_logit
-        if extra is not None:
-            loss = loss + shared[1]
-        loss = torch.where(valid, loss, zero)
+        loss = row_losses(lse, target_logit, None if extra is None else shared[1], valid)
         reduced = reduce_loss(loss, valid, self.reduction).to(weight.dtype)
         if not return_stats:
             return reduced

@@ -36,6 +36,23 @@ def autocast_compute_dtype(weight: torch.Tensor, device_type: str):
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+def resolve_precision(embeddings, weight, compute_dtype: Optional[torch.dtype]):
+    """``(embeddings, compute_dtype, autocast_device)``: torch.autocast and ``compute_dtype`` resolved, in this one
+    place for every entry point (the functional, the modules, the distributed head).
+
+    Under autocast on the embeddings' device, ``compute_dtype`` None becomes autocast's bf16 / fp16 on a float32
+    weight, floating embeddings come back in the weight's dtype, and ``autocast_device`` names the device type
+    whose autocast the caller turns off while the loss runs (PyTorch's cross_entropy runs in float32 under
+    autocast too).  Otherwise everything as given and None.  Whether compute_dtype fits the weight is validation's
+    (compute_dtype_problem); which dtype a concrete backend runs, compute_dtype_on's."""
+    if not autocast_active(embeddings):
+        return embeddings, compute_dtype, None
+    device_type = embeddings.device.type
+    if compute_dtype is None and isinstance(weight, torch.Tensor):
+        compute_dtype = autocast_compute_dtype(weight, device_type)
+    return to_weight_dtype(embeddings, weight), compute_dtype, device_type
+
+
 def compute_dtype_on(backend: str, compute_dtype, weight: torch.Tensor) -> torch.dtype:
     """The dtype the products run in on a concrete ``backend``: ``compute_dtype`` (validated), or the weight's when
     it is None or the backend has no mixed precision (one warning)."""
@@ -78,33 +95,45 @@ def margin_cross_entropy(
     rounded as it is used, the loss comes back in float32).  The embeddings may be in the weight's dtype or in
     compute_dtype.  Under torch.autocast the loss itself runs with autocast off, as PyTorch's cross_entropy does.
     """
-    if autocast_active(embeddings):
-        if compute_dtype is None and isinstance(weight, torch.Tensor):
-            compute_dtype = autocast_compute_dtype(weight, embeddings.device.type)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            return margin_cross_entropy(
-                to_weight_dtype(embeddings, weight),
-                weight,
-                labels,
-                margin,
-                reduction=reduction,
-                ignore_index=ignore_index,
-                backend=backend,
-                interclass_filtering_threshold=interclass_filtering_threshold,
-                deterministic=deterministic,
-                return_stats=return_stats,
-                compute_dtype=compute_dtype,
-            )
-    check_loss_inputs(
-        embeddings,
-        weight,
-        labels,
-        margin,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        backend=backend,
-        compute_dtype=compute_dtype,
-    )
+    embeddings, compute_dtype, autocast_device = resolve_precision(embeddings, weight, compute_dtype)
+    options = dict(reduction=reduction, ignore_index=ignore_index, backend=backend, compute_dtype=compute_dtype)
+
+    def validated():
+        check_loss_inputs(embeddings, weight, labels, margin, **options)
+        return validated_margin_cross_entropy(
+            embeddings,
+            weight,
+            labels,
+            margin,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+            deterministic=deterministic,
+            return_stats=return_stats,
+            **options,
+        )
+
+    if autocast_device is None:
+        return validated()
+    with torch.autocast(autocast_device, enabled=False):
+        return validated()
+
+
+def validated_margin_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: Margin,
+    *,
+    reduction: str,
+    ignore_index: int,
+    backend: str,
+    interclass_filtering_threshold: float,
+    deterministic: bool,
+    return_stats: bool,
+    compute_dtype: Optional[torch.dtype],
+):
+    """margin_cross_entropy for inputs that check_loss_inputs passed and a precision resolve_precision resolved
+    (autocast already off): the loss modules validate once per call, then come here, so that a step reads the
+    labels on the host once (the range check), not once per layer."""
     backend = ops.resolve_backend(backend, weight.device)
     compute_dtype = compute_dtype_on(backend, compute_dtype, weight)
     # the pre-pass (norms, target cosine, margin) and the loss in the weight's dtype; only the products are narrower
@@ -142,7 +171,7 @@ def margin_cross_entropy(
         margin.subcenters,
         deterministic,
     )
-    loss = row_losses(lse, pre, valid)
+    loss = row_losses(lse, pre.target_logit, pre.extra_loss, valid)
     reduced = reduce_loss(loss, valid, reduction).to(embeddings.dtype)
     if not return_stats:
         return reduced

@@ -7,7 +7,7 @@ on nothing else in marginops, so every one of them can import it without importi
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -23,14 +23,17 @@ class MarginStats(NamedTuple):
     accuracy: torch.Tensor  # () share of counted rows whose predicted class is the label
 
 
-def row_losses(lse: torch.Tensor, pre, valid: torch.Tensor) -> torch.Tensor:
-    """lse − z_iy (+ the margin's per-row extra term), 0 for ignored rows.
+def row_losses(
+    lse: torch.Tensor, target_logit: torch.Tensor, extra_loss: Optional[torch.Tensor], valid: torch.Tensor
+) -> torch.Tensor:
+    """lse − z_iy (+ the margin's per-row extra term, None for none), 0 for ignored rows.
 
-    ``pre`` is the pre-pass result (marginops.margins.PrePass): its target_logit and extra_loss.
+    From the pre-pass (marginops.margins.PrePass: its target_logit and extra_loss) or, in the distributed head, from
+    the all-reduced owners' values.
     """
-    loss = lse - pre.target_logit
-    if pre.extra_loss is not None:
-        loss = loss + pre.extra_loss
+    loss = lse - target_logit
+    if extra_loss is not None:
+        loss = loss + extra_loss
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import margins
 from ._validation import check_compute_dtype, check_loss_inputs, check_module_options, check_number
-from .functional import autocast_active, autocast_compute_dtype, margin_cross_entropy, to_weight_dtype
+from .functional import resolve_precision, validated_margin_cross_entropy
 from .pair_losses import ContrastiveLoss, TripletLoss
 
 
@@ -88,18 +88,19 @@ class MarginLoss(nn.Module):
         """The loss (and with return_stats, MarginStats: per-row lse, target cosine, prediction, accuracy).
         Under torch.autocast on a float32 weight: the products in autocast's bf16 / fp16 (unless compute_dtype says
         otherwise), the rest in float32 with autocast off."""
-        if autocast_active(embeddings):
-            compute = self.compute_dtype or autocast_compute_dtype(self.weight, embeddings.device.type)
-            with torch.autocast(embeddings.device.type, enabled=False):
-                return self._forward(to_weight_dtype(embeddings, self.weight), labels, return_stats, compute)
-        return self._forward(embeddings, labels, return_stats, self.compute_dtype)
+        embeddings, compute, autocast_device = resolve_precision(embeddings, self.weight, self.compute_dtype)
+        if autocast_device is None:
+            return self._forward(embeddings, labels, return_stats, compute)
+        with torch.autocast(autocast_device, enabled=False):
+            return self._forward(embeddings, labels, return_stats, compute)
 
     def _forward(self, embeddings, labels, return_stats, compute_dtype):
+        # the one validation of this call, before the state is read from the inputs (a call that raises must not
+        # advance SphereFace's λ or an EMA); the functional below does not validate again
+        self._check(embeddings, labels, compute_dtype)
         if self.training:
-            # validate first: a call that raises must not advance the state (SphereFace's λ, EMAs)
-            self._check(embeddings, labels, compute_dtype)
             self.update_state(embeddings.to(self.weight.dtype), labels)
-        return margin_cross_entropy(
+        return validated_margin_cross_entropy(
             embeddings,
             self.weight,
             labels,
@@ -108,12 +109,12 @@ class MarginLoss(nn.Module):
             ignore_index=self.ignore_index,
             backend=self.backend,
             interclass_filtering_threshold=self.interclass_filtering_threshold,
+            deterministic=True,
             return_stats=return_stats,
             compute_dtype=compute_dtype,
         )
 
     def _check(self, embeddings, labels, compute_dtype=None):
-        """Validate before state is read from the inputs (the functional validates again, later)."""
         check_loss_inputs(
             embeddings,
             self.weight,

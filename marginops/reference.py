@@ -60,7 +60,9 @@ def margin_cross_entropy(
         logits = torch.where(filtered, torch.zeros_like(logits), logits)
     logits = torch.where(target_col, pre.target_logit[:, None], logits)
     lse = torch.logsumexp(logits, dim=1)
-    reduced = reduce_loss(row_losses(lse, pre, valid), valid, reduction).to(embeddings.dtype)
+    reduced = reduce_loss(row_losses(lse, pre.target_logit, pre.extra_loss, valid), valid, reduction).to(
+        embeddings.dtype
+    )
     if not return_stats:
         return reduced
     return reduced, make_stats(lse, pre.cos_target, cos.detach().argmax(dim=1), labels, valid)

@@ -463,6 +463,74 @@ def case_handshake_mismatch_raises_on_every_rank(rank, world, backend):
         head(emb[lo:hi], labels[lo:hi])
 
 
+def case_handshake_compares_precision_backend_mode(rank, world, backend):
+    """The handshake also compares what trains differently without failing: the products' dtype (compute_dtype,
+    PartialFC_V2's fp16), the resolved backend, deterministic, train / eval (Partial FC samples on one rank
+    only), and CurricularFace's curricular_alpha — the same error on every rank, naming the field."""
+    sizes = [3] * world
+    last = rank == world - 1
+    other_backend = "reference" if backend != "reference" else "cpu"
+    lo, hi = offsets(sizes, rank)
+
+    def head(margin=None, **kwargs):
+        return mdist.DistributedMarginLoss(margin or marginops.ArcFace(s=8.0), 5, 10, backend=backend, **kwargs)
+
+    variants = [  # (module on this rank, the field's name in the message)
+        (head(compute_dtype=torch.bfloat16 if last else None), "compute dtype"),
+        (
+            insightface.PartialFC_V2(
+                insightface.CombinedMarginLoss(8.0, 1.0, 0.5, 0.0), 5, 10, fp16=last, backend=backend
+            ),
+            "compute dtype",
+        ),
+        (
+            mdist.DistributedMarginLoss(marginops.ArcFace(s=8.0), 5, 10, backend=other_backend if last else backend),
+            "backend",
+        ),
+        (head(deterministic=not last), "deterministic"),
+        (head(sample_rate=0.5).train() if not last else head(sample_rate=0.5).eval(), "training mode"),
+        (head(marginops.CurricularFace(s=8.0), curricular_alpha=0.02 if last else 0.01), "curricular_alpha"),
+    ]
+    messages = []
+    emb, _, labels = problem(34, sum(sizes), 5, 10)
+    emb = emb.float()
+    for module, name in variants:
+        with pytest_raises(ValueError, name) as raised:
+            module(emb[lo:hi], labels[lo:hi])
+        assert "built the head differently" in str(raised.value), (name, str(raised.value))
+        messages.append(str(raised.value))
+    digest = torch.tensor([zlib.crc32("\n".join(messages).encode())], dtype=torch.int64)
+    digests = [torch.zeros_like(digest) for _ in range(world)]
+    dist.all_gather(digests, digest)
+    assert all(int(d) == int(digest) for d in digests), "ranks raised different messages"
+    # not compared where it changes nothing: curricular_alpha without CurricularFace, None vs the weight's dtype
+    for module in (head(curricular_alpha=0.02 if last else 0.01), head(compute_dtype=torch.float32 if last else None)):
+        assert torch.isfinite(module(emb[lo:hi], labels[lo:hi]))
+
+
+def case_one_host_read_per_step(rank, world, backend):
+    """A training step (forward and backward) of the distributed head reads tensor data on the host once: the
+    handshake's all-gather, which also carries the label range check and CurricularFace's t (whose update is
+    sync-free); Partial FC's sampling adds its two (see tests/test_host_reads.py)."""
+    from test_host_reads import PARTIAL_FC_READS_PER_STEP, READS_PER_STEP, count_host_reads
+
+    sizes = [4] * world
+    emb, weight, labels = problem(60, sum(sizes), 6, 23, ignore=(1,))
+    found = []
+    for margin, rate, expected in (
+        (marginops.ArcFace(s=16.0), 1.0, READS_PER_STEP),
+        (marginops.CurricularFace(s=16.0), 1.0, READS_PER_STEP),
+        (marginops.ArcFace(s=16.0), 0.5, PARTIAL_FC_READS_PER_STEP),
+    ):
+        module = make_module(margin, weight, backend, sample_rate=rate).train()
+        distributed_loss_grads(module, emb, labels, sizes, rank)  # not counted: first-use work
+        with count_host_reads() as counts:
+            distributed_loss_grads(module, emb, labels, sizes, rank)
+        found.append((type(margin).__name__, rate, expected, dict(counts)))
+    for name, rate, expected, counts in found:
+        assert sum(counts.values()) == expected, (name, rate, counts)
+
+
 def case_reshard_full_state_dict_to_fewer_ranks(rank, world, backend):
     """Train a step on `world` ranks, gather the whole head, resume on world − 1 ranks (3 → 2, 2 → 1): the
     second step equals single-process training of both steps; the same for the compat PartialFC_V2."""
@@ -518,6 +586,155 @@ def case_reshard_full_state_dict_to_fewer_ranks(rank, world, backend):
             close(f"{kind}: shard weight grad after resharding", resumed.weight.grad, w1.grad[start : start + n])
 
 
+def _expect_refusal(module, state, *needles, **kwargs):
+    """load_state_dict must raise naming every needle, and leave the head's weight as it was."""
+    before = module.weight.detach().clone()
+    with pytest_raises(RuntimeError, needles[0]) as raised:
+        module.load_state_dict(state, **kwargs)
+    for needle in needles[1:]:
+        assert needle in str(raised.value), (needle, str(raised.value))
+    assert torch.equal(module.weight, before), "a refused checkpoint must not change the head"
+    return str(raised.value)
+
+
+def case_checkpoint_layout_per_rank_shards(rank, world, backend):
+    """Per-rank shards record their head, world and class range: saved on every world size 1..world, each loads
+    only on the rank and world size that saved it, and a shard of another world size is refused naming the
+    difference, also where its row count matches (C = 7: rank 1 of 2 and rank 0 of 3 both hold 3 rows)."""
+    classes, dim = 7, 4
+    groups = {n: dist.new_group(list(range(n))) for n in range(1, world)}  # every rank creates every group
+    groups[world] = None
+    kinds = {
+        "head": lambda g: mdist.DistributedMarginLoss(marginops.ArcFace(s=8.0), dim, classes, process_group=g),
+        "partial_fc": lambda g: insightface.PartialFC_V2(
+            insightface.CombinedMarginLoss(8.0, 1.0, 0.5, 0.0), dim, classes, process_group=g
+        ),
+    }
+    for kind, build in kinds.items():
+        heads = {n: build(groups[n]).double() if rank < n else None for n in groups}
+        for n, head in heads.items():
+            if head is not None:
+                with torch.no_grad():
+                    head.weight.copy_(torch.arange(head.weight.numel(), dtype=torch.float64).view_as(head.weight))
+                    head.weight += 100.0 * n + 1000.0 * head.class_start  # each shard's rows differ
+                head.sample_step = 3 + n
+        mine = {n: head.state_dict() if head is not None else None for n, head in heads.items()}
+        saved = [None] * world
+        dist.all_gather_object(saved, mine)  # the last collective of this kind: only local loads below
+        for n, head in heads.items():
+            if head is None:
+                continue
+            layout = mine[n]["_extra_state"]["layout"]
+            assert (layout["num_classes"], layout["world_size"], layout["rank"]) == (classes, n, rank), layout
+            assert (layout["class_start"], layout["num_local"]) == (head.class_start, head.num_local), layout
+            fresh = build(groups[n]).double()
+            fresh.load_state_dict(saved[rank][n])  # its own shard: loads
+            assert torch.equal(fresh.weight, head.weight), f"{kind}: own shard on {n} ranks"
+            if kind == "head":
+                assert fresh.sample_step == 3 + n
+            for m in groups:  # every other world size's shards, the same-row-count ones included
+                for r in range(m):
+                    if (m, r) == (n, rank):
+                        continue
+                    if m == 1:  # a one-rank run's shard is the whole head: it reshards like full_state_dict()
+                        fresh.load_state_dict(saved[0][1])
+                        rows = saved[0][1]["weight"][fresh.class_start : fresh.class_start + fresh.num_local]
+                        assert torch.equal(fresh.weight, rows), f"{kind}: a one-rank shard on {n} ranks"
+                        continue
+                    needles = ["per-rank shard loads on the rank and world size that saved it"]
+                    needles += [f"world_size {m} in the checkpoint, {n} here"] if m != n else []
+                    needles += [f"rank {r} in the checkpoint, {rank} here"] if r != rank else []
+                    _expect_refusal(fresh, saved[r][m], *needles)
+            # without its layout record (a checkpoint from before, or insightface's): only a whole head loads
+            old = {"weight": saved[rank][n]["weight"]}
+            if kind == "head":
+                old["_extra_state"] = {"sample_step": 1}
+            if head.num_local != classes:
+                _expect_refusal(fresh, old, "no layout record", f"legacy_shard(state_dict, num_classes={classes}")
+                declared = mdist.legacy_shard(old, num_classes=classes, world_size=n, rank=rank)
+                fresh.load_state_dict(declared)
+                assert torch.equal(fresh.weight, head.weight), f"{kind}: a declared legacy shard"
+                if n > 1:  # declared as another rank's: refused like a new checkpoint
+                    other = mdist.legacy_shard(
+                        {"weight": saved[(rank + 1) % n][n]["weight"]},
+                        num_classes=classes,
+                        world_size=n,
+                        rank=(rank + 1) % n,
+                    )
+                    _expect_refusal(fresh, other, "per-rank shard", f"rank {(rank + 1) % n} in the checkpoint")
+            else:
+                fresh.load_state_dict(old)
+                assert torch.equal(fresh.weight, head.weight)
+        # the C = 7 collision of the issue, by name: rank 0 of 3 refuses rank 1 of 2's 3 rows
+        if world == 3 and rank == 0:
+            assert heads[3].num_local == 3 and saved[1][2]["weight"].shape[0] == 3
+            _expect_refusal(build(None).double(), saved[1][2], "world_size 2 in the checkpoint, 3 here")
+
+
+def case_checkpoint_layout_whole_heads_subcenters_assign(rank, world, backend):
+    """Whole heads (full_state_dict) record num_classes and sub-centres: another head is refused naming the
+    difference (C = 10 into C = 20; k = 1 into k = 2, also where the row counts agree); assign=True keeps a
+    copy of this rank's rows, not a view of the whole head."""
+    dim = 4
+    gen = torch.Generator().manual_seed(50)
+    heads = {
+        "c10": mdist.DistributedMarginLoss(marginops.ArcFace(s=8.0), dim, 10),
+        "k1_c10": mdist.DistributedMarginLoss(marginops.ArcFace(s=8.0), dim, 10),
+        "k2_c5": mdist.DistributedMarginLoss(marginops.SubCenterArcFace(s=8.0, k=2), dim, 5),
+        "pfc_c10": insightface.PartialFC_V2(insightface.CombinedMarginLoss(8.0, 1.0, 0.5, 0.0), dim, 10),
+    }
+    for head in heads.values():
+        head.double()
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen, dtype=torch.float64))
+    full = {name: head.full_state_dict() for name, head in heads.items()}  # the collectives, all before the checks
+    assert full["c10"]["_extra_state"]["layout"]["whole"] and full["c10"]["weight"].shape == (10, dim)
+
+    _expect_refusal(
+        mdist.DistributedMarginLoss(marginops.ArcFace(s=8.0), dim, 20).double(),
+        full["c10"],
+        "num_classes 10 in the checkpoint, 20 here",
+    )
+    _expect_refusal(
+        insightface.PartialFC_V2(insightface.CombinedMarginLoss(8.0, 1.0, 0.5, 0.0), dim, 20).double(),
+        full["pfc_c10"],
+        "num_classes 10 in the checkpoint, 20 here",
+    )
+    # k = 1 (10 rows) into k = 2 heads: of 10 classes (20 rows), and of 5 classes (the same 10 rows)
+    for classes in (10, 5):
+        sub = mdist.DistributedMarginLoss(marginops.SubCenterArcFace(s=8.0, k=2), dim, classes).double()
+        _expect_refusal(sub, full["k1_c10"], "subcenters 1 in the checkpoint, 2 here")
+    _expect_refusal(heads["c10"], full["k2_c5"], "subcenters 2 in the checkpoint, 1 here")
+    _expect_refusal(
+        mdist.DistributedMarginLoss(marginops.ArcFace(s=8.0), dim + 1, 10).double(),
+        full["c10"],
+        f"embedding_size {dim} in the checkpoint, {dim + 1} here",
+    )
+    # sub-centres: a whole k = 2 head reshards by class (k rows each)
+    sub = mdist.DistributedMarginLoss(marginops.SubCenterArcFace(s=8.0, k=2), dim, 5).double()
+    sub.load_state_dict(full["k2_c5"])
+    rows = slice(sub.class_start * 2, (sub.class_start + sub.num_local) * 2)
+    assert torch.equal(sub.weight, full["k2_c5"]["weight"][rows])
+    # assign=True: this rank's rows as a tensor of their own
+    fresh = {
+        "c10": mdist.DistributedMarginLoss(marginops.ArcFace(s=8.0), dim, 10),
+        "pfc_c10": insightface.PartialFC_V2(insightface.CombinedMarginLoss(8.0, 1.0, 0.5, 0.0), dim, 10),
+    }
+    for name, head in fresh.items():
+        whole = full[name]["weight"]
+        head.load_state_dict(full[name], assign=True)
+        expected = whole[head.class_start : head.class_start + head.num_local].clone()
+        assert isinstance(head.weight, torch.nn.Parameter) and head.weight.dtype == torch.float64
+        assert torch.equal(head.weight, expected)
+        storage = head.weight.untyped_storage()
+        assert storage.nbytes() == head.weight.numel() * 8, f"{name}: the shard keeps the whole head's storage"
+        assert storage.data_ptr() != whole.untyped_storage().data_ptr()
+        assert head.state_dict()["weight"].shape == (head.num_local, dim)
+        with torch.no_grad():
+            whole.add_(1.0)
+        assert torch.equal(head.weight, expected), "assign=True must copy the rows"
+
+
 class pytest_raises:  # noqa: N801  (pytest.raises without needing pytest's assertion machinery in workers)
     def __init__(self, exc, match):
         self.exc, self.match = exc, match
@@ -541,7 +758,7 @@ CASES = {name[len("case_") :]: fn for name, fn in sorted(globals().items()) if n
 # the spawned worker and the pytest side
 
 
-def _worker(rank, world, init_file, out_dir, backends):
+def _worker(rank, world, init_file, out_dir, backends, cases):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -553,7 +770,8 @@ def _worker(rank, world, init_file, out_dir, backends):
     results = {}
     try:
         for backend in backends:
-            for name, fn in CASES.items():
+            for name in cases:
+                fn = CASES[name]
                 torch.manual_seed(0)
                 start = time.perf_counter()
                 try:
@@ -572,13 +790,18 @@ def _worker(rank, world, init_file, out_dir, backends):
 BACKENDS = ["reference", "cpu"]
 
 
-def _selected_backends(session):
-    """The backends of the test_distributed items this session runs (so `-k reference` never builds C++)."""
-    wanted = {
-        item.callspec.params["backend"]
+def _selected(session, param):
+    """The values of ``param`` among the test_distributed items this session runs."""
+    return {
+        item.callspec.params[param]
         for item in session.items
         if getattr(item, "originalname", None) == "test_distributed" and hasattr(item, "callspec")
     }
+
+
+def _selected_backends(session):
+    """The backends of the test_distributed items this session runs (so `-k reference` never builds C++)."""
+    wanted = _selected(session, "backend")
     found = [b for b in BACKENDS if b in wanted and b != "cpu"]
     if "cpu" in wanted:
         from marginops import _build
@@ -592,6 +815,7 @@ def _selected_backends(session):
 def run_world(request, tmp_path_factory):
     cache = {}
     backends = _selected_backends(request.session)
+    cases = sorted(_selected(request.session, "case"))  # `-k case_name` spawns the workers for that case only
 
     def run(world):
         if world not in cache:
@@ -600,7 +824,7 @@ def run_world(request, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"world{world}")
             context = mp.start_processes(
                 _worker,
-                args=(world, str(out / "init"), str(out), backends),
+                args=(world, str(out / "init"), str(out), backends, cases),
                 nprocs=world,
                 join=False,
                 start_method="spawn",
@@ -675,6 +899,13 @@ def test_single_process_loads_a_whole_head_and_names_a_foreign_shard():
     other = mdist.DistributedMarginLoss(marginops.CosFace(s=8.0), 5, 11).double()
     other.load_state_dict(full)
     assert torch.equal(other.weight, weight)
-    shard = dict(full, weight=weight[:6])  # rank 0's shard of a 2-rank run
-    with pytest.raises(RuntimeError, match="full_state_dict"):
+    shard = dict(full, weight=weight[:6])  # rank 0's shard of a 2-rank run, under a whole head's record
+    with pytest.raises(RuntimeError, match=r"weight has shape \(6, 5\) but its layout record says 11 classes"):
         other.load_state_dict(shard)
+    with pytest.raises(RuntimeError, match="weight has 6 rows and no layout record; this rank's shard has 11 rows"):
+        other.load_state_dict({"weight": weight[:6]})
+    # a checkpoint from before layout records: a whole head loads (its only reading), with assign=True too
+    other.load_state_dict({"weight": weight + 1.0, "_extra_state": {"sample_step": 2}})
+    assert torch.equal(other.weight, weight + 1.0) and other.sample_step == 2
+    other.load_state_dict({"weight": weight + 2.0}, assign=True)
+    assert torch.equal(other.weight, weight + 2.0)

@@ -30,8 +30,10 @@ insightface.  Other differences: the loss is −log p_target without insightface
 DistributedMarginLoss) and only in training mode (eval computes the full softmax); batch sizes may differ
 between ranks; labels may be (B,) or (B, 1); without an initialized process group it runs as one rank;
 ``fp16=True`` runs the head's products in float16 on the float32 weight (mixed precision, fp32 accumulation and
-float32 dW), as insightface's autocast does; the sampling step is not saved in ``state_dict`` (so that insightface
-checkpoints load unchanged; set ``sample_step`` yourself to resume the exact sample sequence).
+float32 dW), as insightface's autocast does; ``state_dict`` records the checkpoint's layout (head, world size,
+class range) but not the sampling step (set ``sample_step`` yourself to resume the exact sample sequence);
+insightface's checkpoints ({"weight"}) load as whole heads, and per-rank ones through
+``marginops.distributed.legacy_shard`` (their row count alone cannot tell which classes they hold).
 """
 
 from __future__ import annotations
@@ -132,9 +134,14 @@ class PartialFC_V2(DistributedMarginLoss):  # noqa: N801  (insightface's name)
     """insightface's PartialFC_V2 on the fused op: class shards over the ranks, Partial FC sampling."""
 
     _version = 2
-    # no extra state in state_dict: insightface checkpoints ({"weight"}) load with strict=True
-    get_extra_state = nn.Module.get_extra_state
-    set_extra_state = nn.Module.set_extra_state
+
+    # the layout record only (no sampling step); insightface's checkpoints ({"weight"}) load as whole heads, and
+    # as per-rank shards through marginops.distributed.legacy_shard
+    def get_extra_state(self):
+        return {"layout": self._layout()}
+
+    def set_extra_state(self, state):
+        pass
 
     def __init__(
         self,
