@@ -256,6 +256,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 4, 3 and 5 gloo processes: a minute and a half on 2 cores
 def test_save_on_4_ranks_resume_on_3_and_5_ranks(checkpoints):
     _, reports = checkpoints
     problems = [p for report in reports for p in report["problems"]]
@@ -264,6 +265,7 @@ def test_save_on_4_ranks_resume_on_3_and_5_ranks(checkpoints):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_save_on_4_ranks_resume_in_one_process(checkpoints, run):
     out, _ = checkpoints

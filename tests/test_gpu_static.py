@@ -199,6 +199,7 @@ def test_a_failed_part_is_a_row_and_keeps_what_was_read(tmp_path, monkeypatch, c
     assert gpu_static.main(["--out", str(tmp_path), "--cuda-if-built"]) == 0
 
 
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_report_covers_every_kernel_and_dtype(triton_rows, cuda_rows, tmp_path):
     kinds = {(r["kernel"], r["dtype"]) for r in triton_rows}
     for label, _, _ in gpu_static.TRITON_DTYPES:
@@ -217,12 +218,14 @@ def test_report_covers_every_kernel_and_dtype(triton_rows, cuda_rows, tmp_path):
     assert markdown.count("\n| ") == len(triton_rows) + len(cuda_rows) + 1
 
 
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_16bit_triton_kernels_use_wgmma_on_hopper(triton_rows):
     for r in triton_rows:
         if r["kernel"] in STREAMING_TRITON and r["dtype"] in ("bfloat16", "float16", "float32-tf32"):
             assert r["mma_kind"] == "HGMMA", r
 
 
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_shared_memory_within_the_arch_limit(triton_rows, cuda_rows):
     for r in triton_rows:
         assert r["smem_bytes"] <= gpu_static.SMEM_PER_CTA["sm_90"], r
@@ -231,11 +234,13 @@ def test_shared_memory_within_the_arch_limit(triton_rows, cuda_rows):
         assert r["smem_bytes"] <= gpu_static.SMEM_PER_CTA[r["arch"]], r
 
 
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_cuda_kernels_do_not_spill(cuda_rows):
     spilling = [(r["kernel"], r["arch"], r["dtype"], r["spill_bytes"]) for r in cuda_rows if r["spill_bytes"]]
     assert not spilling
 
 
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch):
     """The split planners size whole waves with configs._DEFAULT_CTAS_PER_SM: it must be what the compiled
     default candidates get (else update the table, not the test)."""
@@ -262,12 +267,14 @@ def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch
         assert planned[1] == r["ctas_per_sm"], (r["kernel"], r["dtype"], r["config"], planned, r["ctas_per_sm"])
 
 
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_triton_default_configs_do_not_spill(triton_rows):
     """Every Triton kernel the launchers run by default, the small merge / reduce kernels included."""
     spilling = [(r["kernel"], r["dtype"], r["config"], r["spill_bytes"]) for r in triton_rows if r["spill_bytes"]]
     assert not spilling
 
 
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_triton_grids_are_whole_waves(triton_rows):
     columns = ["wave_efficiency" + suffix for suffix in gpu_static.SHAPES]
     short = [
@@ -280,6 +287,7 @@ def test_triton_grids_are_whole_waves(triton_rows):
     assert not short
 
 
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_hybrid_kernels_compile_without_spills_and_with_wgmma(hybrid_rows):
     """The hybrid backward's kernels (triton_kernels/hybrid_bwd.py) as its launcher runs them: present for every
     dtype, spill-free, within shared memory, and the gradient block's cosine products on wgmma for 16-bit inputs
