@@ -175,7 +175,20 @@ def _cell(values: list[float], fmt: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data", choices=["synthetic", "glyphs"], default="synthetic")
+    known, rest = pre.parse_known_args(argv)
+    if known.data == "glyphs":  # real images: its own options (python -m bench.openset --data glyphs --help)
+        from . import openset_glyphs
+
+        return openset_glyphs.main(rest)
     parser = argparse.ArgumentParser(prog="python -m bench.openset", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data",
+        choices=["synthetic", "glyphs"],
+        default="synthetic",
+        help="synthetic identities (this) or rendered CJK glyphs (bench/openset_glyphs.py; --data glyphs --help)",
+    )
     parser.add_argument("--heads", default=",".join(HEADS), help="comma list: " + ",".join(ALL_HEADS))
     parser.add_argument("--backend", default="auto", help="marginops backend of the margin heads")
     parser.add_argument("--train-ids", type=int, default=1000)
