@@ -279,7 +279,16 @@ def render(spec: GlyphSpec, faces: list[Face], log=print) -> dict:
     wanted = spec.train_ids + spec.test_ids
     if wanted > len(candidates):
         raise ValueError(f"{wanted} identities asked for; the block has {len(candidates)} code points")
-    codes, clean = [], []
+    per_identity = len(faces) * spec.augs
+    bold = torch.tensor([f.style.endswith("bold") for f in faces]).repeat_interleave(spec.augs)
+
+    def augmented(clean: list) -> torch.Tensor:
+        """(n, per_identity, size, size) photos of n identities' drawings (n, faces, R, R)."""
+        x = torch.from_numpy(np.stack(clean)).float().div_(255.0)
+        x = x.repeat_interleave(spec.augs, dim=1).reshape(-1, 1, canvas, canvas)
+        return augment(x, bold.repeat(len(clean)), spec.size, g).view(-1, per_identity, spec.size, spec.size)
+
+    codes, clean, photos = [], [], []
     start = time.perf_counter()
     for code in candidates:
         drawn = [_draw(font, code, canvas) for font in fonts]
@@ -288,6 +297,9 @@ def render(spec: GlyphSpec, faces: list[Face], log=print) -> dict:
             continue
         codes.append(code)
         clean.append(np.stack(drawn))
+        if len(clean) == 500:  # augmented 500 identities at a time: bounded memory whatever the size of the set
+            photos.append(augmented(clean))
+            clean = []
         if len(codes) == wanted:
             break
         if len(codes) % 2000 == 0:
@@ -295,14 +307,8 @@ def render(spec: GlyphSpec, faces: list[Face], log=print) -> dict:
             log(f"  drew {len(codes):,} / {wanted:,} identities × {len(faces)} faces ({seconds:.0f} s)")
     if len(codes) < wanted:
         raise ValueError(f"only {len(codes)} code points are drawn by every face; {wanted} asked for")
-    per_identity = len(faces) * spec.augs
-    photos = []
-    for first in range(0, wanted, 500):  # chunks bound the float32 memory of the double-size drawings
-        chunk = torch.from_numpy(np.stack(clean[first : first + 500])).float().div_(255.0)  # (n, faces, R, R)
-        chunk = chunk.repeat_interleave(spec.augs, dim=1).reshape(-1, 1, canvas, canvas)
-        bold = torch.tensor([f.style.endswith("bold") for f in faces]).repeat_interleave(spec.augs)
-        bold = bold.repeat(chunk.shape[0] // per_identity)
-        photos.append(augment(chunk, bold, spec.size, g).view(-1, per_identity, spec.size, spec.size))
+    if clean:
+        photos.append(augmented(clean))
     photos = torch.cat(photos)  # (identities, per_identity, size, size)
     # the photos of an identity in random order: the first one (enrolled in identification) is any face
     order = torch.argsort(torch.rand(wanted, per_identity, generator=g), dim=1)
