@@ -696,16 +696,16 @@ def main(argv=None) -> int:
     backend = ops.resolve_backend(cfg["backend"], torch.device("cpu"))
     steps = steps_for(cfg, len(data.train_labels))
     device = results.device_name("cpu")
+    tasks = [(h, seed, cfg) for h in cfg["heads"] for seed in range(cfg["seeds"])]
     setup = (
         f"{len(data.train_codes):,} training identities × {data.per_identity} photos ({len(data.faces)} font faces × "
         f"{cfg['augs']} augmentation), {len(data.test_codes):,} unseen test identities × {data.per_identity} photos; "
         f"CNN width {cfg['width']}, D = {cfg['embedding_size']}, {steps:,} SGD steps of B = {cfg['batch']} "
         f"({cfg['epochs']:g} epochs, lr {cfg['lr']:g} with {cfg['warmup']:.0%} warm-up, cosine); "
         f"s = {cfg['scale']:g}; margin heads on backend {backend!r}; "
-        f"{args.jobs} training(s) at once × {cfg['threads']} thread(s)"
+        f"{min(args.jobs, len(tasks))} training(s) at once × {cfg['threads']} thread(s)"
     )
     print(setup, flush=True)
-    tasks = [(h, seed, cfg) for h in cfg["heads"] for seed in range(cfg["seeds"])]
     done: dict = defaultdict(list)
     pairs = None
     for res in _pool_map(run_one, tasks, args.jobs):
