@@ -28,6 +28,8 @@ from . import results
 from .synthetic import IdentityWorld, embedding_net
 
 HEADS = ["softmax", "normface", "cosface", "arcface", "curricularface", "sphereface"]
+# every head make_head builds (the glyph benchmark trains them all; the synthetic default keeps the six above)
+ALL_HEADS = HEADS + ["adaface", "magface", "elasticface", "subcenter"]
 LABELS = {
     "softmax": "Softmax (linear + CE; baseline)",
     "normface": "NormFace (s={s:g})",
@@ -35,6 +37,10 @@ LABELS = {
     "arcface": "ArcFace (s={s:g}, m=0.5)",
     "curricularface": "CurricularFace (s={s:g}, m=0.5, EMA t)",
     "sphereface": "SphereFace (m=4, annealed λ)",
+    "adaface": "AdaFace (s={s:g}, m=0.4, h=0.333)",
+    "magface": "MagFace (s={s:g}, m ∈ [0.45, 0.8], λ_g=35)",
+    "elasticface": "ElasticFace-Arc (s={s:g}, m ~ N(0.5, 0.05))",
+    "subcenter": "Sub-center ArcFace (s={s:g}, m=0.5, k=3)",
 }
 
 
@@ -47,18 +53,27 @@ class SoftmaxHead(nn.Module):
         return nn.functional.cross_entropy(self.fc(embeddings), labels)
 
 
-def make_head(name: str, embedding_size: int, num_classes: int, backend: str, scale: float = 32.0) -> nn.Module:
+def make_head(
+    name: str, embedding_size: int, num_classes: int, backend: str, scale: float = 32.0, seed: int = 0
+) -> nn.Module:
+    """The head ``name`` with its paper's default margins; ``seed`` seeds ElasticFace's margin draws."""
     import marginops
 
     if name == "softmax":
         return SoftmaxHead(embedding_size, num_classes)
     if name == "sphereface":  # logits scale with ‖x‖, no s
         return marginops.nn.SphereFaceLoss(embedding_size, num_classes, backend=backend)
+    if name == "elasticface":  # its own generator: the same margins whatever else draws random numbers
+        generator = torch.Generator().manual_seed(seed)
+        return marginops.nn.ElasticFaceLoss(embedding_size, num_classes, s=scale, backend=backend, generator=generator)
     cls = {
         "normface": marginops.nn.NormFaceLoss,
         "cosface": marginops.nn.CosFaceLoss,
         "arcface": marginops.nn.ArcFaceLoss,
         "curricularface": marginops.nn.CurricularFaceLoss,
+        "adaface": marginops.nn.AdaFaceLoss,
+        "magface": marginops.nn.MagFaceLoss,
+        "subcenter": marginops.nn.SubCenterArcFaceLoss,
     }[name]
     return cls(embedding_size, num_classes, s=scale, backend=backend)
 
@@ -79,25 +94,46 @@ def tar_at_far(genuine: torch.Tensor, impostor: torch.Tensor, far: float) -> flo
     return float((genuine > threshold).double().mean())
 
 
-def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, per_identity: int) -> dict:
+def roc_curve(genuine: torch.Tensor, impostor: torch.Tensor, fars) -> list[tuple[float, float]]:
+    """(FAR, TAR) at each FAR of ``fars`` that the impostor pairs resolve (at least one pair above the threshold);
+    the same threshold rule as tar_at_far, with one sort for all points."""
+    ranked = torch.sort(impostor, descending=True).values
+    out = []
+    for far in fars:
+        if far * impostor.numel() < 1:
+            continue
+        k = int(far * impostor.numel())
+        out.append((float(far), float((genuine > ranked[k - 1]).double().mean())))
+    return out
+
+
+def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, per_identity: int, fars=(), curve=()) -> dict:
+    """Verification (AUC, TAR at FAR 1e-3, and at each of ``fars`` under "tar_at"; the ROC at ``curve``'s FARs
+    under "roc") and closed-set identification top-1 over all pairs of the embeddings."""
     e = nn.functional.normalize(embeddings.double(), dim=1)
     sims = e @ e.t()
     n = labels.numel()
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     same = labels[:, None] == labels[None, :]
     genuine, impostor = sims[upper & same], sims[upper & ~same]
+    del sims, upper, same  # n² each: the pairs are all that is needed from here on
     # closed-set identification: the first sample of each identity is enrolled, the rest are probes
     first = torch.arange(0, n, per_identity)
     probe = torch.ones(n, dtype=torch.bool)
     probe[first] = False
     nearest = (e[probe] @ e[first].t()).argmax(dim=1)
     top1 = float((labels[first][nearest] == labels[probe]).double().mean())
-    return {
+    out = {
         "auc": roc_auc(genuine, impostor),
         "tar": tar_at_far(genuine, impostor, 1e-3),
         "top1": top1,
         "pairs": (genuine.numel(), impostor.numel()),
     }
+    if fars:
+        out["tar_at"] = {far: tar_at_far(genuine, impostor, far) for far in fars}
+    if curve:
+        out["roc"] = roc_curve(genuine, impostor, curve)
+    return out
 
 
 def run_one(head_name: str, seed: int, args) -> dict:
@@ -108,7 +144,7 @@ def run_one(head_name: str, seed: int, args) -> dict:
     torch.manual_seed(seed)
     net = embedding_net(world.input_dim, args.embedding_size)
     torch.manual_seed(seed + 1)
-    head = make_head(head_name, args.embedding_size, args.train_ids, args.backend, args.scale)
+    head = make_head(head_name, args.embedding_size, args.train_ids, args.backend, args.scale, seed)
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
@@ -138,8 +174,22 @@ def _cell(values: list[float], fmt: str) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data", choices=["synthetic", "glyphs"], default="synthetic")
+    known, rest = pre.parse_known_args(argv)
+    if known.data == "glyphs":  # real images: its own options (python -m bench.openset --data glyphs --help)
+        from . import openset_glyphs
+
+        return openset_glyphs.main(rest)
     parser = argparse.ArgumentParser(prog="python -m bench.openset", description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", default=",".join(HEADS), help="comma list: " + ",".join(HEADS))
+    parser.add_argument(
+        "--data",
+        choices=["synthetic", "glyphs"],
+        default="synthetic",
+        help="synthetic identities (this) or rendered CJK glyphs (bench/openset_glyphs.py; --data glyphs --help)",
+    )
+    parser.add_argument("--heads", default=",".join(HEADS), help="comma list: " + ",".join(ALL_HEADS))
     parser.add_argument("--backend", default="auto", help="marginops backend of the margin heads")
     parser.add_argument("--train-ids", type=int, default=1000)
     parser.add_argument("--test-ids", type=int, default=300, help="unseen identities in the evaluation")
@@ -167,9 +217,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    unknown = [h for h in heads if h not in HEADS]
+    unknown = [h for h in heads if h not in ALL_HEADS]
     if unknown:
-        parser.error(f"unknown heads {unknown}; known: {HEADS}")
+        parser.error(f"unknown heads {unknown}; known: {ALL_HEADS}")
 
     from marginops import ops
 
@@ -211,7 +261,7 @@ def main(argv=None) -> int:
 
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        command = " ".join(["python -m bench.openset", *(argv if argv is not None else sys.argv[1:])])
+        command = " ".join(["python -m bench.openset", *argv])
         path.write_text(
             f"`{command}`\n\n{setup}\n\n{pairs[0]:,} genuine and {pairs[1]:,} impostor pairs per seed; "
             f"mean ± std over {args.seeds} seed(s); {results.versions()}\n\n" + "\n".join(markdown) + "\n"

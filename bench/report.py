@@ -3,7 +3,10 @@
 Replaces the text between ``<!-- bench-table:begin -->`` and ``<!-- bench-table:end -->`` in bench/README.md
 with one table per device (the most recent measurement of each case), the plots drawn from the same
 CSV and where the numbers came from, and redraws those plots beside the CSV (bench.plot.write_plots: only
-those whose drawn data changed, with their hashes in plots.json).
+those whose drawn data changed, with their hashes in plots.json).  Where the README also has
+``<!-- glyph-table:begin -->`` … ``<!-- glyph-table:end -->``, the open-set tables on rendered glyphs go there, from
+glyphs*.csv in the same folder, with their ROC and 2-D plots (bench/openset_glyphs.py; each PNG carries the
+sha256 of the data it draws, which --check compares with the record).
 
     python -m bench.report                 # rewrite bench/README.md's block and the plots from bench/results/*.csv
     python -m bench.report --print         # only print the block
@@ -19,9 +22,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from . import plot, results
+from . import openset_glyphs, plot, results
 
 BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+# the open-set tables on rendered glyphs (bench/openset_glyphs.py), from glyphs*.csv beside the other CSVs
+GLYPH_BEGIN, GLYPH_END = "<!-- glyph-table:begin -->", "<!-- glyph-table:end -->"
 ROOT = Path(__file__).resolve().parent.parent
 MODE_ORDER = {"forward+backward": 0, "forward": 1, "backward": 2}
 ANCHOR_NOTE = {
@@ -198,12 +203,12 @@ def render(rows: list[dict], plots_dir: Path, readme_dir: Path) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def replace_block(text: str, block: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README has no {BEGIN} … {END} block")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{block}{END}{tail}"
+def replace_block(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"README has no {begin} … {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}{end}{tail}"
 
 
 def _shown(path: Path) -> str:
@@ -212,15 +217,27 @@ def _shown(path: Path) -> str:
     return path.as_posix() if rel.startswith("..") else rel
 
 
-def check(rows: list[dict], readme: Path, new: str, plots_dir: Path, again: str) -> int:
-    """--check: one line per table and plot checked, a last OK line; exit 1 naming each stale one."""
+def check(rows: list[dict], readme: Path, block: str, plots_dir: Path, again: str, glyph=None) -> int:
+    """--check: one line per table and plot checked, a last OK line; exit 1 naming each stale one.
+    ``glyph``: (folder of glyphs*.csv, its block) when the README has the glyph markers."""
     stale = []
-    if new != readme.read_text():
+    text = readme.read_text()
+    if replace_block(text, block) != text:
         stale.append(f"{_shown(readme)}: the benchmark block is stale (its tables are not what the CSV gives)")
     else:
         for device, mode, n in tables(rows):
             print(f"ok    table {_shown(readme)} · {device} · {mode}: {n} rows, as the CSV gives")
+    n_tables = len(tables(rows))
     checked = plot.check_plots(results.latest(rows), plots_dir)
+    if glyph is not None:
+        folder, glyph_block = glyph
+        if replace_block(text, glyph_block, GLYPH_BEGIN, GLYPH_END) != text:
+            stale.append(f"{_shown(readme)}: the glyph block is stale (its tables are not what glyphs*.csv gives)")
+        else:
+            for run, n in openset_glyphs.tables(folder):
+                print(f"ok    table {_shown(readme)} · glyphs · {run}: {n} rows, as glyphs.csv gives")
+        n_tables += len(openset_glyphs.tables(folder))
+        checked += openset_glyphs.check_plots(folder, plots_dir)
     for path, problem, digest in checked:
         if problem is None:
             print(f"ok    plot  {_shown(path)}: drawn data sha256 {digest[:12]}, as the CSV gives")
@@ -231,7 +248,6 @@ def check(rows: list[dict], readme: Path, new: str, plots_dir: Path, again: str)
             print(f"stale {line}", file=sys.stderr)
         print(f"{len(stale)} stale; regenerate with: {again}", file=sys.stderr)
         return 1
-    n_tables = len(tables(rows))
     print(f"OK: {n_tables} tables in {_shown(readme)} and {len(checked)} plots in {_shown(plots_dir)} match the CSV")
     return 0
 
@@ -253,21 +269,35 @@ def main(argv=None) -> int:
     )
     readme = Path(args.readme)
     block = render(rows, plots_dir.resolve(), readme.resolve().parent)
+    text = readme.read_text() if readme.exists() or not args.print else ""
+    glyph = None
+    if GLYPH_BEGIN in text and GLYPH_END in text:
+        folder = Path(args.csv) if Path(args.csv).is_dir() else Path(args.csv).parent
+        glyph = (folder, openset_glyphs.render_block(folder, readme.resolve().parent, plots_dir))
     if args.print:
         print(block)
+        if glyph is not None:
+            print(glyph[1])
         return 0
-    text = readme.read_text()
     new = replace_block(text, block)
+    if glyph is not None:
+        new = replace_block(new, glyph[1], GLYPH_BEGIN, GLYPH_END)
     if args.check:
         again = shlex.join(["python", "-m", "bench.report", *(a for a in argv if a != "--check")])
-        return check(rows, readme, new, plots_dir, again)
+        return check(rows, readme, block, plots_dir, again, glyph)
     if new != text:
         readme.write_text(new)
-        print(f"updated the benchmark block of {readme} ({len(block.splitlines())} lines)")
+        print(
+            f"updated the generated blocks of {readme} ({len(block.splitlines())} + "
+            f"{len(glyph[1].splitlines()) if glyph else 0} lines)"
+        )
     else:
-        print(f"{readme}: benchmark block already up to date")
+        print(f"{readme}: generated blocks already up to date")
     for path, what in plot.write_plots(results.latest(rows), plots_dir):
         print(f"{what}: {path}")
+    if glyph is not None:
+        for path, what in openset_glyphs.write_plots(glyph[0], out=plots_dir):
+            print(f"{what}: {path}")
     return 0
 
 
