@@ -134,13 +134,17 @@ stage() {  # stage NAME COMMAND...: run under min(limit, what is left of the bud
   pack
 }
 
+# one pytest process (the repository's addopts ask for pytest-xdist, which a GPU machine may not have, and the
+# sanitizer follows one process best); the other defaults kept
+PYTEST_OPTS=(-p no:cacheprovider -o "addopts=-rs -m 'not heavy'")
+
 pytest_stage() {  # pytest_stage NAME PYTEST-ARGS...: on the GPU run them, in a dry run collect them
   local name=$1; shift
   if [ $DRY = 1 ]; then
-    stage "$name" "$PY" -m pytest -q --collect-only -p no:cacheprovider "$@"
+    stage "$name" "$PY" -m pytest -q --collect-only "${PYTEST_OPTS[@]}" "$@"
   else
     # --maxfail rather than -x: on a first GPU run every failure is worth seeing
-    stage "$name" "$PY" -m pytest -q -rfE --maxfail=25 -p no:cacheprovider "$@"
+    stage "$name" "$PY" -m pytest -q -rfE --maxfail=25 "${PYTEST_OPTS[@]}" "$@"
   fi
 }
 
@@ -172,7 +176,7 @@ if [ $DRY = 1 ]; then
   note "memcheck: skipped in a dry run"
 elif command -v compute-sanitizer > /dev/null; then
   MARGINOPS_TEST_COMPUTE_SANITIZER=1 stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PY" -m pytest -q -p no:cacheprovider tests -k compute_sanitizer
+    "$PY" -m pytest -q "${PYTEST_OPTS[@]}" tests -k compute_sanitizer
 else
   note "memcheck: compute-sanitizer not found"
 fi

@@ -32,6 +32,9 @@ from torch.profiler import ProfilerActivity, profile
 import marginops
 from marginops import distributed as mdist
 
+# one spawned job per world size serves every test of the module: keep them in one test process
+pytestmark = pytest.mark.xdist_group("dcp")
+
 IN, BATCH = 7, 12
 SAVE_WORLD, LOAD_WORLDS, SPAWN = 4, (3, 5), 5
 STEPS_BEFORE, STEPS_AFTER = 2, 2

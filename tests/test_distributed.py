@@ -23,6 +23,9 @@ import marginops
 from marginops import distributed as mdist
 from marginops.compat import insightface
 
+# one spawned job per world size serves every test of the module: keep them in one test process
+pytestmark = pytest.mark.xdist_group("distributed")
+
 SCALE_UPSTREAM = 1.3  # backward of loss * 1.3: a wrong factor anywhere shows up
 
 
