@@ -72,6 +72,7 @@ from ._validation import (
 )
 from .capabilities import BACKENDS
 from .functional import _DenseGradLast, compute_dtype_on, resolve_precision
+from .head_memory import HeadMemoryPlan, memory_plan
 from .loss_assembly import make_stats, reduce_loss, row_losses
 from .margins import (
     FILTER_OFF,
@@ -83,7 +84,7 @@ from .margins import (
     subcenter_cosines,
 )
 
-__all__ = ["DistributedMarginLoss", "get_state_dict", "legacy_shard", "shard_range"]
+__all__ = ["DistributedMarginLoss", "HeadMemoryPlan", "get_state_dict", "legacy_shard", "memory_plan", "shard_range"]
 
 
 # ----------------------------------------------------------------------------------------------------------
