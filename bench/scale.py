@@ -193,8 +193,9 @@ def _worker(rank, world, init_file, out_dir, configs):
         dist.destroy_process_group()
 
 
-def spawn(worker, world: int, config: dict, timeout: float = 1800) -> list:
-    """Run ``worker(rank, world, init_file, out_dir, config)`` on ``world`` spawned processes; their reports."""
+def spawn(worker, world: int, config, timeout: float = 1800, then=None) -> list:
+    """Run ``worker(rank, world, init_file, out_dir, config)`` on ``world`` spawned processes; their reports
+    (``then(out_dir, reports)`` runs before out_dir is removed)."""
     import torch.multiprocessing as mp
 
     out = Path(tempfile.mkdtemp(prefix="marginops-scale-"))
@@ -210,11 +211,13 @@ def spawn(worker, world: int, config: dict, timeout: float = 1800) -> list:
                         process.terminate()
                 raise RuntimeError(f"bench.scale: {world} ranks did not finish in {timeout:.0f} s")
         reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+        errors = [r["error"] for r in reports if "error" in r]
+        if errors:
+            raise RuntimeError(f"bench.scale: a rank failed:\n{errors[0]}")
+        if then is not None:
+            then(out, reports)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    errors = [r["error"] for r in reports if "error" in r]
-    if errors:
-        raise RuntimeError(f"bench.scale: a rank failed:\n{errors[0]}")
     return reports
 
 
@@ -283,21 +286,26 @@ def _ten_million_worker(rank, world, init_file, out_dir, config):
         for rate in config["sample_rates"]:
             cfg = dict(config, sample_rate=rate)
             torch.manual_seed(config["seed"] + rank)
-            head = mdist.DistributedMarginLoss(marginops.ArcFace(), config["dim"], config["classes"], sample_rate=rate)
-            opt = OPTIMIZERS[config["optimizer"]](head.parameters())
             losses, times = [], []
-            for step in range(config["steps"]):
-                shard = Path(out_dir) / f"rate{rate}_step{step}_rank{rank}.pt"
-                saved = {"weight": head.weight.detach().clone(), "class_start": head.class_start}
-                dist.barrier()
-                start = time.perf_counter()
-                losses.append(float(_train_step(head, opt, cfg, rank, step)))
-                dist.barrier()
-                times.append(time.perf_counter() - start)
-                saved["index"] = None if head.weight_index is None else head.weight_index.clone()
-                torch.save(saved, shard)
-            report["runs"][str(rate)] = {"losses": losses, "times": times}
-            del head, opt
+
+            def run(cfg=cfg, rate=rate, losses=losses, times=times):
+                head = mdist.DistributedMarginLoss(
+                    marginops.ArcFace(), config["dim"], config["classes"], sample_rate=rate
+                )
+                opt = OPTIMIZERS[config["optimizer"]](head.parameters())
+                for step in range(config["steps"]):
+                    stem = Path(out_dir) / f"rate{rate}_step{step}_rank{rank}"
+                    # W before the step, for the recomputation: written from the parameter's storage, no copy
+                    torch.save({"weight": head.weight.detach(), "class_start": head.class_start}, f"{stem}_w.pt")
+                    dist.barrier()
+                    start = time.perf_counter()
+                    losses.append(float(_train_step(head, opt, cfg, rank, step)))
+                    dist.barrier()
+                    times.append(time.perf_counter() - start)
+                    torch.save(head.weight_index, f"{stem}_index.pt")  # the step's sample (None without)
+
+            _, peak = peak_tensor_bytes(run)
+            report["runs"][str(rate)] = {"losses": losses, "times": times, "peak_bytes": peak}
     except Exception:
         report["error"] = traceback.format_exc()
     finally:
@@ -322,34 +330,40 @@ def recompute_loss(config: dict, world: int, shard_files: list, step: int) -> fl
     # the target cosines first (from the shard that owns each label), then the target logits
     cos_target = torch.zeros_like(x_norm)
     shards = []
-    for path in shard_files:
-        saved = torch.load(path)
+    for stem in shard_files:
+        saved = torch.load(f"{stem}_w.pt")
         start, weight = saved["class_start"], saved["weight"]
         owned = (labels >= start) & (labels < start + weight.shape[0])
         rows = weight[labels[owned] - start].double()
         cos = (x_hat[owned] * rows).sum(1) / torch.linalg.vector_norm(rows, dim=1).clamp_min(NORM_EPS)
         cos_target[owned] = cos.clamp(-1.0, 1.0)
-        shards.append(path)
+        shards.append(stem)
     target_logit = margin.target_logit(cos_target, row_scale, x_norm)
     threshold = margin.threshold(cos_target)
+    # the non-target columns' log-sum-exp, block by block (each target column masked out), then the target logit
     lse = torch.full_like(x_norm, -math.inf)
     block = 200_000
-    for path in shards:
-        saved = torch.load(path)
-        start, weight, index = saved["class_start"], saved["weight"], saved["index"]
+    for stem in shards:
+        saved, index = torch.load(f"{stem}_w.pt"), torch.load(f"{stem}_index.pt")
+        start, weight = saved["class_start"], saved["weight"]
         columns = torch.arange(weight.shape[0]) if index is None else index
         for first in range(0, columns.numel(), block):
             cols = columns[first : first + block]
             w = weight[cols].double()
             cos = x_hat @ (w / torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS)[:, None]).t()
-            logits = row_scale[:, None] * margin.phi(cos, threshold[:, None])
-            is_target = (cols[None, :] + start) == labels[:, None]
-            logits = torch.where(is_target, target_logit[:, None], logits)
+            logits = margin.phi(cos, threshold[:, None]).mul_(row_scale[:, None])
+            at = torch.searchsorted(cols, labels - start).clamp_max(cols.numel() - 1)
+            rows = torch.nonzero(cols[at] == labels - start).flatten()
+            logits[rows, at[rows]] = -math.inf
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+    lse = torch.logaddexp(lse, target_logit)
     return float((lse - target_logit).mean())
 
 
 def ten_million(args) -> int:
+    """C = 10M over 16 ranks, without and with Partial FC; every step's loss against the float64 recomputation."""
+    from marginops.distributed import memory_plan
+
     config = {
         "classes": args.classes or 10_000_000,
         "dim": args.dim or 16,
@@ -361,66 +375,64 @@ def ten_million(args) -> int:
         "seed": 0,
     }
     world = 16 if args.worlds is None else int(args.worlds.split(",")[-1])
-    from marginops.distributed import memory_plan
+    classes, dim, batch = config["classes"], config["dim"], config["batch"]
+    lines = [
+        f"python -m bench.scale --ten-million: C = {classes:,} over {world} gloo ranks, D = {dim}, float32, "
+        f"B = {batch} per rank (N = {world * batch}), ArcFace, {config['optimizer']}, {config['steps']} steps each",
+        f"machine: {results.cpu_model()} ({results.usable_cores()} cores), {_memory_gib():.0f} GiB; "
+        f"{results.versions()}",
+        f"whole head {classes * dim * 4 / 2**30:.2f} GiB; rows x D = {classes * dim:,} elements in all, "
+        f"{-(-classes // world) * dim:,} per rank",
+    ]
+    for line in lines:
+        print(line, flush=True)
+    ok = True
 
-    for rate in config["sample_rates"]:
-        plan = memory_plan(
-            config["classes"],
-            config["dim"],
-            world,
-            config["batch"],
-            torch.float32,
-            config["optimizer"],
-            rate,
-            device="cpu",
-            threads=1,
-        )
-        print(
-            f"C = {config['classes']:,} on {world} ranks, D = {config['dim']}, float32, "
-            f"B = {config['batch']} per rank, "
-            f"sample_rate {rate}: plan {plan.total / 2**20:.0f} MiB per rank (weight {plan.items['weight'] / 2**20:.0f}"
-            f" MiB), whole head {config['classes'] * config['dim'] * 4 / 2**30:.2f} GiB",
-            flush=True,
-        )
-    out = Path(tempfile.mkdtemp(prefix="marginops-10m-"))
-    lines, ok = [], True
-    try:
-        import torch.multiprocessing as mp
-
-        context = mp.start_processes(
-            _ten_million_worker,
-            args=(world, str(out / "init"), str(out), config),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        while not context.join(timeout=2):
-            pass
-        reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-        errors = [r["error"] for r in reports if "error" in r]
-        if errors:
-            print(errors[0])
-            return 1
+    def check(out: Path, reports: list) -> None:
+        nonlocal ok
         for rate in config["sample_rates"]:
-            run = reports[0]["runs"][str(rate)]
-            for step, loss in enumerate(run["losses"]):
-                files = [out / f"rate{rate}_step{step}_rank{r}.pt" for r in range(world)]
+            runs = [report["runs"][str(rate)] for report in reports]
+            plan = memory_plan(
+                classes, dim, world, batch, torch.float32, config["optimizer"], rate, device="cpu", threads=1
+            )
+            peak = max(run["peak_bytes"] for run in runs)
+            lines.append(
+                f"sample_rate {rate}: peak tensor memory per rank {peak / 2**20:.1f} MiB (largest over the ranks), "
+                f"memory_plan {plan.total / 2**20:.1f} MiB"
+            )
+            print(lines[-1], flush=True)
+            for step, loss in enumerate(runs[0]["losses"]):
+                files = [out / f"rate{rate}_step{step}_rank{r}" for r in range(world)]
                 expected = recompute_loss(dict(config, sample_rate=rate), world, files, step)
-                step_time = max(r["runs"][str(rate)]["times"][step] for r in reports)
-                same = all(r["runs"][str(rate)]["losses"][step] == loss for r in reports)
+                same = all(run["losses"][step] == loss for run in runs)
                 rel = abs(loss - expected) / abs(expected)
                 good = same and rel <= args.tolerance
                 ok &= good
                 lines.append(
-                    f"sample_rate {rate}  step {step}  loss {loss:.6f} (every rank: {'same' if same else 'DIFFERS'})"
-                    f"  float64 recomputation {expected:.6f}  relative difference {rel:.1e}"
-                    f"  {'PASS' if good else 'FAIL'}  step {step_time:.1f} s"
+                    f"  step {step}: loss {loss:.6f} (every rank: {'same' if same else 'DIFFERS'}), float64 "
+                    f"recomputation {expected:.6f}, relative difference {rel:.1e} {'PASS' if good else 'FAIL'}; "
+                    f"step {max(run['times'][step] for run in runs):.1f} s"
                 )
                 print(lines[-1], flush=True)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    print(f"tolerance {args.tolerance:g} (float32 kernels against float64): {'PASS' if ok else 'FAIL'}")
+
+    spawn(_ten_million_worker, world, config, timeout=3600, then=check)
+    lines.append(f"tolerance {args.tolerance:g} relative (float32 kernels against float64): {'PASS' if ok else 'FAIL'}")
+    print(lines[-1])
+    out = Path(args.out) if args.out else (RECORD_DIR if args.record else results.LOCAL_DIR / "scale")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ten_million.txt").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'ten_million.txt'}")
     return 0 if ok else 1
+
+
+def _memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -548,6 +560,37 @@ def sweep(args) -> int:
     return 0
 
 
+def plan_table(args) -> int:
+    """memory_plan's peak per rank for 1M, 10M and 100M classes on 8 and 64 GPUs (``--plan``)."""
+    from marginops.distributed import memory_plan
+
+    classes = [int(c) for c in (args.plan_classes or "1000000,10000000,100000000").split(",")]
+    worlds = [int(w) for w in (args.worlds or "8,64").split(",")]
+    dim, batch = args.dim or 512, args.batch or 128
+    dtype = getattr(torch, args.dtype)
+    memory = args.device_memory_gb * 1e9
+    print(
+        f"memory_plan, head only: D = {dim}, {args.dtype}, {batch} embeddings per rank, device cuda, "
+        f"sample_rate {args.sample_rate}; GiB per rank; largest C within {args.device_memory_gb:g} GB"
+    )
+    print("| classes | GPUs | weight | peak, SGD momentum | peak, AdamW |")
+    print("|---|---|---|---|---|")
+    largest = []
+    for world in worlds:
+        for c in classes:
+            sgd, adamw = (memory_plan(c, dim, world, batch, dtype, opt, args.sample_rate) for opt in ("sgd", "adamw"))
+            cells = [f"{c / 1e6:g}M", str(world), f"{sgd.items['weight'] / 2**30:.1f}"]
+            cells += [
+                f"{plan.total / 2**30:.1f}" + ("" if plan.total <= memory else " (over)") for plan in (sgd, adamw)
+            ]
+            print("| " + " | ".join(cells) + " |")
+        largest.append(
+            f"{sgd.largest_num_classes(memory) / 1e6:.0f}M / {adamw.largest_num_classes(memory) / 1e6:.0f}M on {world}"
+        )
+    print("Largest C (SGD / AdamW): " + "; ".join(largest) + " GPUs.")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--scaling", choices=("weak", "strong", "both"), default="both")
@@ -565,7 +608,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--ten-million", action="store_true", help="the 10M-class run checked against float64")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="--ten-million: relative, per step")
+    parser.add_argument("--plan", action="store_true", help="print memory_plan's table for GPUs (nothing runs)")
+    parser.add_argument("--plan-classes", default=None, help="--plan: comma list (default 1M, 10M, 100M)")
+    parser.add_argument("--device-memory-gb", type=float, default=80.0, help="--plan: per GPU, in 10^9 bytes")
     args = parser.parse_args(argv)
+    if args.plan:
+        return plan_table(args)
     if args.ten_million:
         return ten_million(args)
     return sweep(args)

@@ -149,3 +149,34 @@ def test_bench_scale_tiny(tmp_path, capsys):
             # the embeddings gathered and their gradient all-reduced (N x D float32 each), plus O(N) and the handshake
             assert 2 * n * d * 4 <= comm <= 2 * n * d * 4 + 64 * n + 4096, comm
     assert (tmp_path / "scale.png").stat().st_size > 10_000
+
+
+def test_recompute_loss_equals_the_head_and_notices_a_missing_shard(tmp_path):
+    """The --ten-million check itself: its float64 recomputation from a shard file equals the head's loss (one
+    rank, float64), and a shard that lost half of its classes gives another loss."""
+    import marginops
+
+    config = dict(classes=3001, dim=8, batch=16, dtype="float64", seed=3)
+    head = mdist.DistributedMarginLoss(marginops.ArcFace(), 8, 3001).double()
+    for rate in (1.0, 0.25):
+        head.sample_rate = rate
+        x, y = scale._batch(config, 0, 5)
+        stem = tmp_path / f"rate{rate}"
+        torch.save({"weight": head.weight.detach(), "class_start": 0}, f"{stem}_w.pt")
+        loss = float(head(x, y))
+        torch.save(head.weight_index, f"{stem}_index.pt")
+        expected = scale.recompute_loss(dict(config, sample_rate=rate), 1, [stem], 5)
+        assert abs(loss - expected) <= 1e-12 * abs(expected), (rate, loss, expected)
+    torch.save({"weight": head.weight.detach()[:1500], "class_start": 0}, tmp_path / "half_w.pt")
+    torch.save(None, tmp_path / "half_index.pt")
+    x, y = scale._batch(config, 0, 5)
+    head.sample_rate = 1.0
+    assert abs(scale.recompute_loss(config, 1, [tmp_path / "half"], 5) - float(head(x, y))) > 1e-3
+
+
+@pytest.mark.slow
+def test_bench_scale_ten_million_machinery_tiny(tmp_path, capsys):
+    code = scale.main(["--ten-million", "--classes", "5003", "--worlds", "2", "--steps", "2", "--out", str(tmp_path)])
+    text = (tmp_path / "ten_million.txt").read_text()
+    assert code == 0, text
+    assert text.count("PASS") == 5 and "FAIL" not in text  # 2 steps x 2 runs, and the verdict
