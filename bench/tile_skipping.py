@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from marginops.head_memory import choose_chunk
 from marginops.loss_assembly import reduce_loss, row_losses
 from marginops.margins import NORM_EPS, ArcFace, CosFace, Margin, pre_pass
 
@@ -60,15 +61,6 @@ FIELDS = [
     "grad_w_rel",
     "grad_w_rel_max",
 ]
-
-
-def choose_chunk(batch: int, k: int, n: int, elem_size: int) -> int:
-    """Classes per chunk of the CPU backend: csrc/cpu/fused_lse_cpu.cpp ``choose_chunk``, the same formula."""
-    cols = (2 << 20) // max(1, batch * k * elem_size)
-    cols = min(max(cols, 256), 8192)
-    cols = min(cols, max((n + 15) // 16, 64))
-    cols = (cols + 15) // 16 * 16
-    return max(1, min(cols, n))
 
 
 def tile_shapes(batch: int, classes: int, elem_size: int = 4) -> list[tuple[str, int, int]]:

@@ -71,7 +71,8 @@ from ._validation import (
     label_dtype_problem,
 )
 from .capabilities import BACKENDS
-from .functional import compute_dtype_on, resolve_precision
+from .functional import _DenseGradLast, compute_dtype_on, resolve_precision
+from .head_memory import HeadMemoryPlan, memory_plan
 from .loss_assembly import make_stats, reduce_loss, row_losses
 from .margins import (
     FILTER_OFF,
@@ -83,7 +84,7 @@ from .margins import (
     subcenter_cosines,
 )
 
-__all__ = ["DistributedMarginLoss", "get_state_dict", "legacy_shard", "shard_range"]
+__all__ = ["DistributedMarginLoss", "HeadMemoryPlan", "get_state_dict", "legacy_shard", "memory_plan", "shard_range"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -900,6 +901,9 @@ class DistributedMarginLoss(nn.Module):
         x_norm = torch.linalg.vector_norm(x, dim=1)
         x_hat = x / x_norm.clamp_min(NORM_EPS)[:, None]
         cos_rows = owned | (~valid & (self.class_start == 0) & (self.num_local > 0))
+        # the op's dense (rows, D) weight gradient must reach W after the target rows' sparse one, to be added to
+        # it in place: the other order allocates a second (rows, D) tensor (memory_plan counts one)
+        weight_for_op = _DenseGradLast.apply(weight)
         cos_local = self._target_cosines(x_hat, local_labels_all, cos_rows, margin.subcenters)
         cos_target = _ReplicatedSum.apply(cos_local.detach(), group)
 
@@ -946,7 +950,7 @@ class DistributedMarginLoss(nn.Module):
             lse_local, argmax_local = ops.fused_lse(
                 backend,
                 x_hat.to(compute_dtype),
-                weight,
+                weight_for_op,
                 op_labels,
                 z_local,
                 row_scale,
@@ -996,5 +1000,7 @@ class DistributedMarginLoss(nn.Module):
         if self.num_local == 0:
             return torch.zeros(x_hat.shape[0], dtype=x_hat.dtype, device=x_hat.device)
         cls = torch.where(rows_mask, local_labels, torch.zeros_like(local_labels))
-        cos = subcenter_cosines(x_hat, self.weight, cls, subcenters).max(dim=1).values.clamp(-1.0, 1.0)
+        # sparse weight gradient: see _DenseGradLast in _forward
+        cos = subcenter_cosines(x_hat, self.weight, cls, subcenters, sparse_grad=True)
+        cos = cos.max(dim=1).values.clamp(-1.0, 1.0)
         return torch.where(rows_mask, cos, torch.zeros_like(cos))
