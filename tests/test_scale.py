@@ -27,6 +27,9 @@ from bench import scale  # noqa: E402
 
 TOLERANCE = 0.15
 
+# one spawned job serves the measured cases: keep them in one test process
+pytestmark = pytest.mark.xdist_group("scale")
+
 WORLD = 4
 CASES = {  # one spawn of 4 ranks runs them one after the other
     "sgd_momentum": dict(classes=200_000, dim=64, batch=16, optimizer="sgd", sample_rate=1.0),
