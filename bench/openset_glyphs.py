@@ -425,7 +425,7 @@ def run_table(rows: list[dict]) -> list[str]:
         timing += ")."
     head = [
         f"**{first['run']}** — `{extra.get('command', '')}` on **{first['device']}**, {first['timestamp']}; {vers}"
-        + (f"; 1-minute load at the start {load[0][5:]}" if load else ""),
+        + (f"; 1-minute load when recorded {load[0][5:]}" if load else ""),
         "",
         first["setup"] + f"; mean ± std over {seeds} seed(s)." + timing,
         "",
