@@ -159,8 +159,12 @@ def test_auto_on_cuda_takes_the_first_ranked_path_that_runs(monkeypatch):
     unavailable[order[0]] = "not here"
     assert ops.resolve_backend("auto", torch.device("cuda", 0)) == order[1]
     unavailable.update({p: "not here" for p in order})
-    with pytest.warns(RuntimeWarning, match="no CUDA path can run"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert ops.resolve_backend("auto", torch.device("cuda", 0)) == "reference"
+    said = [str(w.message) for w in caught]
+    assert any("no CUDA path can run" in m for m in said), said
+    assert any("CUDA kernels unavailable (not here)" in m for m in said), said  # a failed build is worth a word
     assert ops.resolve_backend("cuda_fused", torch.device("cuda", 0)) == "cuda_fused"  # an explicit choice stays
 
 
