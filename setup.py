@@ -20,6 +20,7 @@ CSRC_PACKAGES = ["marginops._csrc", "marginops._csrc.cpu", "marginops._csrc.cuda
 PACKAGES = find_packages(include=["marginops", "marginops.*"]) + CSRC_PACKAGES + ["marginops.triton_kernels"]
 PACKAGE_DIR = {"marginops._csrc": "csrc", "marginops.triton_kernels": "triton_kernels"}
 PACKAGE_DATA = {name: ["*.cpp", "*.h", "*.cu", "*.cuh"] for name in CSRC_PACKAGES}
+PACKAGE_DATA["marginops"] = ["path_ranking.json"]  # what backend="auto" picks on CUDA (bench/gpu_model.py)
 
 
 def extensions():

@@ -187,13 +187,14 @@ bench_stage bench_1m 1024x1000000x512 5
 # stay in L2 pays for its extra launches
 bench_stage bench_chunks 1024x1000000x512 2 "cuda,cuda_chunk4k,cuda_chunk8k,cuda_chunk32k"
 # the default paths' step split into vendor GEMMs, marginops kernels, element-wise work and device idle time
-# (launch overhead: what a CUDA graph or a second stream would recover)
+# (launch overhead: what a CUDA graph or a second stream would recover), and each modelled kernel's measured time
+# beside the time model's (profile/profile_kernels.csv, bench/gpu_model.py): what calibrates the model
 if [ $DRY = 1 ]; then
   stage profile "$PY" -m bench.profile --device cpu --size 8x300x16 --dtype float32 --backends reference,matmul \
     --steps 1 --out "$WORK/results/profile"
 else
   stage profile "$PY" -m bench.profile --device cuda --size 1024x1000000x512 --dtype bfloat16 \
-    --backends cuda,cuda_mixed,triton --steps 3 --out "$WORK/results/profile"
+    --backends cuda,cuda_mixed,hybrid,triton --steps 2 --out "$WORK/results/profile"
 fi
 # C = 4M without the reference (~16 GB per B×C buffer) and the fused variants: each case is its own
 # process (a few seconds of start-up), so the stage times the default paths and the anchors only

@@ -61,6 +61,27 @@ FIELDS = [
     # why a part of the report is missing (a row with no kernel), empty on every kernel's row
     "error",
 ]
+# What the time model (bench/gpu_model.py) reads besides the columns above, all from the SASS except the tiles:
+# every tensor-core instruction by kind (a kernel may mix wgmma and mma.sync), the whole kernel's instruction
+# count, its hot loop (the innermost loop holding tensor-core instructions, else the largest innermost loop): its
+# instructions, the FLOPs its tensor-core instructions do per warp and the bytes it loads from global memory per
+# warp in one iteration (of those, the bytes loaded through L1: cp.async.ca, plain LDG), the instructions of the
+# loop around it (one class or row tile of a streaming kernel: the hot loop's body once plus the epilogue), the
+# tile constexprs the kernel was compiled with, and the planned grid's waves at B = 1024 on 132 SMs.
+MODEL_FIELDS = [
+    "hgmma_count",
+    "hmma_count",
+    "sass_instructions",
+    "loop_sass",
+    "loop_mma",
+    "loop_mma_flops",
+    "loop_load_bytes",
+    "loop_cached_bytes",
+    "outer_loop_sass",
+    "tiles",
+    "waves_B1024_sm132",
+]
+FIELDS += MODEL_FIELDS
 SHAPES = {  # column suffix -> (B, SMs)
     "": (1024, 132),
     "_B256_sm132": (256, 132),
@@ -105,31 +126,133 @@ class SassCounts:
     ldmatrix_count: int = 0
     generic_load_count: int = 0
     spill_instructions: int = 0
+    hgmma_count: int = 0
+    hmma_count: int = 0
+    sass_instructions: int = 0
+    loop_sass: int = 0
+    loop_mma: int = 0
+    loop_mma_flops: int = 0
+    loop_load_bytes: int = 0
+    loop_cached_bytes: int = 0
+    outer_loop_sass: int = 0
 
 
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+# address, opcode with its modifiers, operands
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 
 
 def count_sass(sass: str) -> SassCounts:
     counts = SassCounts()
-    hgmma = hmma = 0
     for match in _INSTR.finditer(sass):
         op = match.group(1)
+        counts.sass_instructions += 1
         if op == "HGMMA":
-            hgmma += 1
+            counts.hgmma_count += 1
         elif op == "HMMA" or op == "DMMA":
-            hmma += 1
+            counts.hmma_count += 1
         elif op == "LDSM":
             counts.ldmatrix_count += 1
         elif op == "LD":  # generic-address load (LDG = global, LDS = shared, LDL = local are separate opcodes)
             counts.generic_load_count += 1
         elif op in ("STL", "LDL"):
             counts.spill_instructions += 1
-    if hgmma:
-        counts.mma_kind, counts.mma_count = "HGMMA", hgmma
-    elif hmma:
-        counts.mma_kind, counts.mma_count = "HMMA", hmma
+    if counts.hgmma_count:
+        counts.mma_kind, counts.mma_count = "HGMMA", counts.hgmma_count
+    elif counts.hmma_count:
+        counts.mma_kind, counts.mma_count = "HMMA", counts.hmma_count
+    loop = hot_loop(sass)
+    if loop is not None:
+        counts.loop_sass, counts.loop_mma, counts.loop_mma_flops = loop.instructions, loop.mma, loop.mma_flops
+        counts.loop_load_bytes, counts.outer_loop_sass = loop.load_bytes, loop.outer_instructions
+        counts.loop_cached_bytes = loop.cached_load_bytes
     return counts
+
+
+def mma_flops_per_warp(opcode: str) -> int:
+    """FLOPs one warp's tensor-core instruction does: HGMMA.MxNxK is a warpgroup's (4 warps') 2·M·N·K, HMMA.MNK
+    (mma.sync) a warp's own, DMMA.884 one fp64 m8n8k4; 0 for anything else."""
+    m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode)
+    if m:
+        a, b, c = map(int, m.groups())
+        return 2 * a * b * c // 4
+    m = re.match(r"HMMA\.(\d+)(8)(\d+)", opcode)  # HMMA.16816 = m16n8k16, HMMA.1688 = m16n8k8
+    if m:
+        return 2 * int(m.group(1)) * 8 * int(m.group(3))
+    if opcode.startswith("DMMA"):
+        return 2 * 8 * 8 * 4
+    return 0
+
+
+def _load_bytes_per_warp(opcode: str) -> int:
+    """Bytes one warp's global load (LDG, or cp.async's LDGSTS) reads with every lane active: the width suffix
+    (.128 / .64 / .U16 / .U8, default 32 bits) times 32 lanes; 0 for other instructions."""
+    if not opcode.startswith(("LDG.", "LDGSTS.")) and opcode not in ("LDG", "LDGSTS"):
+        return 0
+    parts = opcode.split(".")
+    width = 4
+    for part in parts[1:]:
+        if part in ("128", "64"):
+            width = int(part) // 8
+        elif part in ("U16", "S16"):
+            width = 2
+        elif part in ("U8", "S8"):
+            width = 1
+    return 32 * width
+
+
+@dataclass
+class HotLoop:
+    instructions: int  # in one iteration
+    mma: int
+    mma_flops: int  # per warp, one iteration
+    load_bytes: int  # global loads per warp, one iteration (all lanes active)
+    cached_load_bytes: int  # of those, the loads that allocate in L1 (cp.async.ca = LDGSTS without .BYPASS, LDG)
+    outer_instructions: int  # the enclosing loop's body (the hot loop counted once); 0 without one
+
+
+def hot_loop(sass: str) -> Optional[HotLoop]:
+    """The kernel's hot loop, found from its backward branches (a BRA to a lower address closes a loop): the
+    innermost loop holding tensor-core instructions (of those, the one with the most; else the smallest loop that
+    holds any), else the largest loop that holds no other loop; None for straight-line code."""
+    code = [(int(a, 16), op, rest) for a, op, rest in _LINE.findall(sass)]
+    loops = []
+    for addr, op, rest in code:
+        target = re.match(r"\s*(?:\S+,\s*)?`?\(?(0x[0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    if not loops:
+        return None
+
+    def body(lo: int, hi: int) -> list:
+        return [(op, rest) for a, op, rest in code if lo <= a <= hi]
+
+    def innermost(loop) -> bool:
+        return not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in loops)
+
+    def mma_of(loop) -> int:
+        return sum(1 for op, _ in body(*loop) if op.startswith(("HGMMA", "HMMA", "DMMA")))
+
+    inner = [loop for loop in loops if innermost(loop)]
+    with_mma = [loop for loop in inner if mma_of(loop)]
+    if not with_mma:  # tensor-core instructions in a loop around a small inner one (operand staging, say)
+        holding = [lp for lp in loops if mma_of(lp)]
+        with_mma = [min(holding, key=lambda lp: lp[1] - lp[0])] if holding else []
+    if with_mma:
+        hot = max(with_mma, key=lambda lp: (mma_of(lp), lp[1] - lp[0]))
+    else:
+        hot = max(inner, key=lambda lp: lp[1] - lp[0])
+    ops = [op for op, _ in body(*hot)]
+    enclosing = [lp for lp in loops if lp != hot and lp[0] <= hot[0] and hot[1] <= lp[1]]
+    outer = min(enclosing, key=lambda lp: lp[1] - lp[0]) if enclosing else None
+    return HotLoop(
+        instructions=len(ops),
+        mma=sum(1 for op in ops if op.startswith(("HGMMA", "HMMA", "DMMA"))),
+        mma_flops=sum(mma_flops_per_warp(op) for op in ops),
+        load_bytes=sum(_load_bytes_per_warp(op) for op in ops),
+        cached_load_bytes=sum(_load_bytes_per_warp(op) for op in ops if ".BYPASS" not in op and ".EF" not in op),
+        outer_instructions=len(body(*outer)) if outer else 0,
+    )
 
 
 def split_sass_functions(sass: str) -> dict[str, str]:
@@ -421,14 +544,23 @@ def iter_triton_rows(all_configs: bool = True):
                         mma_count=counts.mma_count,
                         ldmatrix_count=counts.ldmatrix_count,
                         generic_load_count=counts.generic_load_count,
+                        tiles=";".join(f"{k}={v}" for k, v in sorted(constexprs.items()) if k.startswith("BLOCK_")),
+                        **_model_counts(counts),
                     )
                     for suffix, (B, sms) in SHAPES.items():
                         planned = plans[suffix][index]
                         ctas = _grid_size(planned.grid, meta)
                         if suffix == "":
                             row["grid_B1024_sm132"] = ctas
+                            row["waves_B1024_sm132"] = round(ctas / max(1, sms * occupancy), 3)
                         row["wave_efficiency" + suffix] = round(wave_efficiency(ctas, sms * occupancy), 3)
                     yield row
+
+
+def _model_counts(counts: SassCounts) -> dict:
+    """The SASS counts of MODEL_FIELDS."""
+    names = [f for f in MODEL_FIELDS if f not in ("tiles", "waves_B1024_sm132")]
+    return {name: getattr(counts, name) for name in names}
 
 
 def _config_name(cfg, num_warps: int, num_stages: int) -> str:
@@ -513,6 +645,7 @@ def cuda_rows() -> list[dict]:
                 mma_count=counts.mma_count,
                 ldmatrix_count=counts.ldmatrix_count,
                 generic_load_count=counts.generic_load_count,
+                **_model_counts(counts),
             )
         )
     return rows
@@ -559,6 +692,15 @@ def kernel_rows(rows: list[dict]) -> list[dict]:
 
 
 _INT_FIELDS = {
+    "hgmma_count",
+    "hmma_count",
+    "sass_instructions",
+    "loop_sass",
+    "loop_mma",
+    "loop_mma_flops",
+    "loop_load_bytes",
+    "loop_cached_bytes",
+    "outer_loop_sass",
     "registers",
     "spill_bytes",
     "spill_instructions",
@@ -583,7 +725,7 @@ def read_csv(path: Path) -> list[dict]:
                     continue
                 if key in _INT_FIELDS:
                     row[key] = int(value)
-                elif key.startswith("wave_efficiency"):
+                elif key.startswith(("wave_efficiency", "waves_")):
                     row[key] = float(value)
                 elif key == "default":
                     row[key] = value == "True"
@@ -591,12 +733,16 @@ def read_csv(path: Path) -> list[dict]:
     return rows
 
 
-def resources_markdown(rows: list[dict], versions: str) -> str:
+def resources_markdown(rows: list[dict], versions: str, default_only: bool = False) -> str:
+    command = "python -m bench.gpu_static --out DIR" + (" --default-configs" if default_only else "")
     lines = [
         "# Compiled resources of the GPU kernels",
         "",
-        "Generated by `python -m bench.gpu_static --out DIR --resources csrc/cuda/RESOURCES.md`; do not edit by "
-        "hand. Read from the compiled code (no GPU involved): " + versions + ".",
+        f"Generated by `{command} --resources csrc/cuda/RESOURCES.md`; do not edit by hand. Read from the compiled "
+        "code (no GPU involved): "
+        + versions
+        + "."
+        + (" Triton: the default (first) autotune candidate of each kernel only." if default_only else ""),
         "",
         f"Triton kernels compiled for sm_90a at D = {REPORT_D}, C = {REPORT_C:,}; wave efficiency of the planned "
         "grid at B = 1024 on 132 SMs (1.0 = whole waves). CUDA kernels read from the built extension; their "
@@ -686,8 +832,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 status = 0 if args.cuda_if_built else 1
     print(f"{len(kernel_rows(rows))} kernels -> {out}")
     if args.resources:
-        Path(args.resources).write_text(resources_markdown(rows, _versions()))
-        print(f"summary -> {args.resources}")
+        target = Path(args.resources)
+        text = resources_markdown(rows, _versions(), default_only=args.default_configs)
+        # the time model's section (python -m bench.gpu_model --write) is kept: it is regenerated from the CSV
+        old = target.read_text() if target.exists() else ""
+        begin, end = "<!-- gpu_model:begin -->", "<!-- gpu_model:end -->"
+        if begin in old and end in old:
+            text += "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+        target.write_text(text)
+        print(f"summary -> {args.resources} (then python -m bench.gpu_model --write for its time-model section)")
     return status
 
 

@@ -9,6 +9,12 @@ its share of the step's wall time, and an ``idle`` row: the wall time no kernel 
 the host, which is what a CUDA graph or a second stream would recover.  On the CPU the same split is made of
 the operators' own (self) time, and ``idle`` is the Python and dispatch time outside them.
 
+On a GPU, DIR/profile_kernels.csv also gets one row per modelled kernel of each provider: its measured device
+time per step beside the time model's figure (bench/gpu_model.py, from the committed static report
+bench/results/gpu_static.csv; vendor GEMMs summed as one row, ``cuBLAS``), so that the first GPU run calibrates
+the model.  The model knows the providers ``cuda``, ``cuda_fused``, ``triton``, ``hybrid``, ``insightface`` and
+``matmul`` at 16-bit dtypes.
+
 Example (the headline size on a GPU):
     python -m bench.profile --device cuda --size 1024x1000000x512 --dtype bfloat16 --backends cuda,triton
 """
@@ -19,6 +25,7 @@ import argparse
 import csv
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -62,11 +69,14 @@ def profile(provider: str, device: str, size: tuple, dtype: str, margin: str, st
             _iteration(case, "forward+backward", dev)
         wall = (time.perf_counter() - start) / steps
     seconds = dict.fromkeys(CATEGORIES, 0.0)
+    kernels: dict = {}  # device kernel name -> seconds per step
     if dev.type == "cuda":
         # kernels, copies and fills: device-side events, timed by their own start and end
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CUDA:
-                seconds[category(event.name)] += event.time_range.elapsed_us() * 1e-6 / steps
+                elapsed = event.time_range.elapsed_us() * 1e-6 / steps
+                seconds[category(event.name)] += elapsed
+                kernels[event.name] = kernels.get(event.name, 0.0) + elapsed
     else:
         # operators' self time: each microsecond counted once, in the innermost operator running it
         for event in prof.key_averages():
@@ -76,7 +86,34 @@ def profile(provider: str, device: str, size: tuple, dtype: str, margin: str, st
     if busy == 0.0:
         raise RuntimeError("the profiler recorded no kernel or operator time")
     seconds["idle"] = max(0.0, wall - busy)
-    return {"wall": wall, "busy": busy, "seconds": seconds}
+    return {"wall": wall, "busy": busy, "seconds": seconds, "kernels": kernels}
+
+
+def modelled_kernels(provider: str, size: tuple, dtype: str) -> Optional[dict]:
+    """{kernel: (modelled seconds on each GPU of the model)} of ``provider``'s path at ``size``, vendor GEMMs merged
+    as "cuBLAS"; None where the model has no such path or dtype (or no committed report)."""
+    from bench import gpu_model
+
+    if provider not in gpu_model.PROFILED or dtype not in ("bfloat16", "float16") or not gpu_model.DEFAULT_CSV.exists():
+        return None
+    path = gpu_model.model_paths(gpu_model.load_rows(gpu_model.DEFAULT_CSV), *size, dtype=dtype)[provider]
+    out: dict = {}
+    for k in path.kernels:
+        key = "cuBLAS" if k.vendor else k.name.split(" (")[0]
+        times = [k.seconds(gpu) for gpu in gpu_model.GPUS.values()]
+        out[key] = [a + b for a, b in zip(out.get(key, [0.0] * len(times)), times)]
+    return out
+
+
+def measured_kernel(name: str, measured: dict) -> float:
+    """Seconds per step of the device kernels ``name`` stands for: vendor GEMMs for "cuBLAS", else the kernels
+    whose name holds ``name``'s first word (a Triton kernel's function name, a CUDA kernel's name)."""
+    if name == "cuBLAS":
+        return sum(t for k, t in measured.items() if category(k) == "gemm")
+    word = name.split()[0]
+    if category(word) != "marginops":
+        return float("nan")  # torch's element-wise ops: not told apart by name
+    return sum(t for k, t in measured.items() if word in k)
 
 
 def parse_size(text: str) -> tuple:
@@ -100,6 +137,7 @@ def main(argv=None) -> int:
     path = args.out / "profile.csv"
     fields = ["provider", "device", "dtype", "batch", "classes", "dim", "category", "ms_per_step", "share_of_wall"]
     failed = 0
+    kernel_rows: list = []
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -123,8 +161,37 @@ def main(argv=None) -> int:
             fh.flush()
             shares = "  ".join(f"{k} {v / result['wall']:.0%}" for k, v in result["seconds"].items())
             print(f"[profile] {name}: {result['wall'] * 1e3:.2f} ms per step; {shares}")
+            modelled = modelled_kernels(name, args.size, args.dtype) if result["kernels"] else None
+            if modelled:
+                for kernel, times in modelled.items():
+                    row = dict(provider=name, kernel=kernel)
+                    row["measured_ms"] = f"{measured_kernel(kernel, result['kernels']) * 1e3:.4f}"
+                    row.update({f"model_ms_{g.replace(' ', '_')}": f"{t * 1e3:.4f}" for g, t in zip(GPU_NAMES, times)})
+                    kernel_rows.append(row)
+                total = [sum(t) for t in zip(*modelled.values())]
+                print(
+                    f"[profile] {name}: model "
+                    + ", ".join(f"{gpu} {t * 1e3:.2f} ms" for gpu, t in zip(GPU_NAMES, total))
+                    + f" against {result['busy'] * 1e3:.2f} ms of kernels measured"
+                )
     print(f"wrote {path}")
+    if kernel_rows:
+        beside = args.out / "profile_kernels.csv"
+        with beside.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(kernel_rows[0]))
+            writer.writeheader()
+            writer.writerows(kernel_rows)
+        print(f"wrote {beside} (measured kernel times beside the time model's, bench/gpu_model.py)")
     return 1 if failed else 0
+
+
+def _gpu_names() -> list:
+    from bench import gpu_model
+
+    return list(gpu_model.GPUS)
+
+
+GPU_NAMES = _gpu_names()
 
 
 if __name__ == "__main__":

@@ -30,13 +30,13 @@ from typing import Optional
 
 import torch
 
-from . import _build
+from . import _build, path_ranking
 from .capabilities import BACKENDS, triton_usable  # noqa: F401  (re-exported for callers that read them here)
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
 # once per op call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment;
-# "hybrid": the Triton forward, a backward of Triton gradient blocks and cuBLAS products (triton_kernels/hybrid_*.py;
-# not chosen by "auto" until GPU measurements decide).
+# "hybrid": the Triton forward, a backward of Triton gradient blocks and cuBLAS products (triton_kernels/hybrid_*.py).
+# "auto" on CUDA takes the fastest of these by the committed ranking (marginops/path_ranking.py).
 
 
 # The forward op's arguments by schema name (csrc/marginops.cpp's TORCH_LIBRARY schema; the Triton launchers and the
@@ -332,20 +332,36 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _cuda_path_unavailable(path: str, device: torch.device) -> Optional[str]:
+    """Why ``path`` cannot run on ``device`` (None if it can): the CUDA build for the C++ paths, Triton for the rest."""
+    if path in ("cuda", "cuda_fused"):
+        return _build_failure("cuda") or None
+    return triton_usable(device)
+
+
+@torch.compiler.assume_constant_result
+def _auto_cuda_backend(index: int) -> str:
+    """The first path of the committed ranking (marginops/path_ranking.py) that can run on CUDA device ``index``."""
+    device = torch.device("cuda", index)
+    reasons = []
+    for path in path_ranking.cuda_order(torch.cuda.get_device_name(index)):
+        reason = _cuda_path_unavailable(path, device)
+        if reason is None:
+            return path
+        reasons.append(f"{path}: {reason}")
+        if path == "cuda":  # a failed build is worth a word; a missing Triton is an ordinary installation
+            _warn_once(f"marginops: CUDA kernels unavailable ({reason}); trying the next path")
+    _warn_once(f"marginops: no CUDA path can run ({'; '.join(reasons)}); using the reference backend")
+    return "reference"
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for ``backend`` on ``device``; "auto" falls back with one warning per reason."""
+    """The concrete backend for ``backend`` on ``device``; "auto" falls back with one warning per reason.  On CUDA
+    "auto" takes the first path that can run in the committed ranking (marginops/path_ranking.py)."""
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        reason = _build_failure("cuda")
-        if not reason:
-            return "cuda"
-        _warn_once(f"marginops: CUDA kernels unavailable ({reason}); trying the Triton backend")
-        reason = triton_usable(device)
-        if reason is None:
-            return "triton"
-        _warn_once(f"marginops: Triton backend unavailable ({reason}); using the reference backend")
-        return "reference"
+        return _auto_cuda_backend(device.index if device.index is not None else torch.cuda.current_device())
     if device.type == "cpu":
         reason = _build_failure("cpu")
         if not reason:

@@ -226,6 +226,20 @@ def test_16bit_triton_kernels_use_wgmma_on_hopper(triton_rows):
 
 
 @pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
+def test_every_16bit_product_of_a_default_config_is_wgmma(triton_rows, hybrid_rows):
+    """Issue 21 item 6: in every Triton kernel the launchers run by default (Triton and hybrid backends) with 16-bit
+    or TF32 products, each tensor-core instruction is an HGMMA (wgmma): none falls back to HMMA (mma.sync, e.g. a
+    product with fewer than 64 rows), and none spills (a spill in the K-loop costs more than wgmma gains)."""
+    products = [r for r in triton_rows + hybrid_rows if r["dtype"] not in ("float32", "float64")]
+    assert {r["kernel"] for r in products} >= STREAMING_TRITON | {"_hybrid_grad_block_kernel"}
+    fallbacks = [(r["kernel"], r["dtype"], r["config"], r["hmma_count"]) for r in products if r["hmma_count"]]
+    assert not fallbacks
+    for r in products:
+        if r["kernel"] in STREAMING_TRITON or r["kernel"] == "_hybrid_grad_block_kernel":
+            assert r["hgmma_count"] > 0 and r["spill_bytes"] == 0, r
+
+
+@pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_shared_memory_within_the_arch_limit(triton_rows, cuda_rows):
     for r in triton_rows:
         assert r["smem_bytes"] <= gpu_static.SMEM_PER_CTA["sm_90"], r

@@ -196,6 +196,8 @@ def test_workspace_is_bounded_independently_of_classes(monkeypatch, B, dtype, k,
     monkeypatch.delenv("MARGINOPS_CHUNK_COLS", raising=False)
     monkeypatch.delenv("MARGINOPS_CHUNK_ROWS", raising=False)
     monkeypatch.setattr(launcher, "wrap_triton", _NoLaunch)
+    # the grid planners' SM count (an H100's): fake CUDA tensors have no device to ask
+    monkeypatch.setattr(sys.modules["marginops.triton_kernels.launch"], "_num_sms", lambda index: 132)
     D = 512
     peaks = [_extra_peak(B, D, C, k, dtype, *need, class_index) for C in (200_000, 2_000_000)]
     assert peaks[0] == peaks[1]

@@ -6,7 +6,8 @@ Everything here is a small ``@triton.jit`` function inlined into the kernels:
                         interpreter's broken bf16 dot by upcasting there (``UPCAST``, a constexpr).
 * ``_cast``          — downcast with round-to-nearest-even also under the interpreter.
 * ``_as_operand``    — a W tile rounded to x's dtype for the products (mixed precision: float32 W, 16-bit x).
-* ``_load_k``        — tile load masked only along D (row indices are clamped into range instead).
+* ``_load_k``        — tile load masked only along D (row indices are clamped into range instead);
+                        ``_load_k_kept`` the same through L1, for the operand a program reuses.
 * ``_cos_tile``       — the recomputed (BLOCK_M x BLOCK_N) cosine tile: for every subcenter s of the
                         column's class, one K-loop over D that both accumulates x . w_r (``tl.dot``) and the
                         row sums of squares of W (gathered while the W tile is loaded, never a normalized copy
@@ -74,6 +75,16 @@ def _load_k(ptrs, kk, D, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _load_k_kept(ptrs, kk, D, EVEN: tl.constexpr):
+    """``_load_k`` through L1 (cp.async.ca, not the L2-only .cg): for the operand tile a program reuses across
+    its tiles, so that only its first tile reads it from L2 (while it fits beside the shared memory)."""
+    if EVEN:
+        return tl.load(ptrs, cache_modifier=".ca")
+    else:
+        return tl.load(ptrs, mask=(kk < D)[None, :], other=0.0, cache_modifier=".ca")
+
+
+@triton.jit
 def _split_tiles(N, pid_s, SPLITS, BLOCK_N: tl.constexpr):
     """[t_lo, t_hi): the class tiles that split pid_s of SPLITS streams over (contiguous, in order)."""
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -106,6 +117,7 @@ def _cos_tile(
     SUBC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    KEEP: tl.constexpr,
 ):
     """Cosine tile c (BLOCK_M, BLOCK_N), the subcenter achieving it and that subcenter row's 1/n_r.
 
@@ -113,6 +125,9 @@ def _cos_tile(
     rows_ld (int64) and base_r are clamped into range by the caller (padding rows/columns repeat the last
     real one), so the only load mask is on D; the caller masks padding in the epilogue and at the stores.
     Keeping masks off the row/column axes saves ~60 registers per thread on sm_90.
+    KEEP ("x", "w" or ""): the operand the calling program reuses across its tiles (the forward's and dX's row
+    tile, dW's class tile), loaded through L1 (``_load_k_kept``): without it every class tile re-read its x
+    tile from L2 (16 GB of L2 traffic in the forward at B = 1024, C = 1M, D = 512; bench/gpu_model.py).
     """
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     cmax = tl.full((BLOCK_M, BLOCK_N), float("-inf"), acc_ty)
@@ -125,8 +140,14 @@ def _cos_tile(
         sumsq = tl.zeros((BLOCK_N,), acc_ty)
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            xt = _load_k(x_row + kk[None, :], kk, D, EVEN_K)
-            wt = _load_k(w_row + kk[None, :], kk, D, EVEN_K)
+            if KEEP == "x":
+                xt = _load_k_kept(x_row + kk[None, :], kk, D, EVEN_K)
+            else:
+                xt = _load_k(x_row + kk[None, :], kk, D, EVEN_K)
+            if KEEP == "w":
+                wt = _load_k_kept(w_row + kk[None, :], kk, D, EVEN_K)
+            else:
+                wt = _load_k(w_row + kk[None, :], kk, D, EVEN_K)
             wf = wt.to(acc_ty)  # norms from W as stored (float32 in mixed precision)
             sumsq += tl.sum(wf * wf, axis=1)
             acc = _mma(xt, tl.trans(_as_operand(wt, xt.dtype, UPCAST)), acc, DOT_PREC, UPCAST)

@@ -18,9 +18,11 @@ wgmma for 16-bit / TF32 inputs and to fill whole waves.  The choices the report 
 * forward: 128 x 128 / 8 warps first for 16-bit and TF32 inputs; IEEE fp32 and fp64 dots lower to FMA with
   large register footprints, hence their small tiles.
 * backward: a program keeps a (BLOCK x BLOCK_DV) fp32 accumulator in registers and stages a 16-bit
-  (BLOCK x BLOCK_DV) operand tile (W rows for dX, x rows for dW) through registers for its conversion to the
-  product dtype, so the default candidates keep that tile's other side narrow (BLOCK_N = 32; 64 x 64 tiles
-  spilled).  fp16 with the hi + lo gradient split (default) runs BLOCK_DV = 256, its dX product as one
+  (BLOCK x BLOCK_DV) operand tile (W rows for dX) through registers for its conversion to the product dtype, so
+  the default candidates keep that tile's other side narrow (BLOCK_N = 32; 64 x 64 tiles spilled).  The dW kernel
+  forms dW^T = x^T dc, so that its 32-class tiles are the product's N side and the d-chunk its M side: wgmma, where
+  dW = dc^T x had 32 rows, below wgmma's 64, and ran on mma.sync; its x operand comes converted from the launcher.
+  fp16 with the hi + lo gradient split (default) runs BLOCK_DV = 256, its dX product as one
   K = 2 x BLOCK_N product (``fused_lse_bwd._mma_split_k``; two chained ones spilled), which leaves room for
   64 x 64 tiles there; bf16 (one fp16 product) and fp16 with ``FAST_GRAD_DOTS`` run BLOCK_DV = 512 (D <= 512
   in one d-chunk).  IEEE fp32 runs 64-wide d-chunks.

@@ -32,7 +32,8 @@ Two modes (the op's ``deterministic`` flag):
   results run to run for a fixed kernel configuration.
     - ``_bwd_dw_kernel``: grid (class tiles x d-chunks, SUBC); each program owns BLOCK_N class columns, one
       subcenter and one d-chunk, loops over *all* row tiles in a fixed order keeping its dW tile
-      (BLOCK_N x BLOCK_DV, fp32) in registers, and writes it once.
+      (BLOCK_N x BLOCK_DV, fp32, accumulated transposed: the product x^T dc has the d-chunk as its M side, on
+      wgmma) in registers, and writes it once.
     - ``_bwd_dx_kernel``: grid (row tiles x d-chunks, SPLITS); each program loops over the class tiles of
       its split keeping a dX tile (BLOCK_M x BLOCK_DV) in registers and writes an fp32 partial
       (SPLITS x B x D) plus per-row partials of grad_row_scale / grad_target_logit (SPLITS x B).
@@ -105,7 +106,9 @@ def _pow2_split(v):
     """v (fp32, >= 0) = f * 2^k with f in [0.5, 1): returns (f, 2^k), both exact (v = 0 gives f = 0)."""
     e = (v.to(tl.int32, bitcast=True) >> 23) & 0xFF
     p2 = ((e + 1) << 23).to(tl.float32, bitcast=True)
-    return v / p2, p2
+    # times 1/p2 = 2^(126 - e), exact like the division it replaces (a division per element is ~10 instructions);
+    # v = 1/max(||w||, eps) <= 1e12 keeps e far below 253, where 1/p2 would leave the exponent range
+    return v * ((253 - e) << 23).to(tl.float32, bitcast=True), p2
 
 
 @triton.jit
@@ -157,6 +160,15 @@ def _mma_split(hi, lo, b, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCA
 
 
 @triton.jit
+def _mma_split_rhs(a, hi, lo, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ hi (+ a @ lo): ``_mma_split`` with the split operand on the right."""
+    acc = _mma(a, hi, acc, DOT_PREC, UPCAST)
+    if SPLIT:
+        acc = _mma(a, lo, acc, DOT_PREC, UPCAST)
+    return acc
+
+
+@triton.jit
 def _mma_split_k(hi, lo, b, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """acc += hi @ b + lo @ b as *one* product of K = 2 x hi's columns: [hi_0, lo_0, hi_1, lo_1, ...] against
     b's rows each taken twice.  Same sum as ``_mma_split``, but one wgmma chain: the two chained products
@@ -190,6 +202,7 @@ def _row_vectors(labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr, rows,
 @triton.jit
 def _bwd_dw_kernel(
     x_ptr,
+    xp_ptr,
     w_ptr,
     ci_ptr,
     labels_ptr,
@@ -245,7 +258,9 @@ def _bwd_dw_kernel(
     dcols = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     w_own_ptrs = w_ptr + r_own[:, None] * D + dcols[None, :]
 
-    dacc = tl.zeros((BLOCK_N, BLOCK_DV), acc_ty)
+    # dW^T (BLOCK_DV x BLOCK_N) += x^T dc: the d-chunk is the product's M side, so that a narrow class tile
+    # (BLOCK_N = 32, below wgmma's 64 rows) still runs on wgmma rather than mma.sync
+    dacc_t = tl.zeros((BLOCK_DV, BLOCK_N), acc_ty)
     proj = tl.zeros((BLOCK_N,), acc_ty)
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -253,18 +268,20 @@ def _bwd_dw_kernel(
             labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr, rows, B
         )
         c, sub, _inv = _cos_tile(
-            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
+            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "w"
         )
         dc, gtl, grs = _bwd_tile(
             c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
         )
         dcs = tl.where(sub == s_own, dc, 0.0)
-        xv = _load_k(x_ptr + rows_ld[:, None] * D + dcols[None, :], dcols, D, EVEN_DV).to(prod_ty)
+        # x in the products' dtype, converted once by the launcher: loaded as it is multiplied, it stays a
+        # shared-memory operand (a conversion here would stage it through registers, which spilled)
+        xv = _load_k(xp_ptr + rows_ld[:, None] * D + dcols[None, :], dcols, D, EVEN_DV).to(prod_ty)
         hi, lo = _split(dcs * dscale, prod_ty, SPLIT, UPCAST)
         # the projection term from the dc the product sees (rounded to 16 bits), not the fp32 dc: the two terms
         # cancel exactly along w_r, and with D = 1 they are all there is (issue 24: bf16 dW off by 1e3x)
         proj += tl.sum(_unsplit(hi, lo, acc_ty, SPLIT) / dscale * c, axis=0)
-        dacc = _mma_split(tl.trans(hi), tl.trans(lo), xv, dacc, SPLIT, DOT_PREC, UPCAST)
+        dacc_t = _mma_split_rhs(tl.trans(xv), hi, lo, dacc_t, SPLIT, DOT_PREC, UPCAST)
         if FUSE_DX:
             w_own_t = _load_k(w_own_ptrs, dcols, D, EVEN_DV)
             if SCALE16:  # 1/n = f 2^k: f into the gradient operand, 2^k into W; a power of two per row
@@ -284,6 +301,7 @@ def _bwd_dw_kernel(
                 tl.atomic_add(gtl_acc_ptr + rows_ld, gtl, mask=rows < B)
                 tl.atomic_add(grs_acc_ptr + rows_ld, grs, mask=rows < B)
 
+    dacc = tl.trans(dacc_t)
     w_own = _load_k(w_own_ptrs, dcols, D, EVEN_DV).to(acc_ty)
     coef = tl.where(has_proj, proj * inv_own * inv_own, 0.0)
     dw = dacc * (inv_own / dscale)[:, None] - coef[:, None] * w_own
@@ -359,7 +377,7 @@ def _bwd_dx_kernel(
         col_mask = tl.arange(0, BLOCK_N) < N - col0
         base_r = _class_rows(ci_ptr, tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1), SUBC, HAS_CI)
         c, sub, inv_sel = _cos_tile(
-            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
+            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "x"
         )
         dc, gtl, grs = _bwd_tile(
             c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N

@@ -81,7 +81,7 @@ def _lse_fwd_kernel(
         col_mask = tl.arange(0, BLOCK_N) < N - col0
         base_r = _class_rows(ci_ptr, tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1), SUBC, HAS_CI)
         c, _sub, _inv = _cos_tile(
-            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
+            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "x"
         )
 
         # argmax of the raw cosine: NaN ranks above everything (as torch.argmax), smallest index on ties;

@@ -9,8 +9,10 @@ Per class chunk of Cc columns (Rc = Cc * k weight rows) and row tile of bt rows:
   through class_index: without it the launcher passes a view of W).
 * ``_hybrid_grad_block_kernel``: recomputes the cosine tile (``_cos_tile``, as the forward) and writes the
   gradient block G (bt x Rc, row-major): G[i, j k + s] = dcos_ij scaled as below if s is the subcenter that won
-  column j, else exactly 0 (a NaN cosine of a winning subcenter cannot reach its siblings); plus the tile's
-  per-row sums of grad_target_logit and grad_row_scale, one partial per (column tile, row): no atomics.
+  column j, else exactly 0 (a NaN cosine of a winning subcenter cannot reach its siblings); plus the per-row sums
+  of grad_target_logit and grad_row_scale, one partial per (column group, row): no atomics.  Grid: row tiles x
+  column groups; a program walks the contiguous column tiles of its group keeping its x tile in L1 (``_cos_tile``'s
+  KEEP), so that the chunk's x tile is read from L2 once per program instead of once per column tile.
     - 32/64-bit inputs: G = dcos / n_r, in the input dtype (the dX operand is the raw row).
     - 16-bit inputs (bf16 too, docs/DESIGN.md §5.2): G = sigma_i f_r dcos in fp16, sigma_i the row's power of two
       (launcher: |sigma_i dcos_ij| < 2^15 for any upstream gradient) so that a row with a tiny upstream gradient
@@ -29,7 +31,7 @@ Every output element has one writer; the launcher sums partials in a fixed order
 import triton
 import triton.language as tl
 
-from ._common import _as_operand, _cast, _class_rows, _cos_tile, _load_k, _row_inv_norm
+from ._common import _as_operand, _cast, _class_rows, _cos_tile, _load_k, _row_inv_norm, _split_tiles
 from .fused_lse_bwd import _bwd_tile, _pow2_split, _row_vectors, _rows_to_prod, _split
 
 
@@ -99,6 +101,7 @@ def _hybrid_grad_block_kernel(
     n_rows,
     c0,
     n_cols,
+    n_groups,
     part_stride,
     t_ptr,
     filt_ptr,
@@ -118,45 +121,54 @@ def _hybrid_grad_block_kernel(
     non_target_param = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_g = tl.program_id(1)
 
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the tile
     row_mask = local < n_rows
     rows_ld, lab, tgt, rscale, thr, lse, g = _row_vectors(
         labels_ptr, tgt_ptr, rscale_ptr, thr_ptr, lse_ptr, g_ptr, row0 + local, B
     )
-    jl = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of the chunk
-    col_mask = jl < n_cols
-    col0 = c0 + pid_n * BLOCK_N  # global column of the tile's first column (labels are global columns)
-    base_r = _class_rows(ci_ptr, c0 + tl.minimum(jl, n_cols - 1), SUBC, HAS_CI)
-    c, sub, inv_sel = _cos_tile(
-        x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST
-    )
-    dc, gtl, grs = _bwd_tile(
-        c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
-    )
-    part = pid_n.to(tl.int64) * part_stride + local
-    tl.store(gtl_part_ptr + part, gtl, mask=row_mask)
-    tl.store(grs_part_ptr + part, grs, mask=row_mask)
+    if SCALE16:
+        sigma = tl.load(sigma_ptr + rows_ld)
+    acc_ty: tl.constexpr = lse.dtype
+    gtl_sum = tl.zeros((BLOCK_M,), acc_ty)
+    grs_sum = tl.zeros((BLOCK_M,), acc_ty)
+    t_lo, t_hi = _split_tiles(n_cols, pid_g, n_groups, BLOCK_N)
+    for t in range(t_lo, t_hi):
+        jl = t * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of the chunk
+        col_mask = jl < n_cols
+        col0 = c0 + t * BLOCK_N  # global column of the tile's first column (labels are global columns)
+        base_r = _class_rows(ci_ptr, c0 + tl.minimum(jl, n_cols - 1), SUBC, HAS_CI)
+        c, sub, inv_sel = _cos_tile(
+            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "x"
+        )
+        dc, gtl, grs = _bwd_tile(
+            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
+        )
+        gtl_sum += gtl
+        grs_sum += grs
 
-    if WRITE_G:
-        g_ty: tl.constexpr = gblk_ptr.dtype.element_ty
-        if SCALE16:
-            # 1/n = f 2^e: f into G, 2^e into W_hat (_hybrid_rows_kernel); sigma_i keeps the row inside fp16
-            f, _p2 = _pow2_split(inv_sel)
-            v = dc * f * tl.load(sigma_ptr + rows_ld)[:, None]
-        else:
-            v = dc * inv_sel
-        # row i of the block: [hi_i | lo_i] with SPLIT (one GEMM of twice the depth forms hi + lo), else hi_i
-        ld = n_cols * SUBC
-        offs = local.to(tl.int64)[:, None] * (2 * ld if SPLIT else ld) + (jl * SUBC)[None, :]
-        mask = row_mask[:, None] & col_mask[None, :]
-        for s in tl.static_range(SUBC):
-            vs = v if SUBC == 1 else tl.where(sub == s, v, 0.0)
-            hi, lo = _split(vs, g_ty, SPLIT, UPCAST)
-            tl.store(gblk_ptr + offs + s, hi, mask=mask)
-            if SPLIT:
-                tl.store(gblk_ptr + offs + ld + s, lo, mask=mask)
+        if WRITE_G:
+            g_ty: tl.constexpr = gblk_ptr.dtype.element_ty
+            if SCALE16:
+                # 1/n = f 2^e: f into G, 2^e into W_hat (_hybrid_rows_kernel); sigma_i keeps the row inside fp16
+                f, _p2 = _pow2_split(inv_sel)
+                v = dc * f * sigma[:, None]
+            else:
+                v = dc * inv_sel
+            # row i of the block: [hi_i | lo_i] with SPLIT (one GEMM of twice the depth forms hi + lo), else hi_i
+            ld = n_cols * SUBC
+            offs = local.to(tl.int64)[:, None] * (2 * ld if SPLIT else ld) + (jl * SUBC)[None, :]
+            mask = row_mask[:, None] & col_mask[None, :]
+            for s in tl.static_range(SUBC):
+                vs = v if SUBC == 1 else tl.where(sub == s, v, 0.0)
+                hi, lo = _split(vs, g_ty, SPLIT, UPCAST)
+                tl.store(gblk_ptr + offs + s, hi, mask=mask)
+                if SPLIT:
+                    tl.store(gblk_ptr + offs + ld + s, lo, mask=mask)
+    part = pid_g.to(tl.int64) * part_stride + local
+    tl.store(gtl_part_ptr + part, gtl_sum, mask=row_mask)
+    tl.store(grs_part_ptr + part, grs_sum, mask=row_mask)
 
 
 @triton.jit

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import config
 from . import configs
+from ._waves import whole_wave_splits
 from .hybrid_bwd import _hybrid_grad_block_kernel, _hybrid_rows_kernel, _hybrid_weight_rows_kernel
 from .launch import (
     _decided,
@@ -28,6 +29,7 @@ from .launch import (
     _launches,
     _num_columns,
     _scalars,
+    _sm_count,
     _split_grad_dots,
     _upcast,
     pow2_scales,
@@ -122,6 +124,15 @@ def plan(
         need_weight=need_weight,
         block_n=configs.hybrid_block_config(dtype, tf32)["BLOCK_N"],
     )
+
+
+def _column_groups(row_tiles: int, col_tiles: int, device: torch.device) -> int:
+    """Column groups of the gradient-block grid (row tiles x groups; a program walks its group's column tiles with
+    its x tile kept in L1): whole waves of the one CTA per SM the kernel compiles to (bench.gpu_static), up to ~2
+    waves; under the interpreter 3 groups, so that tests cross group boundaries and empty groups."""
+    if device.type != "cuda":
+        return max(1, min(3, col_tiles))
+    return whole_wave_splits(row_tiles, _sm_count(device), 2, col_tiles)
 
 
 def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
@@ -224,7 +235,8 @@ def hybrid_backward(
         x_rows = x_rows.repeat_interleave(2, dim=0)
     blk = configs.hybrid_block_config(x.dtype, tf32)
     n_ct = triton.cdiv(cols, blk["BLOCK_N"])
-    parts = torch.empty((2, n_ct, bt), dtype=acc, device=dev)
+    groups = _column_groups(triton.cdiv(bt, blk["BLOCK_M"]), n_ct, dev)
+    parts = torch.empty((2, groups, bt), dtype=acc, device=dev)
     w_hat = torch.empty((depth * rmax, D), dtype=g_dtype, device=dev) if p.w_hat else None
     rows_cfg = configs.hybrid_rows_config(D)
     tiles = configs.tile_k_dv(D, x.dtype, split, tf32)
@@ -242,7 +254,7 @@ def hybrid_backward(
         for r0 in range(0, B, bt):
             n = min(bt, B - r0)
             g_blk = G[: n * depth * nr].view(n, depth * nr) if G is not None else g
-            grid = (triton.cdiv(n, blk["BLOCK_M"]), triton.cdiv(nc, blk["BLOCK_N"]))
+            grid = (triton.cdiv(n, blk["BLOCK_M"]), groups)
             wrap_triton(_hybrid_grad_block_kernel)[grid](
                 x,
                 weight,
@@ -263,6 +275,7 @@ def hybrid_backward(
                 n,
                 c0,
                 nc,
+                groups,
                 bt,
                 t_buf,
                 f_buf,
@@ -275,7 +288,7 @@ def hybrid_backward(
                 **common,
                 **blk,
             )
-            # per-row sums: the chunk's column tiles in order, then chunks in order (one writer, fixed order)
+            # per-row sums: the chunk's column groups in order, then chunks in order (one writer, fixed order)
             sums = parts[:, : grid[1], :n].sum(dim=1)
             gtl[r0 : r0 + n] += sums[0]
             grs[r0 : r0 + n] += sums[1]

@@ -414,6 +414,9 @@ def _backward_launch(
     def dw_grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(D, meta["BLOCK_DV"]), subcenters)
 
+    # the dW product's x operand in its dtype (fp16 for bf16 inputs: fused_lse_bwd's module docstring), once
+    x_prod = x.to(torch.float16) if x.dtype == torch.bfloat16 and with_dw else x
+
     if not deterministic:
         dx_acc = torch.zeros((B, D), dtype=acc, device=dev)
         gtl = torch.zeros((B,), dtype=acc, device=dev)
@@ -421,6 +424,7 @@ def _backward_launch(
         # its fused dX product stages float32 W rows under mixed precision: the dX kernel's narrower d-chunks
         wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32, tune=False, mixed=mixed))[dw_grid](
             x,
+            x_prod,
             weight,
             ci,
             labels,
@@ -459,6 +463,7 @@ def _backward_launch(
     if with_dw:
         wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32))[dw_grid](
             x,
+            x_prod,
             weight,
             ci,
             labels,
