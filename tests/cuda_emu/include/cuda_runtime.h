@@ -112,6 +112,10 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, Kernel kernel,
 
 // ---- device intrinsics
 inline void __syncthreads() { emu::syncthreads(); }
+// Blocks run one after another, so a fence has nothing to order between them; the atomic keeps the counter right
+// for the threads of one block (and visible to ThreadSanitizer).
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int off, int = 32) {
