@@ -554,8 +554,9 @@ def _cuda_kernel_label(demangled: str) -> tuple[str, str, str]:
     return base, dtype, config
 
 
-def cuda_rows() -> list[dict]:
-    lib = cuda_library()
+def cuda_rows(library: Optional[Path] = None) -> list[dict]:
+    """One row per kernel of the built extension (or of ``library``: another binary cuobjdump reads, a cubin)."""
+    lib = Path(library) if library is not None else cuda_library()
     usage = _resource_usage(lib)
     sass = _sass(lib)
     names = sorted({fn for _, fn in usage})
