@@ -554,11 +554,15 @@ def _cuda_kernel_label(demangled: str) -> tuple[str, str, str]:
     return base, dtype, config
 
 
-def cuda_rows(library: Optional[Path] = None) -> list[dict]:
-    """One row per kernel of the built extension (or of ``library``: another binary cuobjdump reads, a cubin)."""
+def cuda_rows(library: Optional[Path] = None, arch: Optional[str] = None) -> list[dict]:
+    """One row per kernel of the built extension, or of ``library`` (a cubin, say, with its ``arch``, e.g. "sm_80":
+    cuobjdump names the arch only inside fat binaries)."""
     lib = Path(library) if library is not None else cuda_library()
     usage = _resource_usage(lib)
     sass = _sass(lib)
+    if arch is not None:
+        usage = {(arch, fn): v for (_, fn), v in usage.items()}
+        sass = {(arch, fn): v for (_, fn), v in sass.items()}
     names = sorted({fn for _, fn in usage})
     demangled = _demangle(names)
     rows = []
