@@ -45,6 +45,9 @@ constexpr int kEpiMinSteps = 4;  // column splits leave every thread at least th
 #endif
 constexpr int kEpiWarps = kEpiThreads / 32;
 constexpr int kEpiRows = 4;   // batch rows per epilogue block: one load of 1 / n_r serves them all
+// resident epilogue blocks per SM the registers must allow: 2 (up to 128 registers) keeps the 4 rows' 16-byte
+// vectors of a step in registers (ptxas spilled at its own choice of 64-80)
+constexpr int kEpiMinBlocks = 2;
 constexpr int kRowWarps = 4;  // weight rows per block of the row kernels (one warp each)
 
 template <class T>
@@ -305,7 +308,8 @@ __device__ __forceinline__ bool last_split(unsigned* done, int splits, int* flag
 // Forward: the chunk's logits of kRows rows x one column span and their online max / sum / argmax, merged into the
 // O(B) running state by the last split.  kVec: columns per step of the 16-byte path.
 template <class T, int kRows, int kVec>
-__global__ void __launch_bounds__(kEpiThreads, 2) chunk_forward_kernel(const chunked::EpiArgs<T> a, const SplitArgs<T> sp) {
+__global__ void __launch_bounds__(kEpiThreads, kEpiMinBlocks)
+    chunk_forward_kernel(const chunked::EpiArgs<T> a, const SplitArgs<T> sp) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int bt = static_cast<int>(a.bt);
   const int t0 = static_cast<int>(blockIdx.x) * kRows;
@@ -450,7 +454,8 @@ __global__ void __launch_bounds__(kEpiThreads, 2) chunk_forward_kernel(const chu
 // hi + lo).  G may alias S (32/64-bit): each thread reads its columns of a row before writing them.  The row's
 // grad_row_scale sum is merged over the splits by the last one, which also writes grad_target_logit.
 template <class T, class G, bool kLo, int kRows, int kVec>
-__global__ void __launch_bounds__(kEpiThreads, 2) chunk_backward_kernel(const chunked::EpiArgs<T> a, const SplitArgs<T> sp) {
+__global__ void __launch_bounds__(kEpiThreads, kEpiMinBlocks)
+    chunk_backward_kernel(const chunked::EpiArgs<T> a, const SplitArgs<T> sp) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int bt = static_cast<int>(a.bt);
   const int t0 = static_cast<int>(blockIdx.x) * kRows;
