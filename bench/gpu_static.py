@@ -9,7 +9,8 @@ ahead of time for sm_90a (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``,
 built extension (``python -m marginops.build --cuda``; ``MARGINOPS_CUDA_ARCHS="8.0;9.0"`` for both archs) is read
 with ``cuobjdump``.  For every kernel the SASS is counted: tensor-core instructions (HGMMA = wgmma, HMMA =
 mma.sync/WMMA), LDSM (ldmatrix), generic loads (LD.E, which neither LDG nor LDS is), spill traffic (STL/LDL), and
-the resource usage.
+the resource usage; for the class-chunked path's epilogue kernels also the instructions per logit of their 16-byte
+loop (``sass_per_logit``).
 
 DIR/gpu_static.csv has one row per kernel × arch × dtype × config (columns in ``FIELDS``); the wave
 efficiency of a Triton kernel's planned grid is given at B = 1024 on 132 SMs (H100/H200 SXM) and, in further
