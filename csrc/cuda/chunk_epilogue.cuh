@@ -681,10 +681,16 @@ struct CudaEpilogue {
     sp->span = static_cast<int>(span);
     sp->vec = vec;
     const int64_t n = splits * units * kEpiRows;
-    if (!partials.defined() || partials.numel() < per_slot * n) partials = at::empty({per_slot * n}, options.dtype(
-        c10::CppTypeToScalarType<T>::value));
-    if (per_slot == 3 && (!columns.defined() || columns.numel() < n)) columns = at::empty({n}, options.dtype(at::kInt));
-    if (!counters.defined() || counters.numel() < units) counters = at::zeros({units}, options.dtype(at::kInt));
+    // grown only: the stream orders an earlier launch's reads before a later allocation reuses the memory
+    if (!partials.defined() || partials.numel() < per_slot * n) {
+      partials = at::empty({per_slot * n}, options.dtype(c10::CppTypeToScalarType<T>::value));
+    }
+    if (per_slot == 3 && (!columns.defined() || columns.numel() < n)) {
+      columns = at::empty({n}, options.dtype(at::kInt));
+    }
+    if (!counters.defined() || counters.numel() < units) {
+      counters = at::zeros({units}, options.dtype(at::kInt));  // then kept at 0 by the merging blocks
+    }
     sp->part = partials.data_ptr<T>();
     sp->part_col = per_slot == 3 ? columns.data_ptr<int>() : nullptr;
     sp->done = reinterpret_cast<unsigned*>(counters.data_ptr<int>());
