@@ -9,7 +9,8 @@ ahead of time for sm_90a (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``,
 built extension (``python -m marginops.build --cuda``; ``MARGINOPS_CUDA_ARCHS="8.0;9.0"`` for both archs) is read
 with ``cuobjdump``.  For every kernel the SASS is counted: tensor-core instructions (HGMMA = wgmma, HMMA =
 mma.sync/WMMA), LDSM (ldmatrix), generic loads (LD.E, which neither LDG nor LDS is), spill traffic (STL/LDL), and
-the resource usage.
+the resource usage; for the class-chunked path's epilogue kernels also the instructions per logit of their 16-byte
+loop (``sass_per_logit``).
 
 DIR/gpu_static.csv has one row per kernel × arch × dtype × config (columns in ``FIELDS``); the wave
 efficiency of a Triton kernel's planned grid is given at B = 1024 on 132 SMs (H100/H200 SXM) and, in further
@@ -58,6 +59,8 @@ FIELDS = [
     "wave_efficiency_B4096_sm132",
     "wave_efficiency_B1024_sm114",
     "wave_efficiency_B1024_sm108",
+    # SASS instructions issued per logit in a chunked epilogue kernel's 16-byte loop (sass_per_logit), else empty
+    "sass_per_logit",
     # why a part of the report is missing (a row with no kernel), empty on every kernel's row
     "error",
 ]
@@ -253,6 +256,75 @@ def hot_loop(sass: str) -> Optional[HotLoop]:
         cached_load_bytes=sum(_load_bytes_per_warp(op) for op in ops if ".BYPASS" not in op and ".EF" not in op),
         outer_instructions=len(body(*outer)) if outer else 0,
     )
+
+
+# A SASS line of cuobjdump: /*address*/ [@predicate] OPCODE.MODIFIERS operands ;
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)([^;]*);")
+# the 16-byte global loads that mark the chunked epilogues' vector loop (LDG.E.128, LDG.E.128.CONSTANT, ...)
+VECTOR_LOAD = r"^LDG(\.\w+)*\.128\b"
+# epilogue kernels whose loop bench.gpu_static counts per logit: their last two template arguments are the rows
+# per block and the columns per loop step (csrc/cuda/chunk_epilogue.cuh)
+EPILOGUE_KERNELS = ("chunk_forward_kernel", "chunk_backward_kernel")
+
+
+@dataclass
+class SassLoop:
+    head: int  # address of the loop's first instruction (the target of its backward branch)
+    branch: int  # address of the backward branch
+    opcodes: list[str]  # every instruction from head to branch, in order
+
+    @property
+    def instructions(self) -> int:
+        """Instructions issued per iteration: all of them from the head to the backward branch (exact for a
+        straight-line body, an upper bound when the body branches)."""
+        return len(self.opcodes)
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with modifiers, operands) of every instruction in cuobjdump -sass text."""
+    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_LINE.finditer(sass)]
+
+
+def sass_loops(sass: str) -> list[SassLoop]:
+    """Every loop of a function: a branch to an address at or before its own closes the loop that starts there.
+    NOPs (alignment padding) are left out of the bodies."""
+    instrs = sass_instructions(sass)
+    loops = []
+    for addr, op, operands in instrs:
+        targets = re.findall(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") else []
+        if targets and int(targets[-1], 16) <= addr:
+            head = int(targets[-1], 16)
+            loops.append(SassLoop(head, addr, [o for a, o, _ in instrs if head <= a <= addr and o != "NOP"]))
+    return loops
+
+
+def vector_loop(sass: str, marker: str = VECTOR_LOAD) -> Optional[SassLoop]:
+    """The innermost loop (shortest from head to backward branch) with an instruction whose opcode matches
+    ``marker``; None if no loop has one."""
+    found = [loop for loop in sass_loops(sass) if any(re.match(marker, op) for op in loop.opcodes)]
+    return min(found, key=lambda loop: loop.branch - loop.head) if found else None
+
+
+def sass_per_logit(sass: str, logits_per_iteration: int, marker: str = VECTOR_LOAD) -> Optional[float]:
+    """SASS instructions issued per logit in a kernel's hot loop (``vector_loop``): per iteration, divided by the
+    logits one iteration handles."""
+    loop = vector_loop(sass, marker)
+    if loop is None or logits_per_iteration <= 0:
+        return None
+    return loop.instructions / logits_per_iteration
+
+
+def epilogue_logits_per_iteration(demangled: str) -> Optional[int]:
+    """Logits per hot-loop iteration of a chunked epilogue kernel, from its name: the product of its last two
+    template arguments (rows per block x columns per step); None for other kernels."""
+    name = demangled.split("(")[0]
+    if re.sub(r"<.*", "", name).split("::")[-1] not in EPILOGUE_KERNELS:
+        return None
+    template = re.search(r"<(.*)>", name)
+    args = [a.strip() for a in template.group(1).split(",")] if template else []
+    if len(args) < 2 or not all(a.isdigit() for a in args[-2:]):
+        return None
+    return int(args[-2]) * int(args[-1])
 
 
 def split_sass_functions(sass: str) -> dict[str, str]:
@@ -615,16 +687,23 @@ def _cuda_kernel_label(demangled: str) -> tuple[str, str, str]:
     return base, dtype, config
 
 
-def cuda_rows() -> list[dict]:
-    lib = cuda_library()
+def cuda_rows(library: Optional[Path] = None, arch: Optional[str] = None) -> list[dict]:
+    """One row per kernel of the built extension, or of ``library`` (a cubin, say, with its ``arch``, e.g. "sm_80":
+    cuobjdump names the arch only inside fat binaries)."""
+    lib = Path(library) if library is not None else cuda_library()
     usage = _resource_usage(lib)
     sass = _sass(lib)
+    if arch is not None:
+        usage = {(arch, fn): v for (_, fn), v in usage.items()}
+        sass = {(arch, fn): v for (_, fn), v in sass.items()}
     names = sorted({fn for _, fn in usage})
     demangled = _demangle(names)
     rows = []
     for (arch, fn), res in sorted(usage.items()):
         kernel, dtype, config = _cuda_kernel_label(demangled[fn])
         counts = count_sass(sass.get((arch, fn), ""))
+        logits = epilogue_logits_per_iteration(demangled[fn])
+        per_logit = sass_per_logit(sass.get((arch, fn), ""), logits) if logits else None
         rows.append(
             dict(
                 kernel=kernel,
@@ -646,6 +725,7 @@ def cuda_rows() -> list[dict]:
                 ldmatrix_count=counts.ldmatrix_count,
                 generic_load_count=counts.generic_load_count,
                 **_model_counts(counts),
+                sass_per_logit=round(per_logit, 2) if per_logit is not None else "",
             )
         )
     return rows
@@ -725,7 +805,7 @@ def read_csv(path: Path) -> list[dict]:
                     continue
                 if key in _INT_FIELDS:
                     row[key] = int(value)
-                elif key.startswith(("wave_efficiency", "waves_")):
+                elif key.startswith(("wave_efficiency", "waves_")) or key == "sass_per_logit":
                     row[key] = float(value)
                 elif key == "default":
                     row[key] = value == "True"
@@ -768,6 +848,24 @@ def resources_markdown(rows: list[dict], versions: str, default_only: bool = Fal
             f"{r.get('ctas_per_sm', '')} | {mma} | {r['ldmatrix_count']} | {r['generic_load_count']} | "
             f"{r.get('grid_B1024_sm132', '')} | {r.get('wave_efficiency', '')} |"
         )
+    loops = [r for r in rows if not r.get("error") and r.get("sass_per_logit") not in (None, "")]
+    if loops:
+        lines += [
+            "",
+            "## Chunked epilogue loops",
+            "",
+            "SASS instructions per logit in the 16-byte loop of the class-chunked path's epilogue kernels "
+            "(`sass_per_logit`: the instructions from the loop's head to its backward branch, divided by the rows "
+            "per block × columns per step of the kernel's last two template arguments).",
+            "",
+            "| kernel | arch | dtype | config | regs | spill B | SASS / logit |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in loops:
+            lines.append(
+                f"| {r['kernel']} | {r['arch']} | {r['dtype']} | `{r['config']}` | {r['registers']} | "
+                f"{r['spill_bytes']} | {r['sass_per_logit']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

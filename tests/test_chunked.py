@@ -12,7 +12,7 @@ import cuda_emulator
 import pytest
 import torch
 from helpers import assert_close, assert_within_reference_error
-from op_cases import LOW_SLACK_CUDA, Case, assert_within_rule, run_op, run_reference
+from op_cases import F32_SLACK, F64_RTOL, LOW_SLACK_CUDA, NAMES, Case, assert_within_rule, run_op, run_reference
 
 pytestmark = pytest.mark.emulator
 
@@ -88,6 +88,33 @@ def test_zero_norm_rows_small_chunks(ops, small_chunks, dtype):
             assert_close(name, a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
     else:
         assert_within_rule(ours, case, slack_rel=LOW_SLACK_CUDA, weight_rows=other)
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["k1", "k2"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=["f64", "f32", "bf16", "fp16"]
+)
+def test_16_byte_loop_and_column_splits(ops, monkeypatch, dtype, k):
+    """The epilogues' 16-byte loop (k = 1, rows a multiple of 16 bytes: chunks of 1024 classes) and its scalar
+    path (a last chunk of 1020: 16-byte for the fp32 block, one column at a time for an fp16 gradient block; k = 2:
+    sub-centres), each chunk split over several column spans whose partials the last block merges (the emulator's
+    64-thread blocks: 2 to 16 splits here), row blocks of 4 with a partial last one (tiles of 24 rows, 37 rows), targets
+    in every lane: within the rule, float64 tightly, argmax exact in float64, bitwise the same when run again."""
+    monkeypatch.setenv("MARGINOPS_CHUNK_COLS", str(1024 // k))
+    monkeypatch.setenv("MARGINOPS_CHUNK_ROWS", "24")
+    case = Case(B=37, D=32, C=2044 // k, k=k, non_target=1, filter_threshold=0.2).on(dtype)
+    ours = run_op(ops, case)
+    if dtype == torch.float64:
+        ref = run_reference(case)
+        assert torch.equal(ours[1], ref[1])
+        for name, a, b in zip(NAMES, ours, ref):
+            if name != "argmax":
+                assert_close(name, a, b, rtol=F64_RTOL, atol=F64_RTOL * float(b.abs().max()))
+    else:
+        assert_within_rule(ours, case, slack_rel=F32_SLACK if dtype == torch.float32 else LOW_SLACK_CUDA)
+    again = run_op(ops, case)
+    for name, a, b in zip(NAMES, ours, again):
+        assert torch.equal(a, b), name
 
 
 def test_nan_upstream_gradient_propagates(ops, small_chunks):

@@ -42,6 +42,55 @@ def test_count_sass_tells_the_instruction_kinds_apart():
     assert gpu_static.count_sass("/*0010*/ FFMA R4, R8, R12, R4 ;").mma_kind == "none"
 
 
+def test_vector_loop_is_the_innermost_vector_loop_counted_per_logit():
+    """The loop finder on a function with an outer loop, the 16-byte loop inside it and a scalar loop after:
+    the 16-byte loop is the hot one, its instructions from head to backward branch (NOPs, which are padding, left
+    out) are what one iteration issues, and they are divided by the logits one iteration handles."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   IMAD R2, R0, 0x4, RZ ;
+        /*0030*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0040*/                   FMUL R8, R4, R5 ;
+        /*0050*/                   MUFU.EX2 R9, R8 ;
+        /*0060*/                   NOP ;
+        /*0070*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0080*/               @P1 BRA 0x30 ;
+        /*0090*/                   IADD3 R0, R0, 0x100, RZ ;
+        /*00a0*/              @!P2 BRA 0x20 ;
+        /*00b0*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*00c0*/                   FADD R5, R4, R5 ;
+        /*00d0*/               @P3 BRA 0xb0 ;
+        /*00e0*/                   BRA 0xe0 ;
+        /*00f0*/                   EXIT ;
+    """
+    loops = gpu_static.sass_loops(sass)
+    assert [(hex(loop.head), hex(loop.branch)) for loop in loops] == [
+        ("0x30", "0x80"),
+        ("0x20", "0xa0"),
+        ("0xb0", "0xd0"),
+        ("0xe0", "0xe0"),  # the trap loop after EXIT: no vector load, never the hot one
+    ]
+    hot = gpu_static.vector_loop(sass)
+    assert (hot.head, hot.branch) == (0x30, 0x80)
+    assert hot.opcodes == ["LDG.E.128", "FMUL", "MUFU.EX2", "STG.E.128", "BRA"]
+    assert gpu_static.sass_per_logit(sass, 4) == 5 / 4
+    # the scalar loop when asked for by its own load; no loop with the marker: no count
+    assert gpu_static.vector_loop(sass, r"^LDG\.E$").head == 0xB0
+    assert gpu_static.sass_per_logit(sass.replace("LDG.E.128", "LDG.E.64"), 4) is None
+    assert gpu_static.sass_per_logit("/*0000*/ EXIT ;", 4) is None
+
+
+def test_epilogue_logits_per_iteration_from_the_kernel_name():
+    def per_iteration(name: str):
+        return gpu_static.epilogue_logits_per_iteration(f"void marginops::cuda::detail::{name}(Args)")
+
+    assert per_iteration("chunk_forward_kernel<float, 4, 4>") == 16
+    assert per_iteration("chunk_backward_kernel<float, __half, true, 4, 8>") == 32
+    assert per_iteration("chunk_row_norms_kernel<float, float>") is None
+    assert per_iteration("fused_lse_fwd_kernel<TrBf16, 64>") is None
+
+
 def test_occupancy_and_wave_efficiency():
     # 255 registers x 256 threads fill the register file once: one CTA per SM
     assert gpu_static.ctas_per_sm("sm_90", 255, 256, 1024) == 1
@@ -215,7 +264,9 @@ def test_report_covers_every_kernel_and_dtype(triton_rows, cuda_rows, tmp_path):
     header = path.read_text().splitlines()[0].split(",")
     assert header == gpu_static.FIELDS
     markdown = gpu_static.resources_markdown(triton_rows + cuda_rows, "test")
-    assert markdown.count("\n| ") == len(triton_rows) + len(cuda_rows) + 1
+    loops = [r for r in cuda_rows if r.get("sass_per_logit") not in (None, "")]
+    assert loops  # the chunked epilogues' section
+    assert markdown.count("\n| ") == len(triton_rows) + len(cuda_rows) + 1 + len(loops) + 1
 
 
 @pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
@@ -316,3 +367,40 @@ def test_hybrid_kernels_compile_without_spills_and_with_wgmma(hybrid_rows):
             assert r["mma_kind"] == "HGMMA", r
         if r["kernel"] == "_hybrid_grad_block_kernel" and r["dtype"] == "float32-tf32":
             assert r["mma_kind"] == "HGMMA", r
+
+
+# The chunked path's epilogue kernels (csrc/cuda/chunk_epilogue.cuh), counted in the sm_90 SASS of the built extension:
+# SASS instructions per logit in their 16-byte loop, fp32 accumulation (every input dtype but float64).
+MAX_SASS_PER_LOGIT = {"chunk_forward_kernel": 25, "chunk_backward_kernel": 45}
+
+
+@pytest.fixture(scope="module")
+def cuda_report(tmp_path_factory):
+    """The CUDA part of the report alone (python -m bench.gpu_static --cuda-only): builds the extension if needed."""
+    out = tmp_path_factory.mktemp("gpu_static_cuda")
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_static", "--out", str(out), "--cuda-only", "--cuda-if-built"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    rows = gpu_static.read_csv(out / "gpu_static.csv")
+    failed = [r["error"] for r in rows if r.get("error")]
+    if failed:
+        pytest.skip(f"the CUDA extension does not build here (python -m marginops.build --cuda): {failed}")
+    return rows
+
+
+@pytest.mark.heavy  # builds the CUDA extension when it is not built: minutes
+def test_chunked_epilogues_are_not_instruction_bound(cuda_report):
+    epilogues = [r for r in cuda_report if r["kernel"] in MAX_SASS_PER_LOGIT]
+    assert {(r["kernel"], r["arch"]) for r in epilogues} >= {(k, "sm_90") for k in MAX_SASS_PER_LOGIT}
+    for r in epilogues:
+        assert r["sass_per_logit"] != "", r  # every instance has its 16-byte loop
+        assert not r["spill_bytes"] and not r["spill_instructions"], r
+        if r["arch"] == "sm_90" and r["dtype"] == "float32":
+            assert r["sass_per_logit"] <= MAX_SASS_PER_LOGIT[r["kernel"]], r
+    # the three fp32 backward variants: G in float32, fp16, fp16 hi + lo
+    assert len([r for r in epilogues if r["arch"] == "sm_90" and r["dtype"] == "float32"]) == 4

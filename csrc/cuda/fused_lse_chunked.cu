@@ -11,19 +11,19 @@ namespace cuda {
 std::tuple<at::Tensor, at::Tensor> chunked_forward(const chunked::Problem& P, cudaStream_t stream) {
   switch (P.weight.scalar_type()) {
     case at::kFloat: {
-      detail::CudaEpilogue<float, float> epi{stream};
+      detail::CudaEpilogue<float, float> epi{stream, P.x.options()};
       return chunked::forward<float>(P, epi);
     }
     case at::kDouble: {
-      detail::CudaEpilogue<double, double> epi{stream};
+      detail::CudaEpilogue<double, double> epi{stream, P.x.options()};
       return chunked::forward<double>(P, epi);
     }
     case at::kHalf: {
-      detail::CudaEpilogue<__half, float> epi{stream};
+      detail::CudaEpilogue<__half, float> epi{stream, P.x.options()};
       return chunked::forward<float>(P, epi);
     }
     case at::kBFloat16: {
-      detail::CudaEpilogue<__nv_bfloat16, float> epi{stream};
+      detail::CudaEpilogue<__nv_bfloat16, float> epi{stream, P.x.options()};
       return chunked::forward<float>(P, epi);
     }
     default:
@@ -37,19 +37,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward(cons
                                                                             bool need_weight, cudaStream_t stream) {
   switch (P.weight.scalar_type()) {
     case at::kFloat: {
-      detail::CudaEpilogue<float, float> epi{stream};
+      detail::CudaEpilogue<float, float> epi{stream, P.x.options()};
       return chunked::backward<float>(P, grad_lse, lse, need_x, need_weight, epi);
     }
     case at::kDouble: {
-      detail::CudaEpilogue<double, double> epi{stream};
+      detail::CudaEpilogue<double, double> epi{stream, P.x.options()};
       return chunked::backward<double>(P, grad_lse, lse, need_x, need_weight, epi);
     }
     case at::kHalf: {
-      detail::CudaEpilogue<__half, float> epi{stream};
+      detail::CudaEpilogue<__half, float> epi{stream, P.x.options()};
       return chunked::backward<float>(P, grad_lse, lse, need_x, need_weight, epi);
     }
     case at::kBFloat16: {
-      detail::CudaEpilogue<__nv_bfloat16, float> epi{stream};
+      detail::CudaEpilogue<__nv_bfloat16, float> epi{stream, P.x.options()};
       return chunked::backward<float>(P, grad_lse, lse, need_x, need_weight, epi);
     }
     default:

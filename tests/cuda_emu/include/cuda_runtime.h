@@ -18,7 +18,8 @@
 // rounding (here exact products summed in k order in fp32, round to nearest), FMA contraction (nvcc
 // contracts a*b+c by default, g++ -O2 does not: last-bit differences), cp.async copies landing early
 // (here always at the wait: a missing barrier before a stage is reused shows only under ThreadSanitizer),
-// races between CTAs (blocks run one after another), warp convergence of WMMA / shuffle calls and their
+// ex2.approx's approximation (exp2 here, with its flush of results below 2^-126), races between CTAs (blocks
+// run one after another), warp convergence of WMMA / shuffle calls and their
 // masks, __syncthreads after some threads exited (counted as arrived; undefined on hardware), register
 // limits and __launch_bounds__, and CUDA-graph capture (the op's capture-status query always says "none").
 #pragma once
@@ -112,6 +113,10 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, Kernel kernel,
 
 // ---- device intrinsics
 inline void __syncthreads() { emu::syncthreads(); }
+// Blocks run one after another, so a fence has nothing to order between them; the atomic keeps the counter right
+// for the threads of one block (and visible to ThreadSanitizer).
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int off, int = 32) {
