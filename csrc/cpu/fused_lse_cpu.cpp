@@ -264,7 +264,9 @@ class CpuChunks {
       }
       w = ws.rows;
     } else if (ci) {
-      for (int64_t j = 0; j < ch.cols; ++j) std::memcpy(ws.rows + j * block, weight_ + ci[j] * block, sizeof(T) * block);
+      for (int64_t j = 0; j < ch.cols; ++j) {
+        std::memcpy(ws.rows + j * block, weight_ + ci[j] * block, sizeof(T) * block);
+      }
       w = ws.rows;
     } else {
       w = weight_ + ch.first_col * block;

@@ -44,7 +44,7 @@ struct CudaChunks : detail::CudaEpilogue<io_t, T> {
     at::Tensor W;
     if (P.class_index.has_value()) {
       const at::Tensor blocks = P.weight.view({P.R / P.k, P.k * P.D});
-      at::Tensor out = ws.gathered.narrow(0, 0, ch.cols).view({ch.cols, P.k * P.D});
+      at::Tensor out = ws.gathered.narrow(0, 0, ch.rows).view({ch.cols, P.k * P.D});
       at::index_select_out(out, blocks, 0, P.class_index->narrow(0, ch.first_col, ch.cols));
       W = ws.gathered.narrow(0, 0, ch.rows);
     } else {
