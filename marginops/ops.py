@@ -30,8 +30,9 @@ from typing import Optional
 
 import torch
 
-from . import _build
+from . import _build, config
 from .capabilities import BACKENDS, triton_usable  # noqa: F401  (re-exported for callers that read them here)
+from .non_target import non_target_max_abs_dphi
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
 # once per op call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment;
@@ -279,14 +280,104 @@ def triton_kernels():
     return module
 
 
+# The Triton launchers with what they need from marginops, as the ops' implementations: the switches (read now for
+# -1; the forward's, carried by autograd, for a backward), the non-target mode's max |dphi/dc| and the hybrid plan's
+# chunk sizes.  triton_kernels imports nothing from marginops (tests/test_layout.py).
+def _triton_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit: torch.Tensor,
+    row_scale: torch.Tensor,
+    threshold: torch.Tensor,
+    class_index: Optional[torch.Tensor],
+    non_target_param: torch.Tensor,
+    non_target: int,
+    filter_threshold: float,
+    subcenters: int,
+    deterministic: bool,
+    switches: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_kernels().fused_lse_forward(
+        x=x,
+        weight=weight,
+        labels=labels,
+        target_logit=target_logit,
+        row_scale=row_scale,
+        threshold=threshold,
+        class_index=class_index,
+        non_target_param=non_target_param,
+        non_target=non_target,
+        filter_threshold=filter_threshold,
+        subcenters=subcenters,
+        deterministic=deterministic,
+        switches=_read_triton_switches() if switches < 0 else switches,
+    )
+
+
+def _triton_backward_impl(launcher: str, chunked: bool):
+    """The backward op's implementation around ``triton_kernels.<launcher>`` (``chunked``: it takes the hybrid
+    plan's chunk sizes)."""
+
+    def backward(
+        grad_lse: torch.Tensor,
+        lse: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        target_logit: torch.Tensor,
+        row_scale: torch.Tensor,
+        threshold: torch.Tensor,
+        class_index: Optional[torch.Tensor],
+        non_target_param: torch.Tensor,
+        non_target: int,
+        filter_threshold: float,
+        subcenters: int,
+        deterministic: bool,
+        need_grad_x: bool = True,
+        need_grad_weight: bool = True,
+        switches: int = -1,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        plan = (
+            dict(
+                rows_per_tile=config.integer("MARGINOPS_CHUNK_ROWS"),
+                cols_per_chunk=config.integer("MARGINOPS_CHUNK_COLS"),
+            )
+            if chunked
+            else {}
+        )
+        return getattr(triton_kernels(), launcher)(
+            grad_lse=grad_lse,
+            lse=lse,
+            x=x,
+            weight=weight,
+            labels=labels,
+            target_logit=target_logit,
+            row_scale=row_scale,
+            threshold=threshold,
+            class_index=class_index,
+            non_target_param=non_target_param,
+            non_target=non_target,
+            filter_threshold=filter_threshold,
+            subcenters=subcenters,
+            deterministic=deterministic,
+            need_grad_x=need_grad_x,
+            need_grad_weight=need_grad_weight,
+            switches=_read_triton_switches() if switches < 0 else switches,
+            max_abs_dphi=non_target_max_abs_dphi(non_target, non_target_param.reshape(1)),
+            **plan,
+        )
+
+    return backward
+
+
 @torch.compiler.assume_constant_result
 def _ensure_triton_op() -> bool:
     """Register the Triton launchers as torch.library.triton_op (torch.compile traces into them)."""
     if "triton" not in _registered:
-        kernels = triton_kernels()
-        forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(kernels.fused_lse_forward)
+        forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(_triton_forward)
         backward = torch.library.triton_op("marginops::triton_fused_lse_backward", mutates_args=())(
-            kernels.fused_lse_backward
+            _triton_backward_impl("fused_lse_backward", chunked=False)
         )
         forward.register_autograd(_make_backward(backward, "triton"), setup_context=_setup_context)
         _check_schema_names(torch.ops.marginops.triton_fused_lse)
@@ -305,10 +396,9 @@ def _ensure_hybrid_op() -> bool:
     """The hybrid path (backend "hybrid"): the Triton forward under its own name, with the hybrid backward (a Triton
     gradient-block kernel per class chunk, torch.mm products) as its autograd formula."""
     if "hybrid" not in _registered:
-        kernels = triton_kernels()
-        forward = torch.library.triton_op("marginops::hybrid_fused_lse", mutates_args=())(kernels.fused_lse_forward)
+        forward = torch.library.triton_op("marginops::hybrid_fused_lse", mutates_args=())(_triton_forward)
         backward = torch.library.triton_op("marginops::hybrid_fused_lse_backward", mutates_args=())(
-            kernels.hybrid_backward
+            _triton_backward_impl("hybrid_backward", chunked=True)
         )
         forward.register_autograd(_make_backward(backward, "hybrid"), setup_context=_setup_context)
         _check_schema_names(torch.ops.marginops.hybrid_fused_lse)
@@ -365,15 +455,26 @@ def _read_cuda_switches() -> int:
 
 @torch.compiler.assume_constant_result
 def _read_triton_switches() -> int:
-    return triton_kernels().read_switches()
+    kernels = triton_kernels()
+
+    def setting(attribute: str, switch: str) -> bool:
+        """The package's attribute (ALLOW_TF32, FAST_GRAD_DOTS) if set to True / False, else the switch, now."""
+        value = getattr(kernels, attribute, None)
+        return config.flag(switch) if value is None else bool(value)
+
+    return kernels.pack_switches(
+        tf32=setting("ALLOW_TF32", "MARGINOPS_TRITON_TF32"),
+        fast_grad_dots=setting("FAST_GRAD_DOTS", "MARGINOPS_TRITON_FAST_BWD"),
+        autotune=config.flag("MARGINOPS_TRITON_AUTOTUNE"),
+    )
 
 
 def read_switches(backend: str) -> int:
     """The per-call switches of ``backend``'s kernels, read once for an op call's forward and carried to its
     backward (the ops' ``switches`` argument): a switch changed in between must not give the backward another
     path or precision than the forward.  Opaque: packed by the backend's own reader (C++:
-    csrc/switches.h read_cuda_switches; Triton: triton_kernels.launch.read_switches).  -1 for backends that read
-    none per call."""
+    csrc/switches.h read_cuda_switches; Triton: _read_triton_switches, packed by triton_kernels.pack_switches).
+    -1 for backends that read none per call."""
     if backend in ("cuda", "cuda_fused"):
         return _read_cuda_switches()
     if backend in ("triton", "hybrid"):
