@@ -287,24 +287,12 @@ class CpuChunks {
   }
 
   // Each (chunk, row) is written once, into the chunk's own slot (Plan::chunk_partials).
-  void forward(const chunked::EpiArgs<T>& a, Workspace& ws) const {
-    cpu::ChunkRows<T> r = rows_of(a, ws);
-    r.max_z = a.run_max + a.row0;
-    r.sum_exp = a.run_sum + a.row0;
-    r.best_cos = a.run_cos + a.row0;
-    r.best_col = a.run_col + a.row0;
-    cpu::forward_rows(r);
-  }
+  void forward(const chunked::EpiArgs<T>& a, Workspace& ws) const { cpu::forward_rows(rows_of(a, ws)); }
 
   // G = dcos / n in place of S (the products are in T, so the loop's G is S).
   void backward(const chunked::EpiArgs<T>& a, Workspace& ws) const {
     TORCH_INTERNAL_ASSERT(a.G == a.S && a.row_gscale == nullptr);
-    cpu::ChunkRows<T> r = rows_of(a, ws);
-    r.grad_lse = a.grad_lse + a.row0;
-    r.lse = a.lse + a.row0;
-    r.grad_target = a.grad_target + a.row0;
-    r.grad_scale = a.grad_scale + a.row0;
-    cpu::backward_rows(r);
+    cpu::backward_rows(rows_of(a, ws));
   }
 
   // U straight into grad_weight's rows where they are stored in T and contiguous, else into the workspace.
@@ -346,7 +334,10 @@ class CpuChunks {
     return weight_ + (cls * k_ + r % k_) * D_;
   }
 
-  cpu::ChunkRows<T> rows_of(const chunked::EpiArgs<T>& a, Workspace& ws) const {
+  // The epilogue kernels' view of one (row tile, chunk) block: per-row arrays from the tile's first row (the
+  // forward's outputs or the backward's inputs and outputs; the other pass's are nullptr).
+  static cpu::ChunkRows<T> rows_of(const chunked::EpiArgs<T>& a, Workspace& ws) {
+    auto tile = [&a](auto* rows) { return rows != nullptr ? rows + a.row0 : rows; };
     cpu::ChunkRows<T> r{};
     r.dots = a.S;
     r.inv = a.inv;
@@ -355,11 +346,19 @@ class CpuChunks {
     r.cols = a.cols;
     r.k = a.k;
     r.first_col = a.first_col;
-    r.labels = a.labels + a.row0;
-    r.target_logit = a.target_logit + a.row0;
-    r.row_scale = a.row_scale + a.row0;
-    r.threshold = a.threshold + a.row0;
+    r.labels = tile(a.labels);
+    r.target_logit = tile(a.target_logit);
+    r.row_scale = tile(a.row_scale);
+    r.threshold = tile(a.threshold);
     r.params = a.params;
+    r.grad_lse = tile(a.grad_lse);
+    r.lse = tile(a.lse);
+    r.max_z = tile(a.run_max);
+    r.sum_exp = tile(a.run_sum);
+    r.best_cos = tile(a.run_cos);
+    r.best_col = tile(a.run_col);
+    r.grad_target = tile(a.grad_target);
+    r.grad_scale = tile(a.grad_scale);
     return r;
   }
 
