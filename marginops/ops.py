@@ -25,6 +25,8 @@ and their gradients are in the accumulation dtype (float64 for float64 inputs, e
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 import warnings
 from typing import Optional
 
@@ -283,101 +285,51 @@ def triton_kernels():
 # The Triton launchers with what they need from marginops, as the ops' implementations: the switches (read now for
 # -1; the forward's, carried by autograd, for a backward), the non-target mode's max |dphi/dc| and the hybrid plan's
 # chunk sizes.  triton_kernels imports nothing from marginops (tests/test_layout.py).
-def _triton_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    target_logit: torch.Tensor,
-    row_scale: torch.Tensor,
-    threshold: torch.Tensor,
-    class_index: Optional[torch.Tensor],
-    non_target_param: torch.Tensor,
-    non_target: int,
-    filter_threshold: float,
-    subcenters: int,
-    deterministic: bool,
-    switches: int = -1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return triton_kernels().fused_lse_forward(
-        x=x,
-        weight=weight,
-        labels=labels,
-        target_logit=target_logit,
-        row_scale=row_scale,
-        threshold=threshold,
-        class_index=class_index,
-        non_target_param=non_target_param,
-        non_target=non_target,
-        filter_threshold=filter_threshold,
-        subcenters=subcenters,
-        deterministic=deterministic,
-        switches=_read_triton_switches() if switches < 0 else switches,
-    )
+def _schema_signature(launcher) -> inspect.Signature:
+    """The launcher's signature without its keyword-only arguments (those marginops passes besides the schema's),
+    with its annotations resolved: what torch.library infers the op's schema from."""
+    hints = typing.get_type_hints(launcher)
+    signature = inspect.signature(launcher)
+    schema = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.kind != p.KEYWORD_ONLY]
+    return signature.replace(parameters=schema, return_annotation=hints["return"])
 
 
-def _triton_backward_impl(launcher: str, chunked: bool):
-    """The backward op's implementation around ``triton_kernels.<launcher>`` (``chunked``: it takes the hybrid
-    plan's chunk sizes)."""
+def _triton_impl(launcher_name: str):
+    """triton_kernels.<launcher_name> as an op implementation: the schema's arguments by name, plus the switches
+    read now where the call passes -1, max |dphi/dc| for a backward, the chunk sizes for a launcher that plans
+    chunks."""
+    launcher = getattr(triton_kernels(), launcher_name)
+    signature = _schema_signature(launcher)
+    extras = inspect.signature(launcher).parameters
 
-    def backward(
-        grad_lse: torch.Tensor,
-        lse: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        target_logit: torch.Tensor,
-        row_scale: torch.Tensor,
-        threshold: torch.Tensor,
-        class_index: Optional[torch.Tensor],
-        non_target_param: torch.Tensor,
-        non_target: int,
-        filter_threshold: float,
-        subcenters: int,
-        deterministic: bool,
-        need_grad_x: bool = True,
-        need_grad_weight: bool = True,
-        switches: int = -1,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        plan = (
-            dict(
-                rows_per_tile=config.integer("MARGINOPS_CHUNK_ROWS"),
-                cols_per_chunk=config.integer("MARGINOPS_CHUNK_COLS"),
-            )
-            if chunked
-            else {}
-        )
-        return getattr(triton_kernels(), launcher)(
-            grad_lse=grad_lse,
-            lse=lse,
-            x=x,
-            weight=weight,
-            labels=labels,
-            target_logit=target_logit,
-            row_scale=row_scale,
-            threshold=threshold,
-            class_index=class_index,
-            non_target_param=non_target_param,
-            non_target=non_target,
-            filter_threshold=filter_threshold,
-            subcenters=subcenters,
-            deterministic=deterministic,
-            need_grad_x=need_grad_x,
-            need_grad_weight=need_grad_weight,
-            switches=_read_triton_switches() if switches < 0 else switches,
-            max_abs_dphi=non_target_max_abs_dphi(non_target, non_target_param.reshape(1)),
-            **plan,
-        )
+    def impl(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        if arguments["switches"] < 0:
+            arguments["switches"] = _read_triton_switches()
+        if "max_abs_dphi" in extras:
+            t = arguments["non_target_param"].reshape(1)
+            arguments["max_abs_dphi"] = non_target_max_abs_dphi(arguments["non_target"], t)
+        if "cols_per_chunk" in extras:
+            arguments["rows_per_tile"] = config.integer("MARGINOPS_CHUNK_ROWS")
+            arguments["cols_per_chunk"] = config.integer("MARGINOPS_CHUNK_COLS")
+        return launcher(**arguments)
 
-    return backward
+    impl.__signature__ = signature
+    impl.__name__ = impl.__qualname__ = launcher_name
+    return impl
 
 
 @torch.compiler.assume_constant_result
 def _ensure_triton_op() -> bool:
     """Register the Triton launchers as torch.library.triton_op (torch.compile traces into them)."""
     if "triton" not in _registered:
-        forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(_triton_forward)
+        forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(
+            _triton_impl("fused_lse_forward")
+        )
         backward = torch.library.triton_op("marginops::triton_fused_lse_backward", mutates_args=())(
-            _triton_backward_impl("fused_lse_backward", chunked=False)
+            _triton_impl("fused_lse_backward")
         )
         forward.register_autograd(_make_backward(backward, "triton"), setup_context=_setup_context)
         _check_schema_names(torch.ops.marginops.triton_fused_lse)
@@ -396,9 +348,11 @@ def _ensure_hybrid_op() -> bool:
     """The hybrid path (backend "hybrid"): the Triton forward under its own name, with the hybrid backward (a Triton
     gradient-block kernel per class chunk, torch.mm products) as its autograd formula."""
     if "hybrid" not in _registered:
-        forward = torch.library.triton_op("marginops::hybrid_fused_lse", mutates_args=())(_triton_forward)
+        forward = torch.library.triton_op("marginops::hybrid_fused_lse", mutates_args=())(
+            _triton_impl("fused_lse_forward")
+        )
         backward = torch.library.triton_op("marginops::hybrid_fused_lse_backward", mutates_args=())(
-            _triton_backward_impl("hybrid_backward", chunked=True)
+            _triton_impl("hybrid_backward")
         )
         forward.register_autograd(_make_backward(backward, "hybrid"), setup_context=_setup_context)
         _check_schema_names(torch.ops.marginops.hybrid_fused_lse)
