@@ -416,6 +416,7 @@ def _capture_triton(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from marginops import ops
+    from marginops.non_target import non_target_max_abs_dphi
 
     kernels = ops.triton_kernels()
     launch = sys.modules["marginops.triton_kernels.launch"]
@@ -451,11 +452,13 @@ def _capture_triton(
             t = torch.zeros((), dtype=torch.float64)  # non_target_param (a CPU scalar tensor)
             args = (x, w, labels, *rows, None, t, 0, 2.0, 1)
             lse = torch.empty((B,), dtype=acc, device=dev)
+            # what marginops.ops passes the launchers: the switches (ALLOW_TF32 as set above), the mode's max |dphi|
+            switches, bound = ops.read_switches("triton"), non_target_max_abs_dphi(0, t.reshape(1))
             if hybrid:
-                kernels.hybrid_backward(lse, lse, *args, deterministic)
+                kernels.hybrid_backward(lse, lse, *args, deterministic, switches=switches, max_abs_dphi=bound)
             else:
-                kernels.fused_lse_forward(*args, deterministic)
-                kernels.fused_lse_backward(lse, lse, *args, deterministic)
+                kernels.fused_lse_forward(*args, deterministic, switches=switches)
+                kernels.fused_lse_backward(lse, lse, *args, deterministic, switches=switches, max_abs_dphi=bound)
     finally:
         launch.wrap_triton, hybrid_launch.wrap_triton, launch._num_sms, kernels.ALLOW_TF32 = saved
     if hybrid:

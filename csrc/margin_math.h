@@ -1,4 +1,4 @@
-// Margin math shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
+// Margin math shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda), written once for both.
 // Only the non-target epilogue lives here: target logits come from the Python pre-pass
 // (docs/DESIGN.md §3), so a new target-only margin never touches a kernel.
 #pragma once
@@ -92,6 +92,33 @@ MARGINOPS_HD acc_t inv_row_norm(acc_t sumsq) {
 template <typename acc_t>
 MARGINOPS_HD bool norm_has_projection(acc_t sumsq) {
   return sqrt(sumsq) > acc_t(kNormEps);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Per-column pieces of the chunk epilogues (CPU: csrc/cpu/chunk_epilogue.cpp, CUDA: csrc/cuda/chunk_epilogue.cuh).
+
+// The class cosine of a column with k sub-centre rows: max over q < k of dots[q] * inv[q] (raw dot products
+// times 1 / ||w_q||), its row in *arg.  NaN wins, as in torch.max, so a NaN cosine reaches the loss; the first
+// row wins ties, so the gradient goes to one sub-centre as in the reference.
+template <typename T>
+MARGINOPS_HD T subcenter_max(const T* dots, const T* inv, int64_t k, int64_t* arg) {
+  T best = dots[0] * inv[0];
+  int64_t row = 0;
+  for (int64_t q = 1; q < k; ++q) {
+    const T v = dots[q] * inv[q];
+    if (v > best || (v != v && best == best)) {
+      best = v;
+      row = q;
+    }
+  }
+  *arg = row;
+  return best;
+}
+
+// The label's column inside the chunk [first_col, first_col + cols), or -1.  Any int64 label: compared before
+// subtracting (no overflow), and only compared, never used to read.
+MARGINOPS_HD int64_t target_in_chunk(int64_t label, int64_t first_col, int64_t cols) {
+  return (label >= first_col && label - first_col < cols) ? label - first_col : -1;
 }
 
 }  // namespace marginops

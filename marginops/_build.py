@@ -258,7 +258,9 @@ def _jit(name: str, sources: list[str], cuda: bool, verbose: bool) -> str:
     build_dir = cache_dir(name)
     jobs = _max_jobs()
     built = [p.stat().st_mtime for p in build_dir.glob("*.so")]
-    if not built or max(Path(f).stat().st_mtime for f in sources) > max(built):
+    # the sources and every header they may include (csrc/*.h, device-agnostic, beside each device's own)
+    watched = list(sources) + [p for p in src.rglob("*") if p.suffix in (".h", ".cuh")]
+    if not built or max(Path(f).stat().st_mtime for f in watched) > max(built):
         print(
             f"marginops: compiling {name} (first use, MAX_JOBS={jobs}) in {build_dir} ...", file=sys.stderr, flush=True
         )

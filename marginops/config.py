@@ -105,28 +105,31 @@ SWITCHES = {
             "python",
             "0: the first Triton configuration of each kernel, no autotuning (reproducible across processes)",
             kind="flag",
-            read="at each Triton kernel launch",
+            read=_PER_CALL,
         ),
         Switch(
             "MARGINOPS_CHUNK_COLS",
             "",
             "cpp",
-            "classes per chunk of the class-chunked CUDA path and the hybrid backward (default: planned; the CPU "
-            "backend plans its own)",
+            "classes per chunk of the chunk loop (CPU backend, class-chunked CUDA path) and the hybrid backward "
+            "(default: planned)",
             kind="int",
             low=1,
             high=_INT32_MAX,
-            read="by each forward and each backward of the class-chunked CUDA path, each hybrid backward (planning)",
+            read="by each forward and each backward of the chunk loop (CPU, chunked CUDA), each hybrid backward "
+            "(planning)",
         ),
         Switch(
             "MARGINOPS_CHUNK_ROWS",
             "",
             "cpp",
-            "rows per tile of the class-chunked CUDA path and the hybrid backward (default: planned)",
+            "rows per tile of the chunk loop (CPU backend: all rows by default; class-chunked CUDA path) and the "
+            "hybrid backward (default: planned)",
             kind="int",
             low=1,
             high=_INT32_MAX,
-            read="by each forward and each backward of the class-chunked CUDA path, each hybrid backward (planning)",
+            read="by each forward and each backward of the chunk loop (CPU, chunked CUDA), each hybrid backward "
+            "(planning)",
         ),
         Switch(
             "MARGINOPS_CPU_VECTOR",

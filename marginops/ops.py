@@ -25,13 +25,16 @@ and their gradients are in the accumulation dtype (float64 for float64 inputs, e
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 import warnings
 from typing import Optional
 
 import torch
 
-from . import _build, path_ranking
+from . import _build, config, path_ranking
 from .capabilities import BACKENDS, triton_usable  # noqa: F401  (re-exported for callers that read them here)
+from .non_target import non_target_max_abs_dphi
 
 # "cuda": the class-chunked path (cuBLAS products + one epilogue kernel per chunk; MARGINOPS_CUDA_PATH=fused, read
 # once per op call, switches it to the fused kernels); "cuda_fused": the fused CUDA kernels whatever the environment;
@@ -279,14 +282,54 @@ def triton_kernels():
     return module
 
 
+# The Triton launchers with what they need from marginops, as the ops' implementations: the switches (read now for
+# -1; the forward's, carried by autograd, for a backward), the non-target mode's max |dphi/dc| and the hybrid plan's
+# chunk sizes.  triton_kernels imports nothing from marginops (tests/test_layout.py).
+def _schema_signature(launcher) -> inspect.Signature:
+    """The launcher's signature without its keyword-only arguments (those marginops passes besides the schema's),
+    with its annotations resolved: what torch.library infers the op's schema from."""
+    hints = typing.get_type_hints(launcher)
+    signature = inspect.signature(launcher)
+    schema = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.kind != p.KEYWORD_ONLY]
+    return signature.replace(parameters=schema, return_annotation=hints["return"])
+
+
+def _triton_impl(launcher_name: str):
+    """triton_kernels.<launcher_name> as an op implementation: the schema's arguments by name, plus the switches
+    read now where the call passes -1, max |dphi/dc| for a backward, the chunk sizes for a launcher that plans
+    chunks."""
+    launcher = getattr(triton_kernels(), launcher_name)
+    signature = _schema_signature(launcher)
+    extras = inspect.signature(launcher).parameters
+
+    def impl(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        if arguments["switches"] < 0:
+            arguments["switches"] = _read_triton_switches()
+        if "max_abs_dphi" in extras:
+            t = arguments["non_target_param"].reshape(1)
+            arguments["max_abs_dphi"] = non_target_max_abs_dphi(arguments["non_target"], t)
+        if "cols_per_chunk" in extras:
+            arguments["rows_per_tile"] = config.integer("MARGINOPS_CHUNK_ROWS")
+            arguments["cols_per_chunk"] = config.integer("MARGINOPS_CHUNK_COLS")
+        return launcher(**arguments)
+
+    impl.__signature__ = signature
+    impl.__name__ = impl.__qualname__ = launcher_name
+    return impl
+
+
 @torch.compiler.assume_constant_result
 def _ensure_triton_op() -> bool:
     """Register the Triton launchers as torch.library.triton_op (torch.compile traces into them)."""
     if "triton" not in _registered:
-        kernels = triton_kernels()
-        forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(kernels.fused_lse_forward)
+        forward = torch.library.triton_op("marginops::triton_fused_lse", mutates_args=())(
+            _triton_impl("fused_lse_forward")
+        )
         backward = torch.library.triton_op("marginops::triton_fused_lse_backward", mutates_args=())(
-            kernels.fused_lse_backward
+            _triton_impl("fused_lse_backward")
         )
         forward.register_autograd(_make_backward(backward, "triton"), setup_context=_setup_context)
         _check_schema_names(torch.ops.marginops.triton_fused_lse)
@@ -305,10 +348,11 @@ def _ensure_hybrid_op() -> bool:
     """The hybrid path (backend "hybrid"): the Triton forward under its own name, with the hybrid backward (a Triton
     gradient-block kernel per class chunk, torch.mm products) as its autograd formula."""
     if "hybrid" not in _registered:
-        kernels = triton_kernels()
-        forward = torch.library.triton_op("marginops::hybrid_fused_lse", mutates_args=())(kernels.fused_lse_forward)
+        forward = torch.library.triton_op("marginops::hybrid_fused_lse", mutates_args=())(
+            _triton_impl("fused_lse_forward")
+        )
         backward = torch.library.triton_op("marginops::hybrid_fused_lse_backward", mutates_args=())(
-            kernels.hybrid_backward
+            _triton_impl("hybrid_backward")
         )
         forward.register_autograd(_make_backward(backward, "hybrid"), setup_context=_setup_context)
         _check_schema_names(torch.ops.marginops.hybrid_fused_lse)
@@ -381,15 +425,26 @@ def _read_cuda_switches() -> int:
 
 @torch.compiler.assume_constant_result
 def _read_triton_switches() -> int:
-    return triton_kernels().read_switches()
+    kernels = triton_kernels()
+
+    def setting(attribute: str, switch: str) -> bool:
+        """The package's attribute (ALLOW_TF32, FAST_GRAD_DOTS) if set to True / False, else the switch, now."""
+        value = getattr(kernels, attribute, None)
+        return config.flag(switch) if value is None else bool(value)
+
+    return kernels.pack_switches(
+        tf32=setting("ALLOW_TF32", "MARGINOPS_TRITON_TF32"),
+        fast_grad_dots=setting("FAST_GRAD_DOTS", "MARGINOPS_TRITON_FAST_BWD"),
+        autotune=config.flag("MARGINOPS_TRITON_AUTOTUNE"),
+    )
 
 
 def read_switches(backend: str) -> int:
     """The per-call switches of ``backend``'s kernels, read once for an op call's forward and carried to its
     backward (the ops' ``switches`` argument): a switch changed in between must not give the backward another
     path or precision than the forward.  Opaque: packed by the backend's own reader (C++:
-    csrc/switches.h read_cuda_switches; Triton: triton_kernels.launch.read_switches).  -1 for backends that read
-    none per call."""
+    csrc/switches.h read_cuda_switches; Triton: _read_triton_switches, packed by triton_kernels.pack_switches).
+    -1 for backends that read none per call."""
     if backend in ("cuda", "cuda_fused"):
         return _read_cuda_switches()
     if backend in ("triton", "hybrid"):

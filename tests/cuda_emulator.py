@@ -72,7 +72,7 @@ class EmulatedOps:
 
 
 class EmulatedChunkedOps(EmulatedOps):
-    """The same for the class-chunked path: the chunk loop (csrc/cpu/chunk_loop.h) on CPU tensors with ATen's CPU
+    """The same for the class-chunked path: the chunk loop (csrc/chunk_loop.h) on CPU tensors with ATen's CPU
     matrix products, its CUDA epilogue kernels (csrc/cuda/chunk_epilogue.cuh) under the emulator."""
 
     def fused_lse(self, *args):

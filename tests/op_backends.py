@@ -141,10 +141,10 @@ def _chunks(**case):
 
 
 def _triton_ops():
-    from marginops.ops import triton_kernels
+    from marginops import ops
 
-    tk = triton_kernels()
-    return _Ops(tk.fused_lse_forward, tk.fused_lse_backward)
+    ops.triton_op()  # registers both triton_ops: the launchers with what marginops passes them (switches, bounds)
+    return _Ops(torch.ops.marginops.triton_fused_lse, torch.ops.marginops.triton_fused_lse_backward)
 
 
 def _hybrid_ops():
@@ -171,7 +171,7 @@ def _cuda_fast_backward(monkeypatch):
 def _triton_tf32(monkeypatch):
     from marginops.ops import triton_kernels
 
-    monkeypatch.setattr(triton_kernels(), "ALLOW_TF32", True)  # read by the launchers at each call
+    monkeypatch.setattr(triton_kernels(), "ALLOW_TF32", True)  # read by marginops.ops at each call
 
 
 def _triton_fast_backward(monkeypatch):
@@ -225,9 +225,11 @@ BACKENDS = [
         dtypes=(F64, F32, BF16, F16),
         mixed_dtypes=(BF16, F16),
         grid_shapes={"ragged": dict(B=37, D=61, C=1001), "many_chunks": dict(B=9, D=16, C=20000)},
-        float64_shapes=_CUDA_FLOAT64_SHAPES,
+        # the shared chunk loop with chunks of 37 classes and tiles of 16 rows (by default one tile of all rows)
+        float64_shapes={**_CUDA_FLOAT64_SHAPES, "row_tiles": _chunks(B=37, D=61, C=200, k=2, class_index=True)},
         precision_cases={
-            k: _CUDA_PRECISION[k] for k in ("ragged", "k3_class_index", "curricular_filter", "many_splits")
+            **{k: _CUDA_PRECISION[k] for k in ("ragged", "k3_class_index", "curricular_filter", "many_splits")},
+            "row_tiles": _chunks(B=37, D=61, C=300, k=3, class_index=True),
         },
         f32_slack=F32_SLACK_CPU,
         low_slack=LOW_SLACK_CPU,

@@ -204,3 +204,45 @@ def test_using_the_cpu_kernels_prints_no_cuda_home_guess(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "No CUDA runtime" not in out.stderr and "warn" not in out.stderr.lower(), out.stderr
+
+
+# the sources ship: every C++ / CUDA file of csrc/ (the device-agnostic ones at its top, each device's in its folder)
+# is in the sdist and in what a wheel packages (setup.py's package data)
+
+REPO = Path(__file__).resolve().parent.parent
+CPP_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
+
+
+def _csrc_files() -> set:
+    return {p.relative_to(REPO / "csrc").as_posix() for p in (REPO / "csrc").rglob("*") if p.suffix in CPP_SUFFIXES}
+
+
+def _setup(tmp_path, *commands):
+    egg = tmp_path / "egg"
+    egg.mkdir(exist_ok=True)
+    child = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg), *commands],
+        cwd=REPO,
+        env=child_env(MARGINOPS_BUILD_EXT="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (REPO / "setup.py").is_file(), reason="needs the source checkout")
+def test_sdist_and_wheel_ship_every_cpp_source(tmp_path):
+    import tarfile
+
+    expected = _csrc_files()
+    assert {"chunk_loop.h", "margin_math.h", "cpu/fused_lse_cpu.cpp", "cuda/chunk_epilogue.cuh"} <= expected
+    _setup(tmp_path, "sdist", "--dist-dir", str(tmp_path / "dist"))
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/csrc/", 1)[1] for n in tar.getnames() if "/csrc/" in n}
+    assert expected <= names, f"missing from the sdist: {sorted(expected - names)}"
+    _setup(tmp_path, "build_py", "--build-lib", str(tmp_path / "lib"))
+    packaged = tmp_path / "lib" / "marginops" / "_csrc"
+    shipped = {p.relative_to(packaged).as_posix() for p in packaged.rglob("*") if p.suffix in CPP_SUFFIXES}
+    assert expected <= shipped, f"missing from the wheel's marginops/_csrc: {sorted(expected - shipped)}"

@@ -1,4 +1,4 @@
-"""The class-chunked CUDA path (issue 13: csrc/cpu/chunk_loop.h + csrc/cuda/chunk_epilogue.cuh) without a GPU:
+"""The class-chunked CUDA path (issue 13: csrc/chunk_loop.h + csrc/cuda/chunk_epilogue.cuh) without a GPU:
 the chunk loop on CPU tensors (ATen's CPU matrix products; 16-bit operands widened to fp32, which is what cuBLAS's
 fp32-accumulating products compute up to summation order) with its CUDA epilogue kernels under the emulator
 (tests/cuda_emu).  The op-level cases every backend runs are in tests/test_op_suite.py (adapter

@@ -313,6 +313,8 @@ def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU tables, as in the report (read per call)
 
+    from marginops import ops
+
     launch = _launch_module()
     configs = sys.modules["marginops.triton_kernels.configs"]
     names = {"_lse_fwd_kernel": "fwd", "_bwd_dx_kernel": "dx"}
@@ -320,7 +322,7 @@ def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch
         if r["kernel"] not in names:
             continue
         dtype = getattr(torch, r["dtype"].split("-")[0])
-        split = names[r["kernel"]] == "dx" and launch._split_grad_dots(dtype, launch.read_switches())
+        split = names[r["kernel"]] == "dx" and launch._split_grad_dots(dtype, ops.read_switches("triton"))
         planned = configs.default_plan(
             names[r["kernel"]],
             gpu_static.REPORT_D,

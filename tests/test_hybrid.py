@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import marginops
 from marginops import ops
+from marginops.non_target import non_target_max_abs_dphi
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -170,7 +171,21 @@ def _extra_peak(B, D, C, k, dtype, need_x=True, need_weight=True, class_index=Fa
         t = torch.zeros((), dtype=torch.float64)
         with _PeakMemory() as peak:
             out = _launcher().hybrid_backward(
-                rows[3], rows[3], x, w, labels, *rows[:3], ci, t, 0, 2.0, k, True, need_x, need_weight
+                rows[3],
+                rows[3],
+                x,
+                w,
+                labels,
+                *rows[:3],
+                ci,
+                t,
+                0,
+                2.0,
+                k,
+                True,
+                need_x,
+                need_weight,
+                max_abs_dphi=non_target_max_abs_dphi(0, t.reshape(1)),
             )
             outputs = sum(o.untyped_storage().nbytes() for o in out)
         return peak.peak - outputs
@@ -193,8 +208,6 @@ def test_workspace_is_bounded_independently_of_classes(monkeypatch, B, dtype, k,
     plan's bound (HybridPlan.workspace_bytes, the figure docs/CHUNKED.md states)."""
     launcher = _launcher()  # imported first: triton.jit picks the interpreter at import time
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU plan and tiles (read per call)
-    monkeypatch.delenv("MARGINOPS_CHUNK_COLS", raising=False)
-    monkeypatch.delenv("MARGINOPS_CHUNK_ROWS", raising=False)
     monkeypatch.setattr(launcher, "wrap_triton", _NoLaunch)
     # the grid planners' SM count (an H100's): fake CUDA tensors have no device to ask
     monkeypatch.setattr(sys.modules["marginops.triton_kernels.launch"], "_num_sms", lambda index: 132)

@@ -165,3 +165,89 @@ def test_no_import_cycle_in_the_package():
     graph = {name: {d for d in deps if d != "marginops"} for name, deps in graph.items() if name != "marginops"}
     cycles = _cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" → ".join(c + (c[0],)) for c in cycles)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# triton_kernels gets what it needs from its caller, marginops/ops.py (switches, the non-target mode's bound, the
+# hybrid plan's chunk sizes), and imports nothing from marginops
+
+TRITON_KERNELS = Path(__file__).resolve().parent.parent / "triton_kernels"
+
+
+def _triton_kernels_imports():
+    """(file, line, imported module as written, relative level) of every import in triton_kernels/*.py."""
+    out = []
+    for path in sorted(TRITON_KERNELS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                out.extend((path.name, node.lineno, alias.name, 0) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                out.append((path.name, node.lineno, node.module or "", node.level))
+    return out
+
+
+def test_triton_kernels_imports_nothing_from_marginops():
+    imports = _triton_kernels_imports()
+    assert any(level == 1 for _, _, _, level in imports), "the scan found no relative import: is it reading the files?"
+    offenders = [
+        f"triton_kernels/{name}:{line} imports {'.' * level}{module}"
+        for name, line, module, level in imports
+        # level 2 reaches marginops when installed as marginops.triton_kernels; marginops by name
+        if level >= 2 or module == "marginops" or module.startswith("marginops.")
+    ]
+    assert not offenders, "triton_kernels must get what it needs from its caller:\n" + "\n".join(offenders)
+
+
+def test_triton_kernels_reads_no_package_state_through_sys_modules():
+    """The launchers' switches arrive as their `switches` argument (packed by pack_switches), never read back
+    through sys.modules or the environment."""
+    for path in sorted(TRITON_KERNELS.glob("*.py")):
+        text = path.read_text()
+        for needle in ("sys.modules", "os.environ", "getenv"):
+            assert needle not in text, f"triton_kernels/{path.name} uses {needle}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# C++ layout: device-agnostic sources at csrc/, one folder per device, no device folder reaching into another
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+DEVICE_AGNOSTIC = ("chunk_loop.h", "margin_math.h", "op_args.h", "switches.h")
+
+
+def _includes(path: Path) -> list[str]:
+    """The quoted #include paths of a C++ source."""
+    lines = path.read_text().splitlines()
+    return [line.split('"')[1] for line in lines if line.startswith('#include "') and line.count('"') >= 2]
+
+
+def test_device_agnostic_sources_sit_at_csrc():
+    for name in DEVICE_AGNOSTIC:
+        assert (CSRC / name).is_file(), f"csrc/{name} missing"
+    for name in DEVICE_AGNOSTIC:
+        strays = [p.relative_to(CSRC) for p in CSRC.rglob(name) if p.parent != CSRC]
+        assert not strays, f"{name} also in {strays}"
+
+
+def test_device_folders_include_only_themselves_and_csrc():
+    """csrc/cpu and csrc/cuda include their own files and the device-agnostic ones at csrc/, never each other's
+    (the chunked CUDA path used to include the chunk loop from csrc/cpu)."""
+    offenders = []
+    for device in ("cpu", "cuda"):
+        for path in sorted((CSRC / device).iterdir()):
+            if path.suffix not in (".h", ".cpp", ".cu", ".cuh"):
+                continue
+            for inc in _includes(path):
+                if not ((CSRC / device / inc).is_file() or (inc in DEVICE_AGNOSTIC)):
+                    offenders.append(f"csrc/{device}/{path.name} includes {inc!r}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_one_problem_struct_and_one_chunk_loop():
+    """The CPU backend and the chunked CUDA path run the one chunk loop of csrc/chunk_loop.h with its one Problem."""
+    sources = {p: p.read_text() for p in CSRC.rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".cuh")}
+    problems = [p.relative_to(CSRC) for p, text in sources.items() if "struct Problem " in text]
+    assert problems == [Path("chunk_loop.h")], problems
+    for user in ("cpu/fused_lse_cpu.cpp", "cuda/fused_lse_chunked.cu"):
+        text = sources[CSRC / user]
+        assert "chunked::forward<" in text and "chunked::backward<" in text, f"{user} does not run the shared loop"
+        assert "parallel_for" not in text, f"{user} has a chunk loop of its own"

@@ -8,7 +8,11 @@ Exports the two launchers, one per op schema (csrc/marginops.cpp):
   non_target_param, non_target, filter_threshold, subcenters, deterministic, need_grad_x=True,
   need_grad_weight=True, switches=-1) -> (grad_x, grad_weight, grad_target_logit, grad_row_scale)``
 
-and ``read_switches()``, the value of ``switches``: the two switches below, read now (-1: read at the call).
+and ``pack_switches(tf32=..., fast_grad_dots=..., autotune=...)``, the value of ``switches`` (-1: the defaults).
+The package imports nothing from marginops and reads no environment variable: marginops/ops.py, the launchers'
+caller, reads the switches (the two attributes below, else their environment variables) once per op call and passes
+them, and the backward launchers' keyword arguments (``max_abs_dphi``; the hybrid plan's ``rows_per_tile`` /
+``cols_per_chunk``).
 
 and the hybrid path's backward (backend ``"hybrid"``: the forward is ``fused_lse_forward``), same signature as
 ``fused_lse_backward``:
@@ -36,9 +40,9 @@ Only relative imports inside this package: ``triton_kernels`` on PyPI is a diffe
 from typing import Optional
 
 from .hybrid_launch import hybrid_backward
-from .launch import fused_lse_backward, fused_lse_forward, read_switches
+from .launch import fused_lse_backward, fused_lse_forward, pack_switches
 
-# True/False override the environment switches (marginops/config.py), read by read_switches()
+# True/False override the environment switches (marginops/config.py); read by marginops/ops.py, not here
 ALLOW_TF32: Optional[bool] = None
 FAST_GRAD_DOTS: Optional[bool] = None
 
@@ -48,5 +52,5 @@ __all__ = [
     "fused_lse_backward",
     "fused_lse_forward",
     "hybrid_backward",
-    "read_switches",
+    "pack_switches",
 ]

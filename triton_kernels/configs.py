@@ -47,17 +47,13 @@ import functools
 import torch
 import triton
 
-from .. import config
 from .fused_lse_bwd import _bwd_dw_kernel, _bwd_dx_kernel
 from .fused_lse_fwd import _lse_fwd_kernel
 
 
 def interpreting() -> bool:
-    return config.flag("TRITON_INTERPRET")
-
-
-def _autotune_enabled() -> bool:
-    return config.flag("MARGINOPS_TRITON_AUTOTUNE")
+    """TRITON_INTERPRET, now, as Triton reads it (its knob)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 def _dtype_class(dtype: torch.dtype) -> str:
@@ -234,12 +230,13 @@ def kernel(
     """The autotuned kernel ``kind`` ("fwd", "dx", "dw") for feature size D, input (x) dtype, gradient split
     (bf16/fp16 backward) and TF32 (fp32) modes.
 
-    ``tune=False`` pins the first candidate (used by the atomic backward, whose accumulating outputs must not
-    be run once per candidate).  ``mixed``: the kernel's dX product stages float32 W rows (a float32 weight with
-    16-bit x), which narrows its d-chunks (``block_dv``).
+    ``tune=False`` pins the first candidate (the atomic backward, whose accumulating outputs must not be run once
+    per candidate, and the launchers when their caller turned autotuning off: MARGINOPS_TRITON_AUTOTUNE=0).
+    ``mixed``: the kernel's dX product stages float32 W rows (a float32 weight with 16-bit x), which narrows its
+    d-chunks (``block_dv``).
     """
     dcls = _dtype_class(dtype)
-    return _tuned(kind, d_pow2(D), dcls, split, tf32, mixed, interpreting(), tune and _autotune_enabled())
+    return _tuned(kind, d_pow2(D), dcls, split, tf32, mixed, interpreting(), tune)
 
 
 def tile_k_dv(D: int, dtype: torch.dtype, split: bool = False, tf32: bool = False, mixed: bool = False) -> dict:

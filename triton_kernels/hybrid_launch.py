@@ -18,7 +18,6 @@ import torch
 import triton
 from torch import Tensor
 
-from .. import config
 from . import configs
 from ._waves import whole_wave_splits
 from .hybrid_bwd import _hybrid_grad_block_kernel, _hybrid_rows_kernel, _hybrid_weight_rows_kernel
@@ -96,18 +95,21 @@ def plan(
     need_weight: bool = True,
     class_index: bool = False,
     tf32: bool = False,
+    rows_per_tile: Optional[int] = None,
+    cols_per_chunk: Optional[int] = None,
 ) -> HybridPlan:
     """bt = min(B, 8192) rows per tile; Rc = clamp(32 MiB / (bt x the bytes of a G element, x 2 for hi + lo), 8192,
-    32768) weight rows per chunk (Cc = Rc / k classes), never more than the problem has.  MARGINOPS_CHUNK_COLS /
-    MARGINOPS_CHUNK_ROWS (read per call) override Cc / bt (tests: many chunks and row tiles at small shapes)."""
+    32768) weight rows per chunk (Cc = Rc / k classes), never more than the problem has.  ``rows_per_tile`` /
+    ``cols_per_chunk`` override bt / Cc (the caller's MARGINOPS_CHUNK_ROWS / MARGINOPS_CHUNK_COLS; tests: many
+    chunks and row tiles at small shapes)."""
     half = dtype in (torch.bfloat16, torch.float16)
     g_item = 2 if half else dtype.itemsize
     blocks = (2 if split else 1) if (need_x or need_weight) else 0
     bt = min(B, MAX_TILE_ROWS)
     rows = min(max(G_BLOCK_BYTES // max(1, (2 if split else 1) * g_item * bt), MIN_CHUNK_ROWS), MAX_CHUNK_ROWS)
     cols = max(1, rows // k)
-    bt = config.integer("MARGINOPS_CHUNK_ROWS") or bt
-    cols = config.integer("MARGINOPS_CHUNK_COLS") or cols
+    bt = rows_per_tile or bt
+    cols = cols_per_chunk or cols
     return HybridPlan(
         B=B,
         D=D,
@@ -172,11 +174,16 @@ def hybrid_backward(
     need_grad_x: bool = True,
     need_grad_weight: bool = True,
     switches: int = -1,
+    *,
+    max_abs_dphi: Tensor,
+    rows_per_tile: Optional[int] = None,
+    cols_per_chunk: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_target_logit, grad_row_scale) of the fused op (marginops/ops.py).  Always
     deterministic (``deterministic`` is accepted for the schema); an unwanted grad_x / grad_weight comes back
     empty, without its product or its allocation.  ``switches``: the Triton switches its forward ran with
-    (launch.read_switches; -1 reads them now)."""
+    (launch.pack_switches; -1: the defaults).  ``max_abs_dphi``: as for launch.fused_lse_backward;
+    ``rows_per_tile`` / ``cols_per_chunk``: the caller's overrides of the plan (``plan``)."""
     B, D = x.shape
     N = _num_columns(weight, class_index, subcenters)
     k = subcenters
@@ -203,7 +210,7 @@ def hybrid_backward(
     split = _split_grad_dots(x.dtype, switches)
     tf32 = _dot_precision(x.dtype, switches) == "tf32"
     has_ci = class_index is not None
-    p = plan(B, D, N, k, x.dtype, split, need_x, need_w, has_ci, tf32)
+    p = plan(B, D, N, k, x.dtype, split, need_x, need_w, has_ci, tf32, rows_per_tile, cols_per_chunk)
     bt, cols, rmax = p.rows_per_tile, p.cols_per_chunk, p.chunk_rows
     upcast = _upcast(x.dtype)
     g = grad_lse.to(acc).contiguous()
@@ -218,7 +225,7 @@ def hybrid_backward(
     # into fp16's subnormals; its own G row is 0 (or non-finite) whatever x' is, which stays finite (ratio <= 1).
     sigma_min = sigma = g
     if half:
-        bounds = _grad_bounds(g, row_scale, non_target_param, non_target)
+        bounds = _grad_bounds(g, row_scale, max_abs_dphi)
         sigma = pow2_scales(bounds)
         sigma_min = torch.where(bounds > 0, sigma, sigma.amax()).amin().reshape(1)
     x_rows = x

@@ -18,16 +18,18 @@ Float32 dot products: IEEE fp32 by default (exact against the reference); set
 ``marginops.triton_kernels.ALLOW_TF32 = True`` or the environment variable ``MARGINOPS_TRITON_TF32=1`` to let
 ``tl.dot`` use TF32 tensor cores (about 8x the fp32 throughput, ~1e-3 relative error on the cosines).
 
-Those switches (and the fp16 backward's ``FAST_GRAD_DOTS`` / ``MARGINOPS_TRITON_FAST_BWD``) reach the launchers
-as their ``switches`` argument: ``read_switches()`` packs them, marginops/ops.py reads them once for a forward
-and passes the same value to its backward (which recomputes the forward's cosines: they must be computed with
-the same precision as the lse it received); -1 reads them at the call.
+Those switches (and the fp16 backward's ``FAST_GRAD_DOTS`` / ``MARGINOPS_TRITON_FAST_BWD``, and
+``MARGINOPS_TRITON_AUTOTUNE``) reach the launchers as their ``switches`` argument, packed by ``pack_switches``:
+marginops/ops.py, the launchers' caller, reads them once for a forward and passes the same value to its backward
+(which recomputes the forward's cosines: they must be computed with the same precision as the lse it received);
+-1 means the defaults (IEEE fp32 dots, hi + lo fp16 gradients, autotuning).  Nothing here reads the environment or
+imports marginops: what a launcher needs from marginops (the switches, the non-target mode's max |dphi/dc|, the
+hybrid path's chunk sizes) comes as its arguments.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Optional
 
 import torch
@@ -35,8 +37,6 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton as _torch_wrap_triton
 
-from .. import config
-from ..non_target import non_target_max_abs_dphi
 from . import configs
 from ._waves import whole_wave_splits
 from .fused_lse_bwd import _bwd_reduce_kernel, _cast_rows_kernel
@@ -56,28 +56,24 @@ def wrap_triton(kernel):
     return kernel
 
 
-def _package_switch(attribute: str, switch: str) -> bool:
-    """The package attribute (ALLOW_TF32, FAST_GRAD_DOTS) if set, else the environment switch, now."""
-    pkg = sys.modules.get(__package__) if __package__ else None
-    value = getattr(pkg, attribute, None)
-    return config.flag(switch) if value is None else bool(value)
+# bits of the launchers' `switches` argument (opaque outside this package)
+_TF32, _FAST_BWD, _PIN_CONFIGS = 1, 2, 4
 
 
-# bits of the launchers' `switches` argument (opaque outside this module)
-_TF32, _FAST_BWD = 1, 2
-
-
-def read_switches() -> int:
-    """The Triton backend's per-call switches, now, packed for the launchers' ``switches`` argument."""
-    tf32 = _package_switch("ALLOW_TF32", "MARGINOPS_TRITON_TF32")
-    fast = _package_switch("FAST_GRAD_DOTS", "MARGINOPS_TRITON_FAST_BWD")
-    return (_TF32 if tf32 else 0) | (_FAST_BWD if fast else 0)
+def pack_switches(*, tf32: bool = False, fast_grad_dots: bool = False, autotune: bool = True) -> int:
+    """The launchers' ``switches`` argument: TF32 dots for float32 inputs, one fp16 gradient operand instead of
+    hi + lo (fp16 inputs), and autotuning (False: the first configuration of each kernel)."""
+    return (_TF32 if tf32 else 0) | (_FAST_BWD if fast_grad_dots else 0) | (0 if autotune else _PIN_CONFIGS)
 
 
 def _decided(switches: int) -> int:
-    if not -1 <= switches <= _TF32 | _FAST_BWD:
-        raise ValueError(f"switches must be -1 (read them now) or a value of read_switches(), got {switches}")
-    return read_switches() if switches < 0 else switches
+    if not -1 <= switches <= _TF32 | _FAST_BWD | _PIN_CONFIGS:
+        raise ValueError(f"switches must be -1 (the defaults) or a value of pack_switches(), got {switches}")
+    return 0 if switches < 0 else switches
+
+
+def _tuned(switches: int) -> bool:
+    return not switches & _PIN_CONFIGS
 
 
 def _split_grad_dots(dtype: torch.dtype, switches: int) -> bool:
@@ -87,11 +83,12 @@ def _split_grad_dots(dtype: torch.dtype, switches: int) -> bool:
     return dtype == torch.float16 and not switches & _FAST_BWD
 
 
-def _grad_bounds(grad_lse: Tensor, row_scale: Tensor, non_target_param: Tensor, non_target: int) -> Tensor:
-    """(B,) bounds |g_i s_i| max |dphi| of row i's |dc| (marginops/non_target.py); a NaN or inf row counts as 0, so
-    that its scale is 1 and the non-finite value propagates instead of zeroing the other rows' scales."""
+def _grad_bounds(grad_lse: Tensor, row_scale: Tensor, max_abs_dphi: Tensor) -> Tensor:
+    """(B,) bounds |g_i s_i| max |dphi| of row i's |dc| (max_abs_dphi: the caller's, marginops/non_target.py); a NaN
+    or inf row counts as 0, so that its scale is 1 and the non-finite value propagates instead of zeroing the other
+    rows' scales."""
     bound = (grad_lse * row_scale).abs().nan_to_num(0.0, 0.0, 0.0)
-    return bound * non_target_max_abs_dphi(non_target, non_target_param.to(bound.device, bound.dtype).reshape(1))
+    return bound * max_abs_dphi.to(bound.device, bound.dtype).reshape(1)
 
 
 def pow2_scales(bound: Tensor) -> Tensor:
@@ -102,14 +99,14 @@ def pow2_scales(bound: Tensor) -> Tensor:
     return torch.where(bound > 0, scale, torch.ones_like(bound))
 
 
-def _grad_scale(grad_lse: Tensor, row_scale: Tensor, non_target_param: Tensor, non_target: int, dtype: torch.dtype):
+def _grad_scale(grad_lse: Tensor, row_scale: Tensor, max_abs_dphi: Tensor, dtype: torch.dtype):
     """(1,) tensor: the power of two S that dc = g p s dphi is multiplied by before it becomes an fp16 product
     operand, with |S dc| < 2^15 since |dc| <= max |g s| * max |dphi| (marginops/non_target.py); 1 for 32/64-bit
     inputs.  Stays on the device (no host sync)."""
     acc = row_scale.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         return torch.ones((1,), dtype=acc, device=row_scale.device)
-    return pow2_scales(_grad_bounds(grad_lse, row_scale, non_target_param, non_target).amax().reshape(1))
+    return pow2_scales(_grad_bounds(grad_lse, row_scale, max_abs_dphi).amax().reshape(1))
 
 
 def _dot_precision(dtype: torch.dtype, switches: int) -> str:
@@ -240,7 +237,8 @@ def fused_lse_forward(
 
     if not _launches(x):
         return lse, argmax
-    tf32 = _dot_precision(x.dtype, _decided(switches)) == "tf32"
+    switches = _decided(switches)
+    tf32 = _dot_precision(x.dtype, switches) == "tf32"
     splits = _fwd_splits(B, N, D, dev, x.dtype, tf32)
     m_part = torch.empty((splits, B), dtype=acc, device=dev)
     l_part = torch.empty((splits, B), dtype=acc, device=dev)
@@ -249,7 +247,7 @@ def fused_lse_forward(
     t_buf, f_buf = _scalars(non_target_param, filter_threshold, acc, dev)
     ci = class_index if class_index is not None else labels  # placeholder pointer when HAS_CI is False
 
-    kern = configs.kernel("fwd", D, x.dtype, False, tf32)
+    kern = configs.kernel("fwd", D, x.dtype, False, tf32, tune=_tuned(switches))
     tiles = configs.tile_k_dv(D, x.dtype, False, tf32)
 
     def grid(meta):
@@ -314,9 +312,13 @@ def fused_lse_backward(
     need_grad_x: bool = True,
     need_grad_weight: bool = True,
     switches: int = -1,
+    *,
+    max_abs_dphi: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_target_logit, grad_row_scale); an unwanted grad_x / grad_weight (need_grad_*
-    false: frozen embeddings / weight) comes back empty (0 elements).  With deterministic=True a frozen weight
+    false: frozen embeddings / weight) comes back empty (0 elements).  ``max_abs_dphi``: max over c in [-1, 1] of
+    |dphi/dc| of the call's non-target mode, a one-element tensor (marginops.non_target.non_target_max_abs_dphi):
+    the bound the fp16 gradient operands are scaled by.  With deterministic=True a frozen weight
     skips the dW kernel and its C x D allocation; grad_x is formed anyway (the dX kernel also gives the per-row
     gradients) and dropped.
 
@@ -351,6 +353,7 @@ def fused_lse_backward(
         deterministic,
         need_grad_weight or not deterministic,
         _decided(switches),
+        max_abs_dphi,
     )
     grad_x, grad_w, gtl, grs = grads
     return (grad_x if need_grad_x else x.new_empty(0), grad_w if need_grad_weight else weight.new_empty(0), gtl, grs)
@@ -373,6 +376,7 @@ def _backward_launch(
     deterministic,
     with_dw,
     switches,
+    max_abs_dphi,
 ):
     B, D = x.shape
     N = _num_columns(weight, class_index, subcenters)
@@ -396,7 +400,7 @@ def _backward_launch(
     g = grad_lse.to(acc).contiguous()
     lse = lse.to(acc).contiguous()
     t_buf, f_buf = _scalars(non_target_param, filter_threshold, acc, dev)
-    ds_buf = _grad_scale(g, row_scale, non_target_param, non_target, x.dtype)
+    ds_buf = _grad_scale(g, row_scale, max_abs_dphi, x.dtype)
     ci = class_index if class_index is not None else labels
     has_ci = class_index is not None
     split = _split_grad_dots(x.dtype, switches)
@@ -461,7 +465,7 @@ def _backward_launch(
     grs_part = torch.empty((splits, B), dtype=acc, device=dev)
 
     if with_dw:
-        wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32))[dw_grid](
+        wrap_triton(configs.kernel("dw", D, x.dtype, split, tf32, tune=_tuned(switches)))[dw_grid](
             x,
             x_prod,
             weight,
@@ -490,7 +494,7 @@ def _backward_launch(
     def dx_grid(meta):
         return (triton.cdiv(B, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_DV"]), splits)
 
-    wrap_triton(configs.kernel("dx", D, x.dtype, split, tf32, mixed=mixed))[dx_grid](
+    wrap_triton(configs.kernel("dx", D, x.dtype, split, tf32, tune=_tuned(switches), mixed=mixed))[dx_grid](
         x,
         weight,
         ci,

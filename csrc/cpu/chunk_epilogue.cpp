@@ -155,18 +155,13 @@ MARGINOPS_ALWAYS_INLINE void row_norms_impl(const T* w, int64_t rows, int64_t D,
   }
 }
 
-// Max over the k subcenter cosines of each column, written to s[j] (s[j * k + q] holds the raw dot
-// products; writing s[j] never overwrites an unread entry). NaN wins, as in torch.max.
+// The class cosine of each column (subcenter_max of margin_math.h), written to s[j] (s[j * k + q] holds the
+// raw dot products; writing s[j] never overwrites an unread entry).
 template <typename T>
 MARGINOPS_ALWAYS_INLINE void reduce_subcenters(T* s, const T* inv, int64_t n, int64_t k) {
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t base = j * k;
-    T best = s[base] * inv[base];
-    for (int64_t q = 1; q < k; ++q) {
-      const T v = s[base + q] * inv[base + q];
-      if (v > best || (v != v && best == best)) best = v;
-    }
-    s[j] = best;
+    int64_t arg;
+    s[j] = subcenter_max(s + j * k, inv + j * k, k, &arg);
   }
 }
 
@@ -317,15 +312,8 @@ MARGINOPS_ALWAYS_INLINE T backward_row_subcenters(T* s, const T* inv, T* colsum,
   T total = 0;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t base = j * k;
-    T c = s[base] * inv[base];
-    int64_t arg = 0;
-    for (int64_t q = 1; q < k; ++q) {
-      const T v = s[base + q] * inv[base + q];
-      if (v > c || (v != v && c == c)) {
-        c = v;
-        arg = q;
-      }
-    }
+    int64_t arg;
+    const T c = subcenter_max(s + base, inv + base, k, &arg);
     T dphi;
     const T phi = nontarget_phi(c, threshold, params, &dphi);
     const T dz = grad * std::exp(row_scale * phi - lse);
@@ -339,19 +327,12 @@ MARGINOPS_ALWAYS_INLINE T backward_row_subcenters(T* s, const T* inv, T* colsum,
   return total;
 }
 
-// The label's column inside the chunk, or -1. Labels are only compared, never used to read.
-template <typename T>
-MARGINOPS_ALWAYS_INLINE int64_t target_in_chunk(const ChunkRows<T>& a, int64_t i) {
-  const int64_t label = a.labels[i];  // any int64: compared before subtracting (no overflow)
-  return (label >= a.first_col && label - a.first_col < a.cols) ? label - a.first_col : -1;
-}
-
 template <typename T, int kBytes>
 MARGINOPS_ALWAYS_INLINE void forward_rows_impl(const ChunkRows<T>& a) {
   const int64_t rows = a.k * a.cols;
   for (int64_t i = 0; i < a.B; ++i) {
     T* s = a.dots + i * rows;
-    const int64_t target = target_in_chunk(a, i);
+    const int64_t target = target_in_chunk(a.labels[i], a.first_col, a.cols);
     RowForward<T> r;
     if (a.k == 1) {
       r = forward_row<T, kBytes, true>(s, a.inv, a.cols, target, a.target_logit[i], a.row_scale[i],
@@ -373,7 +354,7 @@ MARGINOPS_ALWAYS_INLINE void backward_rows_impl(const ChunkRows<T>& a) {
   const int64_t rows = a.k * a.cols;
   for (int64_t i = 0; i < a.B; ++i) {
     T* s = a.dots + i * rows;
-    const int64_t target = target_in_chunk(a, i);
+    const int64_t target = target_in_chunk(a.labels[i], a.first_col, a.cols);
     if (a.k == 1) {
       a.grad_scale[i] = backward_row<T, kBytes>(s, a.inv, a.colsum, a.cols, target, a.row_scale[i],
                                                 a.threshold[i], a.grad_lse[i], a.lse[i], a.params);

@@ -30,7 +30,7 @@
 #include "launch.cuh"
 #include "margin_math.h"
 #include "wave_plan.h"
-#include "cpu/chunk_loop.h"
+#include "chunk_loop.h"
 
 namespace marginops {
 namespace cuda {
@@ -224,25 +224,13 @@ __device__ __forceinline__ float pow2_fraction(float v) {
 // The class cosine of column j (max over its k rows, NaN wins as in torch.max) and the winning row q.
 template <class T>
 __device__ __forceinline__ T class_cos(const T* srow, const T* inv, int64_t j, int64_t k, int64_t* arg) {
-  const int64_t base = j * k;
-  T c = srow[base] * inv[base];
-  int64_t a = 0;
-  for (int64_t q = 1; q < k; ++q) {
-    const T v = srow[base + q] * inv[base + q];
-    if (v > c || (v != v && c == c)) {
-      c = v;
-      a = q;
-    }
-  }
-  *arg = a;
-  return c;
+  return subcenter_max(srow + j * k, inv + j * k, k, arg);
 }
 
 // The label's column inside the chunk, or -1 (labels are only compared, never used to read).
 template <class T>
 __device__ __forceinline__ int64_t chunk_target(const chunked::EpiArgs<T>& a, int64_t i) {
-  const int64_t label = a.labels[i];
-  return (label >= a.first_col && label - a.first_col < a.cols) ? label - a.first_col : -1;
+  return target_in_chunk(a.labels[i], a.first_col, a.cols);
 }
 
 // kN elements at a 16-byte aligned address, in 16-byte accesses (LDG.128 / STG.128).

@@ -1,4 +1,4 @@
-// Host interface of the class-chunked CUDA path (csrc/cpu/chunk_loop.h run with the epilogue kernels of
+// Host interface of the class-chunked CUDA path (csrc/chunk_loop.h run with the epilogue kernels of
 // chunk_epilogue.cuh): called by the op layer (fused_lse_cuda.cpp) after its argument checks.
 #pragma once
 
@@ -7,7 +7,7 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
 
-#include "cpu/chunk_loop.h"
+#include "chunk_loop.h"
 
 namespace marginops {
 namespace cuda {

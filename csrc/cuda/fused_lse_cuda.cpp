@@ -81,18 +81,19 @@ void check_row_vector(const at::Tensor& t, const char* name, int64_t B, at::Scal
   TORCH_CHECK(t.is_contiguous(), "marginops.fused_lse (cuda): ", name, " must be contiguous");
 }
 
-struct Problem {
+// What validate() found out about one op call: sizes, the fused kernels' path, the accumulation dtype, the device.
+struct CheckedCall {
   int64_t B = 0, D = 0, R = 0, k = 1, C_total = 0, N = 0;
   KernelPath path = KernelPath::kFp32;
   at::ScalarType acc = at::kFloat;
   const cudaDeviceProp* props = nullptr;
 };
 
-Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+CheckedCall validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
                  const at::Tensor& target_logit, const at::Tensor& row_scale, const at::Tensor& threshold,
                  const std::optional<at::Tensor>& class_index, int64_t non_target, int64_t subcenters,
                  int64_t switches, bool mixed_precision = false) {
-  Problem pr;
+  CheckedCall pr;
   TORCH_CHECK(x.is_cuda(), "marginops.fused_lse (cuda): x must be a CUDA tensor, got ", x.device());
   const at::Device device = x.device();
   TORCH_CHECK(x.dim() == 2, "marginops.fused_lse (cuda): x must be 2-D (B, D), got shape ", x.sizes());
@@ -154,7 +155,7 @@ Problem validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   return pr;
 }
 
-FusedLseParams base_params(const Problem& pr, const at::Tensor& x, const at::Tensor& weight,
+FusedLseParams base_params(const CheckedCall& pr, const at::Tensor& x, const at::Tensor& weight,
                            const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
                            const at::Tensor& threshold, const std::optional<at::Tensor>& class_index,
                            double non_target_param, int64_t non_target, double filter_threshold) {
@@ -189,7 +190,7 @@ FusedLseParams base_params(const Problem& pr, const at::Tensor& x, const at::Ten
 // them read out of bounds), but a wrong id is a caller bug: report it like the CPU op does.  Needs one
 // device-to-host copy, so it is skipped while a CUDA graph is being captured.  The backward also needs
 // unique ids (each weight row's gradient is written by one CTA).
-void check_class_index_values(const Problem& pr, const std::optional<at::Tensor>& class_index, bool need_unique) {
+void check_class_index_values(const CheckedCall& pr, const std::optional<at::Tensor>& class_index, bool need_unique) {
   if (!class_index.has_value() || class_index->numel() == 0) return;
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
   const at::Tensor& ci = *class_index;
@@ -209,13 +210,13 @@ void check_class_index_values(const Problem& pr, const std::optional<at::Tensor>
   }
 }
 
-void check_device(const Problem& pr, const char* what) {
+void check_device(const CheckedCall& pr, const char* what) {
   TORCH_CHECK(pr.props->major >= 8, "marginops.fused_lse (cuda, ", what, "): the CUDA kernels need compute "
               "capability 8.0 or newer (cp.async, bf16 tensor cores); this GPU is ", pr.props->major, ".",
               pr.props->minor, " (", pr.props->name, "): use backend='triton' or 'reference'");
 }
 
-int occupancy_or_throw(const Problem& pr, KernelKind kind, const char* what) {
+int occupancy_or_throw(const CheckedCall& pr, KernelKind kind, const char* what) {
   int smem = 0;
   const int occ = path_occupancy(pr.path, kind, &smem);
   TORCH_CHECK(occ > 0, "marginops.fused_lse (cuda): the ", what, " kernel needs ", smem,
@@ -234,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_cuda(const at::Tensor& x, const at:
                                                   int64_t switches) {
   (void)deterministic;  // always deterministic (no float atomics)
   switches = decided_cuda_switches(switches);
-  Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters,
+  CheckedCall pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters,
                         switches);
   const c10::cuda::CUDAGuard device_guard(x.device());
   pr.props = at::cuda::getCurrentDeviceProperties();
@@ -279,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
     bool need_grad_weight, int64_t switches) {
   (void)deterministic;  // always deterministic (no float atomics)
   switches = decided_cuda_switches(switches);
-  Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters,
+  CheckedCall pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target, subcenters,
                         switches);
   // grad_lse comes from autograd and may be an expanded view: make it dense here.
   const at::Tensor grad_lse = grad_lse_in.contiguous();
@@ -342,12 +343,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_cu
   return {grad_x, grad_weight, grad_target_logit, grad_row_scale};
 }
 
-// ---- the class-chunked path (issue 13; loop: csrc/cpu/chunk_loop.h, kernels: chunk_epilogue.cuh): the
+// ---- the class-chunked path (issue 13; loop: csrc/chunk_loop.h, kernels: chunk_epilogue.cuh): the
 // default of the op on CUDA tensors; MARGINOPS_CUDA_PATH=fused (kSwitchFusedPath) selects the fused kernels above,
 // and the ops fused_lse_cuda_fused / fused_lse_cuda_fused_backward (backend="cuda_fused") always run them.
 namespace {
 
-chunked::Problem chunked_problem(const Problem& pr, const at::Tensor& x, const at::Tensor& weight,
+chunked::Problem chunked_problem(const CheckedCall& pr, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& labels, const at::Tensor& target_logit, const at::Tensor& row_scale,
                                  const at::Tensor& threshold, const std::optional<at::Tensor>& class_index,
                                  double non_target_param, int64_t non_target, double filter_threshold) {
@@ -381,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> fused_lse_chunked_cuda(const at::Tensor& x, c
                                                           bool deterministic, int64_t switches) {
   (void)deterministic;  // always deterministic (no atomics)
   switches = decided_cuda_switches(switches);
-  const Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target,
+  const CheckedCall pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target,
                               subcenters, switches, /*mixed_precision=*/true);
   const c10::cuda::CUDAGuard device_guard(x.device());
   check_class_index_values(pr, class_index, /*need_unique=*/false);
@@ -401,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lse_backward_ch
     bool need_grad_weight, int64_t switches) {
   (void)deterministic;
   switches = decided_cuda_switches(switches);
-  const Problem pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target,
+  const CheckedCall pr = validate(x, weight, labels, target_logit, row_scale, threshold, class_index, non_target,
                               subcenters, switches, /*mixed_precision=*/true);
   const at::Tensor grad_lse = grad_lse_in.contiguous();
   check_row_vector(grad_lse, "grad_lse", pr.B, pr.acc, x.device());

@@ -48,7 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "csrc/cuda kernels run by the CPU emulator (tests only)";
   def_forward(m, "fused_lse", &marginops::cuda::fused_lse_cuda);
   def_backward(m, "fused_lse_backward", &marginops::cuda::fused_lse_backward_cuda);
-  // the class-chunked path (csrc/cpu/chunk_loop.h with the kernels of csrc/cuda/chunk_epilogue.cuh)
+  // the class-chunked path (csrc/chunk_loop.h with the kernels of csrc/cuda/chunk_epilogue.cuh)
   def_forward(m, "fused_lse_chunked", &marginops::cuda::fused_lse_chunked_cuda);
   def_backward(m, "fused_lse_backward_chunked", &marginops::cuda::fused_lse_backward_chunked_cuda);
   // what the op runs on CUDA tensors: the path MARGINOPS_CUDA_PATH (or `switches`) picks
