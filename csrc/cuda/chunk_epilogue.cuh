@@ -1,4 +1,4 @@
-// CUDA kernels of the class-chunked path (loop: csrc/cpu/chunk_loop.h; host side: fused_lse_chunked.cu).
+// CUDA kernels of the class-chunked path (loop: csrc/chunk_loop.h; host side: fused_lse_chunked.cu).
 // Per chunk: row_norms_kernel (one warp per weight row), then one epilogue launch (forward or backward), and in
 // the backward weight_rows_kernel (one warp per weight row).
 //
