@@ -775,15 +775,7 @@ def kernel_rows(rows: list[dict]) -> list[dict]:
 
 
 _INT_FIELDS = {
-    "hgmma_count",
-    "hmma_count",
-    "sass_instructions",
-    "loop_sass",
-    "loop_mma",
-    "loop_mma_flops",
-    "loop_load_bytes",
-    "loop_cached_bytes",
-    "outer_loop_sass",
+    *(f for f in MODEL_FIELDS if f not in ("tiles", "waves_B1024_sm132")),  # the model's counts
     "registers",
     "spill_bytes",
     "spill_instructions",

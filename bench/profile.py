@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from bench.cases import _inputs, _iteration
+from bench.gpu_model import parse_size
 from bench.providers import DTYPES, PROVIDERS
 
 CATEGORIES = ("gemm", "marginops", "elementwise", "other")
@@ -114,13 +115,6 @@ def measured_kernel(name: str, measured: dict) -> float:
     if category(word) != "marginops":
         return float("nan")  # torch's element-wise ops: not told apart by name
     return sum(t for k, t in measured.items() if word in k)
-
-
-def parse_size(text: str) -> tuple:
-    parts = tuple(int(p) for p in text.lower().split("x"))
-    if len(parts) != 3 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"size is BxCxD with positive integers, got {text!r}")
-    return parts
 
 
 def main(argv=None) -> int:
