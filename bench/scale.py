@@ -172,15 +172,20 @@ def _measure_in_rank(config: dict, rank: int) -> dict:
     return {"peak_bytes": peak, "comm_bytes": counter.bytes, "times": times, "losses": [float(v) for v in losses]}
 
 
-def _worker(rank, world, init_file, out_dir, configs):
+def _join_gloo(rank, world, init_file, timeout_s):
+    """One thread per rank (the ranks share the machine's cores) and the gloo group through a shared file."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=600),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def _worker(rank, world, init_file, out_dir, configs):
+    _join_gloo(rank, world, init_file, 600)
     report: dict = {"rank": rank, "runs": []}
     try:
         for config in configs:  # one after the other: the previous head and optimizer are freed first
@@ -273,14 +278,7 @@ def _ten_million_worker(rank, world, init_file, out_dir, config):
     import marginops
     from marginops import distributed as mdist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=config.get("timeout", 1800)),
-    )
+    _join_gloo(rank, world, init_file, config.get("timeout", 1800))
     report: dict = {"rank": rank, "runs": {}}
     try:
         for rate in config["sample_rates"]:
