@@ -380,20 +380,21 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
     bt_ = tiles(blk) if blk else {"BLOCK_M": 128, "BLOCK_N": 64}
     b_tiles = math.ceil(B / bt_["BLOCK_M"]) * math.ceil(C / bt_["BLOCK_N"])
     hybrid_bwd = [
-        _bandwidth("_hybrid_rows_kernel", "bwd", chunks, 2 * C * D * e),
         streaming_kernel(
             blk, "_hybrid_grad_block_kernel", "bwd", chunks, gemm, 0, b_tiles, 0, C * D * e + logits * e, missing
         ),
-        _bandwidth("per-row sums (torch)", "bwd", 3 * chunks, chunks * 4 * B * 4 * (rc // bt_["BLOCK_N"])),
-        _cublas("dX += G W_hat (cuBLAS + add)", "bwd", 2 * chunks, gemm, logits * e + C * D * e + chunks * B * D * 12),
         _cublas("U = G^T x' (cuBLAS)", "bwd", chunks, gemm, logits * e + C * D * 4),
-        _bandwidth("_hybrid_weight_rows_kernel", "bwd", chunks, C * D * (4 + e + e)),
-        _bandwidth("x', dX cast (torch)", "bwd", 4, B * D * 16),
+        # grad_weight's rows from U, and W_hat (the dX operand) in the same pass over W
+        _bandwidth("_hybrid_weight_rows_kernel", "bwd", chunks, C * D * (4 + e + e + e)),
+        _cublas(
+            "dX += G W_hat (cuBLAS, fp32 in place)", "bwd", chunks, gemm, logits * e + C * D * e + chunks * B * D * 8
+        ),
+        _bandwidth("per-row sums, x', dX cast (torch)", "bwd", 7, B * D * 16 + 4 * B * 4 * 64),
     ]
     paths["hybrid"] = PathModel(
         "hybrid",
-        "the Triton forward; backward per class chunk: Triton gradient block (cosines recomputed), dX and dW on "
-        "cuBLAS, a Triton row kernel for grad_weight",
+        "the Triton forward; backward per class chunk: Triton gradient block (cosines recomputed, 1/n once), dW and "
+        "dX on cuBLAS, one Triton row pass for grad_weight and the dX operand",
         [
             streaming_kernel(fwd, "_lse_fwd_kernel", "fwd", 1, gemm, 0, f_tiles, 0, C * D * e + B * D * e, []),
             merge,
@@ -483,9 +484,7 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
         "three_product",
         "issue 21 item 5 (not built): the forward stores 16-bit E per logit, the backward reads it instead of "
         "recomputing the cosines",
-        [fwd_e, merge]
-        + [hybrid_bwd[0], _bandwidth("G from E (per chunk)", "bwd", chunks, logits * 2 * e)]
-        + hybrid_bwd[2:],
+        [fwd_e, merge] + [_bandwidth("G from E (per chunk)", "bwd", chunks, logits * 2 * e)] + hybrid_bwd[1:],
         notes=[f"workspace: E, {logits * e / 2**30:.1f} GiB at this size (B x C x 2 bytes)"],
     )
     return paths

@@ -118,6 +118,11 @@ def _cos_tile(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     KEEP: tl.constexpr,
+    inv_ptr=None,
+    inv_q=None,
+    inv_mask=None,
+    inv_write=None,
+    INV_OUT: tl.constexpr = False,
 ):
     """Cosine tile c (BLOCK_M, BLOCK_N), the subcenter achieving it and that subcenter row's 1/n_r.
 
@@ -128,6 +133,10 @@ def _cos_tile(
     KEEP ("x", "w" or ""): the operand the calling program reuses across its tiles (the forward's and dX's row
     tile, dW's class tile), loaded through L1 (``_load_k_kept``): without it every class tile re-read its x
     tile from L2 (16 GB of L2 traffic in the forward at B = 1024, C = 1M, D = 512; bench/gpu_model.py).
+    INV_OUT: also store (where inv_write, a scalar) every subcenter row's 1/n_r at inv_ptr[inv_q * SUBC + s] (where
+    inv_mask), negated where ||w_r|| <= eps (no projection there), so that later kernels use these very values
+    (hybrid_bwd.py: the fp16 operands split 1/n_r = f 2^e across two kernels, and a 1/n_r summed in another order
+    can fall on the other side of a power of two).
     """
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     cmax = tl.full((BLOCK_M, BLOCK_N), float("-inf"), acc_ty)
@@ -152,7 +161,11 @@ def _cos_tile(
             sumsq += tl.sum(wf * wf, axis=1)
             acc = _mma(xt, tl.trans(_as_operand(wt, xt.dtype, UPCAST)), acc, DOT_PREC, UPCAST)
         # eps as an acc-dtype constant: a bare 1e-12 literal would be rounded to fp32 in fp64 kernels
-        inv = 1.0 / tl.maximum(tl.sqrt(sumsq), tl.full((BLOCK_N,), NORM_EPS, acc_ty))
+        norm = tl.sqrt(sumsq)
+        inv = 1.0 / tl.maximum(norm, tl.full((BLOCK_N,), NORM_EPS, acc_ty))
+        if INV_OUT:
+            if inv_write:
+                tl.store(inv_ptr + inv_q * SUBC + s, tl.where(norm > NORM_EPS, inv, -inv), mask=inv_mask)
         cos = acc * inv[None, :]
         if SUBC == 1:
             cmax = cos

@@ -149,8 +149,8 @@ def bwd_dw_configs(dp2: int, dcls: str, split: bool, tf32: bool, mixed: bool = F
     return _bwd_configs(dp2, dcls, split, tf32, mixed, "BLOCK_N")
 
 
-# The hybrid backward's gradient-block kernel (hybrid_bwd.py): one (BLOCK_M x BLOCK_N) cosine tile per program and
-# a store, no accumulator across tiles.  The forward's 128 x 128 / 8 warps spilled 32 bytes (the epilogue keeps c,
+# The hybrid backward's gradient-block kernel (hybrid_bwd.py): a (BLOCK_M x BLOCK_N) cosine tile per step and its
+# stores, no accumulator across tiles.  The forward's 128 x 128 / 8 warps spilled 32 bytes (the epilogue keeps c,
 # 1/n and dc tiles live); 128 x 64 / 8 warps does not for any 16-bit or mixed input (4 warps: 255 registers and
 # 8 bytes of spills with fp16's hi + lo); bench.gpu_static reports each.  Fixed rather than autotuned: the
 # launcher sizes the per-row partials by BLOCK_N.
@@ -162,11 +162,13 @@ def hybrid_block_config(dtype: torch.dtype, tf32: bool = False) -> dict:
         bm, bn, w, s = {"half": (128, 64, 8, 3), "fp32": (128, 64, 8, 3) if tf32 else (64, 64, 4, 3)}.get(
             _dtype_class(dtype), (32, 32, 4, 2)
         )
+        if dtype == torch.float16:
+            s = 2  # hi + lo and the 1/n store: a third stage's registers spilled (bench.gpu_static)
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
 def hybrid_rows_config(D: int) -> dict:
-    """BLOCK_R (weight rows per program), BLOCK_D and EVEN_D of the hybrid path's row kernels (bandwidth-bound)."""
+    """BLOCK_R (weight rows per program), BLOCK_D and EVEN_D of the hybrid path's row kernel (bandwidth-bound)."""
     bd = 32 if interpreting() else min(128, d_pow2(D))
     return dict(BLOCK_R=16 if interpreting() else 32, BLOCK_D=bd, EVEN_D=D % bd == 0, num_warps=4)
 

@@ -1,37 +1,41 @@
-"""Backward kernels of the hybrid path (backend ``"hybrid"``): Triton for the logit-gradient block, vendor GEMMs for
-the two products (launcher: hybrid_launch.py; design: docs/CHUNKED.md, "The hybrid path").
+"""Backward kernels of the hybrid path (backend ``"hybrid"``): Triton for the logit-gradient block and the weight
+rows, vendor GEMMs for the two products (launcher: hybrid_launch.py; design: docs/CHUNKED.md, "The hybrid path").
 
 Per class chunk of Cc columns (Rc = Cc * k weight rows) and row tile of bt rows:
 
-* ``_hybrid_rows_kernel``: the chunk's weight rows (through class_index) as the dX operand W_hat (Rc x D).  For
-  16-bit inputs 1/n_r = f_r 2^e_r (``_pow2_split``) and W_hat_r = w_r 2^e_r in fp16 (exact: a 16-bit value times
-  a power of two, |W_hat_r| <= 2 whatever ||w_r||); for 32/64-bit inputs the raw rows (only needed to gather them
-  through class_index: without it the launcher passes a view of W).
 * ``_hybrid_grad_block_kernel``: recomputes the cosine tile (``_cos_tile``, as the forward) and writes the
   gradient block G (bt x Rc, row-major): G[i, j k + s] = dcos_ij scaled as below if s is the subcenter that won
-  column j, else exactly 0 (a NaN cosine of a winning subcenter cannot reach its siblings); plus the per-row sums
-  of grad_target_logit and grad_row_scale, one partial per (column group, row): no atomics.  Grid: row tiles x
-  column groups; a program walks the contiguous column tiles of its group keeping its x tile in L1 (``_cos_tile``'s
-  KEEP), so that the chunk's x tile is read from L2 once per program instead of once per column tile.
+  column j, else exactly 0 (a NaN cosine of a winning subcenter cannot reach its siblings).  Beside it:
+    - the per-row sums of grad_target_logit and grad_row_scale, accumulated in place across chunks in one slot per
+      (column group, row) (the launcher sums the groups once, in order: no atomics, no per-chunk launches);
+    - on the first row tile, every chunk row's 1/n_r (negated where ||w_r|| <= eps), which the weight-rows kernel
+      reads instead of recomputing it: G carries f_r and W_hat 2^e_r of 1/n_r = f_r 2^e_r, and a 1/n_r summed in
+      another order could fall on the other side of a power of two (a factor of 2 in that row's gradients).
+  Grid: row tiles x column groups; a program walks the contiguous column tiles of its group keeping its x tile in
+  L1 (``_cos_tile``'s KEEP), so that the chunk's x tile is read from L2 once per program instead of once per tile.
     - 32/64-bit inputs: G = dcos / n_r, in the input dtype (the dX operand is the raw row).
-    - 16-bit inputs (bf16 too, docs/DESIGN.md §5.2): G = sigma_i f_r dcos in fp16, sigma_i the row's power of two
-      (launcher: |sigma_i dcos_ij| < 2^15 for any upstream gradient) so that a row with a tiny upstream gradient
-      keeps its precision; fp16 inputs also write lo = fp16(G - hi), the rounding error of hi (``_split``), beside
-      hi in the same row: [hi_i | lo_i] times the stacked W_hat is dX's hi + lo in one GEMM, and the same block
-      read as (2 bt x Rc) rows hi_0, lo_0, hi_1, ... against x' with each row repeated gives dW's.
-* ``_hybrid_weight_rows_kernel``: grad_weight rows from U = G^T x' (x' = x sigma_min / sigma_i in fp16 for 16-bit
-  inputs, so that U_r = sigma_min f_r sum_i dcos_ir x_i; x itself otherwise):
+    - 16-bit inputs (bf16 too, docs/DESIGN.md §5.2): G = sigma_i f_r dcos in fp16 (``_pow2_split``), sigma_i the
+      row's power of two (launcher: |sigma_i dcos_ij| < 2^15 for any upstream gradient) so that a row with a tiny
+      upstream gradient keeps its precision; fp16 inputs also write lo = fp16(G - hi), the rounding error of hi
+      (``_split``), beside hi in the same row: [hi_i | lo_i] times the stacked W_hat is dX's hi + lo in one GEMM,
+      and the same block read as (2 bt x Rc) rows hi_0, lo_0, hi_1, ... against x' with each row repeated gives
+      dW's.
+* ``_hybrid_weight_rows_kernel``, with U = G^T x' (x' = x sigma_min / sigma_i in fp16 for 16-bit inputs, so that
+  U_r = sigma_min f_r sum_i dcos_ir x_i; x itself otherwise):
       grad_w_r = alpha_r (U_r - (U_r . w^_r) w^_r)    (projection only where ||w_r|| > eps)
   with alpha_r = 2^e_r / sigma_min (16-bit) or 1 (G = dcos / n), cast to the weight's dtype and written to the
-  chunk row's weight row (class_index and subcenter), 64-bit offsets.
+  chunk row's weight row (class_index and subcenter, 64-bit offsets).  In the same pass over W it writes the dX
+  operand W_hat (a batch of one row tile; otherwise a launch of its own after the first gradient block): for
+  16-bit inputs W_hat_r = w_r 2^e_r in fp16 (exact: a 16-bit value times a power of two, |W_hat_r| <= 2 whatever
+  ||w_r||); for 32/64-bit inputs the raw rows gathered through class_index.
 
-Every output element has one writer; the launcher sums partials in a fixed order: bitwise deterministic.
+Every output element has one writer per launch and launches run in a fixed order: bitwise deterministic.
 """
 
 import triton
 import triton.language as tl
 
-from ._common import _as_operand, _cast, _class_rows, _cos_tile, _load_k, _row_inv_norm, _split_tiles
+from ._common import _as_operand, _cast, _class_rows, _cos_tile, _load_k, _split_tiles
 from .fused_lse_bwd import _bwd_tile, _pow2_split, _row_vectors, _rows_to_prod, _split
 
 
@@ -39,45 +43,6 @@ from .fused_lse_bwd import _bwd_tile, _pow2_split, _row_vectors, _rows_to_prod, 
 def _chunk_weight_rows(ci_ptr, c0, q_ld, SUBC: tl.constexpr, HAS_CI: tl.constexpr):
     """Weight row (int64) of chunk rows q_ld (clamped into range): class cls(c0 + q // k), subcenter q % k."""
     return _class_rows(ci_ptr, c0 + q_ld // SUBC, SUBC, HAS_CI) + (q_ld % SUBC)
-
-
-@triton.jit
-def _hybrid_rows_kernel(
-    x_ptr,
-    w_ptr,
-    ci_ptr,
-    what_ptr,
-    c0,
-    n_rows,
-    D,
-    SUBC: tl.constexpr,
-    HAS_CI: tl.constexpr,
-    SCALE16: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DUP: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
-    q = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    q_mask = q < n_rows
-    q_ld = tl.minimum(q, n_rows - 1).to(tl.int64)
-    r = _chunk_weight_rows(ci_ptr, c0, q_ld, SUBC, HAS_CI)
-    if SCALE16:
-        inv, _proj = _row_inv_norm(w_ptr, r, D, BLOCK_R, BLOCK_D, EVEN_D)
-        _f, p2 = _pow2_split(inv)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        w = _load_k(w_ptr + r[:, None] * D + dd[None, :], dd, D, EVEN_D)
-        if SCALE16:
-            # mixed precision: rounded to x's dtype first, as every product sees W (marginops/ops.py)
-            w = _rows_to_prod(_as_operand(w, in_ty, UPCAST), p2, in_ty, what_ptr.dtype.element_ty)
-        q64 = q.to(tl.int64)
-        mask = q_mask[:, None] & (dd < D)[None, :]
-        tl.store(what_ptr + q64[:, None] * D + dd[None, :], w, mask=mask)
-        if DUP:  # rows n_rows.. repeat them: the operand of [G_hi | G_lo] (the hi + lo product as one GEMM)
-            tl.store(what_ptr + (q64 + n_rows)[:, None] * D + dd[None, :], w, mask=mask)
 
 
 @triton.jit
@@ -95,6 +60,7 @@ def _hybrid_grad_block_kernel(
     gblk_ptr,
     gtl_part_ptr,
     grs_part_ptr,
+    inv_ptr,
     B,
     D,
     row0,
@@ -102,7 +68,7 @@ def _hybrid_grad_block_kernel(
     c0,
     n_cols,
     n_groups,
-    part_stride,
+    write_inv,
     t_ptr,
     filt_ptr,
     SUBC: tl.constexpr,
@@ -131,6 +97,7 @@ def _hybrid_grad_block_kernel(
     if SCALE16:
         sigma = tl.load(sigma_ptr + rows_ld)
     acc_ty: tl.constexpr = lse.dtype
+    inv_writer = (pid_m == 0) & (write_inv != 0)  # 1/n's one writer per chunk row
     gtl_sum = tl.zeros((BLOCK_M,), acc_ty)
     grs_sum = tl.zeros((BLOCK_M,), acc_ty)
     t_lo, t_hi = _split_tiles(n_cols, pid_g, n_groups, BLOCK_N)
@@ -140,8 +107,9 @@ def _hybrid_grad_block_kernel(
         col0 = c0 + t * BLOCK_N  # global column of the tile's first column (labels are global columns)
         base_r = _class_rows(ci_ptr, c0 + tl.minimum(jl, n_cols - 1), SUBC, HAS_CI)
         c, sub, inv_sel = _cos_tile(
-            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "x"
-        )
+            x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "x",
+            inv_ptr, jl, col_mask, inv_writer, True,
+        )  # fmt: skip
         dc, gtl, grs = _bwd_tile(
             c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
         )
@@ -151,7 +119,7 @@ def _hybrid_grad_block_kernel(
         if WRITE_G:
             g_ty: tl.constexpr = gblk_ptr.dtype.element_ty
             if SCALE16:
-                # 1/n = f 2^e: f into G, 2^e into W_hat (_hybrid_rows_kernel); sigma_i keeps the row inside fp16
+                # 1/n = f 2^e: f into G, 2^e into W_hat (_hybrid_weight_rows_kernel); sigma_i keeps the row in fp16
                 f, _p2 = _pow2_split(inv_sel)
                 v = dc * f * sigma[:, None]
             else:
@@ -166,17 +134,21 @@ def _hybrid_grad_block_kernel(
                 tl.store(gblk_ptr + offs + s, hi, mask=mask)
                 if SPLIT:
                     tl.store(gblk_ptr + offs + ld + s, lo, mask=mask)
-    part = pid_g.to(tl.int64) * part_stride + local
-    tl.store(gtl_part_ptr + part, gtl_sum, mask=row_mask)
-    tl.store(grs_part_ptr + part, grs_sum, mask=row_mask)
+    # this (group, row) slot's running sum over the chunks so far: one writer per launch, launches in order
+    part = pid_g.to(tl.int64) * B + row0 + local
+    tl.store(gtl_part_ptr + part, tl.load(gtl_part_ptr + part, mask=row_mask) + gtl_sum, mask=row_mask)
+    tl.store(grs_part_ptr + part, tl.load(grs_part_ptr + part, mask=row_mask) + grs_sum, mask=row_mask)
 
 
 @triton.jit
 def _hybrid_weight_rows_kernel(
     u_ptr,
+    x_ptr,
     w_ptr,
     ci_ptr,
+    inv_ptr,
     dw_ptr,
+    what_ptr,
     sigma_min_ptr,
     c0,
     n_rows,
@@ -185,38 +157,54 @@ def _hybrid_weight_rows_kernel(
     HAS_CI: tl.constexpr,
     SCALE16: tl.constexpr,
     UPCAST: tl.constexpr,
+    NEED_W: tl.constexpr,
+    WRITE_WHAT: tl.constexpr,
+    DUP: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    acc_ty: tl.constexpr = u_ptr.dtype.element_ty
+    """BLOCK_R chunk rows: grad_weight's rows from U (NEED_W) and / or the dX operand W_hat (module docstring)."""
+    in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
+    acc_ty: tl.constexpr = tl.float64 if in_ty == tl.float64 else tl.float32
     q = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     q_mask = q < n_rows
     q_ld = tl.minimum(q, n_rows - 1).to(tl.int64)
     r = _chunk_weight_rows(ci_ptr, c0, q_ld, SUBC, HAS_CI)
-    inv, has_proj = _row_inv_norm(w_ptr, r, D, BLOCK_R, BLOCK_D, EVEN_D)
-    u_row = u_ptr + q_ld[:, None] * D
-    w_row = w_ptr + r[:, None] * D
-    # U_r . w^_r (the normalization's projection), over D in chunks
-    dot = tl.zeros((BLOCK_R,), acc_ty)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        u = _load_k(u_row + dd[None, :], dd, D, EVEN_D)
-        w = _load_k(w_row + dd[None, :], dd, D, EVEN_D).to(acc_ty)
-        dot += tl.sum(u * w, axis=1)
-    coef = tl.where(has_proj, dot * inv * inv, 0.0)  # (U . w^) / n: the w_r term's factor
+    inv_signed = tl.load(inv_ptr + q_ld)  # _hybrid_grad_block_kernel's 1/n_r, negative: no projection
+    inv = tl.abs(inv_signed)
     if SCALE16:
         _f, p2 = _pow2_split(inv)
-        alpha = p2 / tl.load(sigma_min_ptr)
-    else:
-        alpha = tl.full((BLOCK_R,), 1.0, acc_ty)
+    u_row = u_ptr + q_ld[:, None] * D
+    w_row = w_ptr + r[:, None] * D
+    if NEED_W:
+        # U_r . w^_r (the normalization's projection), over D in chunks
+        dot = tl.zeros((BLOCK_R,), acc_ty)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            u = _load_k(u_row + dd[None, :], dd, D, EVEN_D)
+            w = _load_k(w_row + dd[None, :], dd, D, EVEN_D).to(acc_ty)
+            dot += tl.sum(u * w, axis=1)
+        coef = tl.where(inv_signed > 0, dot * inv * inv, 0.0)  # (U . w^) / n: the w_r term's factor
+        if SCALE16:
+            alpha = p2 / tl.load(sigma_min_ptr)
+        else:
+            alpha = tl.full((BLOCK_R,), 1.0, acc_ty)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        u = _load_k(u_row + dd[None, :], dd, D, EVEN_D)
-        w = _load_k(w_row + dd[None, :], dd, D, EVEN_D).to(acc_ty)
-        dw = alpha[:, None] * (u - coef[:, None] * w)
-        tl.store(
-            dw_ptr + r[:, None] * D + dd[None, :],
-            _cast(dw, dw_ptr.dtype.element_ty, UPCAST),
-            mask=q_mask[:, None] & (dd < D)[None, :],
-        )
+        mask = q_mask[:, None] & (dd < D)[None, :]
+        w = _load_k(w_row + dd[None, :], dd, D, EVEN_D)
+        if NEED_W:
+            u = _load_k(u_row + dd[None, :], dd, D, EVEN_D)
+            dw = alpha[:, None] * (u - coef[:, None] * w.to(acc_ty))
+            tl.store(dw_ptr + r[:, None] * D + dd[None, :], _cast(dw, dw_ptr.dtype.element_ty, UPCAST), mask=mask)
+        if WRITE_WHAT:
+            if SCALE16:
+                # mixed precision: rounded to x's dtype first, as every product sees W (marginops/ops.py)
+                wh = _rows_to_prod(_as_operand(w, in_ty, UPCAST), p2, in_ty, what_ptr.dtype.element_ty)
+            else:
+                wh = w
+            h_offs = q.to(tl.int64)[:, None] * D + dd[None, :]
+            tl.store(what_ptr + h_offs, wh, mask=mask)
+            if DUP:  # rows n_rows.. repeat them: the operand of [G_hi | G_lo] (the hi + lo product as one GEMM)
+                tl.store(what_ptr + h_offs + n_rows * D, wh, mask=mask)

@@ -1,9 +1,11 @@
 """Launcher of the hybrid path's backward (backend ``"hybrid"``; forward: the Triton forward, launch.py).
 
-Per class chunk: ``_hybrid_rows_kernel`` (the dX operand W_hat), then per row tile ``_hybrid_grad_block_kernel``
-(the gradient block G and the per-row partials) and the two products by ``torch.mm`` (cuBLAS on a GPU, 16-bit
-operands with fp32 output; CPU tensors under the interpreter: float32 products of the 16-bit values, which are
-exact, summed in float32), then ``_hybrid_weight_rows_kernel`` (grad_weight rows).  Kernels and numerics:
+Per class chunk and row tile: ``_hybrid_grad_block_kernel`` (the gradient block G, the per-row sums and, on the
+first row tile, the chunk rows' 1/n), then U = G^T x' by ``torch.mm``, on the last row tile
+``_hybrid_weight_rows_kernel`` (grad_weight's rows, and the dX operand W_hat in the same pass when the batch is
+one row tile), then dX += G W_hat by ``torch.mm`` (cuBLAS on a GPU, 16-bit operands accumulated into the fp32
+U / dX in place; CPU tensors under the interpreter: float32 products of the 16-bit values, which are exact,
+summed in float32).  Kernels and numerics:
 hybrid_bwd.py; design, product count, workspace and cost model: docs/CHUNKED.md ("The hybrid path").
 
 Written for ``torch.library.triton_op`` like launch.py: no host sync, no control flow on tensor values.
@@ -19,8 +21,8 @@ import triton
 from torch import Tensor
 
 from . import configs
-from ._waves import whole_wave_splits
-from .hybrid_bwd import _hybrid_grad_block_kernel, _hybrid_rows_kernel, _hybrid_weight_rows_kernel
+from ._waves import MIN_SPLIT_CHOICES, whole_wave_splits
+from .hybrid_bwd import _hybrid_grad_block_kernel, _hybrid_weight_rows_kernel
 from .launch import (
     _decided,
     _dot_precision,
@@ -38,6 +40,7 @@ from .launch import (
 MAX_TILE_ROWS = 8192  # rows per tile (bt): a batch up to this size is one tile
 G_BLOCK_BYTES = 32 << 20  # the gradient block(s) of one (row tile, chunk): sized to stay in L2 at bt = 1024
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 8192, 32768  # weight rows per chunk (Rc = Cc k): the GEMMs' K / M dimension
+MAX_SMS = 256  # the column groups are planned for up to this many SMs (more than any GPU the kernels target)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,9 @@ class HybridPlan:
     w_hat: bool  # the dX operand is formed (16-bit inputs, or rows gathered through class_index)
     need_x: bool
     need_weight: bool
-    block_n: int  # columns per gradient-block program (the per-row partials: one per column tile)
+    block_n: int  # columns per gradient-block tile
+    block_m: int  # rows per gradient-block program
+    fused_add: bool  # 16-bit products accumulate into an fp32 U / dX in place (cuBLAS), no product buffer
 
     @property
     def chunk_rows(self) -> int:
@@ -71,17 +76,23 @@ class HybridPlan:
         depth = self.g_blocks or 1  # hi + lo: G rows twice as long, W_hat stacked twice, x' rows repeated
         rows = 4 * B * acc + 1024  # sigma, the per-row bounds, the partials' sums; scalars
         loop = rows + self.g_blocks * bt * rc * self.g_item  # G
-        loop += 2 * triton.cdiv(self.cols_per_chunk, self.block_n) * bt * acc  # per-row partials
+        loop += 2 * self.groups * B * acc + rc * acc  # per-row partials (a slot per column group and row), 1/n
         if self.w_hat:
             loop += depth * rc * D * self.g_item
         if self.need_weight:
-            loop += rc * D * acc * (2 if B > bt else 1)  # U (+ a later row tile's product before its add)
+            # U (+ a later row tile's product before its add, where the GEMM cannot accumulate in place)
+            loop += rc * D * acc * (2 if B > bt and not self.fused_add else 1)
             loop += depth * B * D * 2 if self.half else 0  # x' in fp16 (rows repeated for hi + lo)
         if self.need_x and self.half:
-            loop += B * D * acc + bt * D * acc  # fp32 dX accumulator (grad_x is x's dtype) + one product
+            loop += B * D * acc + (bt * D * acc if not self.fused_add else 0)  # fp32 dX (+ one product)
         # forming x': x in fp32 and its rescaled copy, or the fp16 copy and its repetition
         prep = rows + max(2 * B * D * acc, (1 + depth) * B * D * 2) if self.half and self.need_weight else 0
         return max(loop, prep)
+
+    @property
+    def groups(self) -> int:
+        """Column groups of the gradient-block grid at most (``_column_groups``)."""
+        return max_groups(triton.cdiv(self.rows_per_tile, self.block_m), triton.cdiv(self.cols_per_chunk, self.block_n))
 
 
 def plan(
@@ -97,6 +108,7 @@ def plan(
     tf32: bool = False,
     rows_per_tile: Optional[int] = None,
     cols_per_chunk: Optional[int] = None,
+    fused_add: bool = True,
 ) -> HybridPlan:
     """bt = min(B, 8192) rows per tile; Rc = clamp(32 MiB / (bt x the bytes of a G element, x 2 for hi + lo), 8192,
     32768) weight rows per chunk (Cc = Rc / k classes), never more than the problem has.  ``rows_per_tile`` /
@@ -125,7 +137,15 @@ def plan(
         need_x=need_x,
         need_weight=need_weight,
         block_n=configs.hybrid_block_config(dtype, tf32)["BLOCK_N"],
+        block_m=configs.hybrid_block_config(dtype, tf32)["BLOCK_M"],
+        fused_add=fused_add,
     )
+
+
+def max_groups(row_tiles: int, col_tiles: int) -> int:
+    """The most column groups ``_column_groups`` plans: ~2 waves of MAX_SMS SMs, at least MIN_SPLIT_CHOICES,
+    never more than the column tiles (the per-row partials hold a slot per group and row)."""
+    return max(1, min(col_tiles, max(triton.cdiv(2 * MAX_SMS, row_tiles), MIN_SPLIT_CHOICES)))
 
 
 def _column_groups(row_tiles: int, col_tiles: int, device: torch.device) -> int:
@@ -134,7 +154,7 @@ def _column_groups(row_tiles: int, col_tiles: int, device: torch.device) -> int:
     waves; under the interpreter 3 groups, so that tests cross group boundaries and empty groups."""
     if device.type != "cuda":
         return max(1, min(3, col_tiles))
-    return whole_wave_splits(row_tiles, _sm_count(device), 2, col_tiles)
+    return whole_wave_splits(row_tiles, _sm_count(device), 2, max_groups(row_tiles, col_tiles))
 
 
 def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
@@ -148,10 +168,18 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return torch.mm(a.to(acc), b.to(acc))
 
 
+def fused_add(device: torch.device) -> bool:
+    """Whether out += a @ b runs as one GEMM accumulating 16-bit products into an fp32 ``out`` (cuBLAS through
+    ``addmm``'s out_dtype; older torch and the CPU form the product, then add it)."""
+    return device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
 def _mm_add(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out += a @ b (out in the accumulation dtype)."""
     if a.dtype == out.dtype:
         out.addmm_(a, b)
+    elif fused_add(out.device):
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
     else:
         out.add_(_mm(a, b, out.dtype))
 
@@ -210,7 +238,7 @@ def hybrid_backward(
     split = _split_grad_dots(x.dtype, switches)
     tf32 = _dot_precision(x.dtype, switches) == "tf32"
     has_ci = class_index is not None
-    p = plan(B, D, N, k, x.dtype, split, need_x, need_w, has_ci, tf32, rows_per_tile, cols_per_chunk)
+    p = plan(B, D, N, k, x.dtype, split, need_x, need_w, has_ci, tf32, rows_per_tile, cols_per_chunk, fused_add(dev))
     bt, cols, rmax = p.rows_per_tile, p.cols_per_chunk, p.chunk_rows
     upcast = _upcast(x.dtype)
     g = grad_lse.to(acc).contiguous()
@@ -243,23 +271,42 @@ def hybrid_backward(
     blk = configs.hybrid_block_config(x.dtype, tf32)
     n_ct = triton.cdiv(cols, blk["BLOCK_N"])
     groups = _column_groups(triton.cdiv(bt, blk["BLOCK_M"]), n_ct, dev)
-    parts = torch.empty((2, groups, bt), dtype=acc, device=dev)
+    parts = torch.zeros((2, groups, B), dtype=acc, device=dev)  # per (column group, row): sums over the chunks
+    inv = torch.empty((rmax,), dtype=acc, device=dev)  # the chunk rows' signed 1/n (hybrid_bwd.py)
     w_hat = torch.empty((depth * rmax, D), dtype=g_dtype, device=dev) if p.w_hat else None
     rows_cfg = configs.hybrid_rows_config(D)
     tiles = configs.tile_k_dv(D, x.dtype, split, tf32)
     common = dict(SUBC=k, HAS_CI=has_ci, SCALE16=half, UPCAST=upcast)
 
+    def weight_rows(c0: int, nr: int, u_c: Optional[Tensor], write_what: bool) -> None:
+        """grad_weight's rows from U (when given) and / or W_hat, for the chunk's nr rows."""
+        wrap_triton(_hybrid_weight_rows_kernel)[(triton.cdiv(nr, rows_cfg["BLOCK_R"]),)](
+            inv if u_c is None else u_c,
+            x,
+            weight,
+            ci,
+            inv,
+            inv if u_c is None else grad_w,
+            w_hat if write_what else inv,
+            sigma_min,
+            c0,
+            nr,
+            D,
+            NEED_W=u_c is not None,
+            WRITE_WHAT=write_what,
+            DUP=split,
+            **common,
+            **rows_cfg,
+        )
+
     for c0 in range(0, N, cols):
         nc = min(cols, N - c0)
         nr = nc * k
-        if p.w_hat:
-            wrap_triton(_hybrid_rows_kernel)[(triton.cdiv(nr, rows_cfg["BLOCK_R"]),)](
-                x, weight, ci, w_hat, c0, nr, D, DUP=split, **common, **rows_cfg
-            )
         w_c = w_hat[: depth * nr] if p.w_hat else weight[c0 * k : c0 * k + nr]
         u_c = None
         for r0 in range(0, B, bt):
             n = min(bt, B - r0)
+            first, last = r0 == 0, r0 + bt >= B
             g_blk = G[: n * depth * nr].view(n, depth * nr) if G is not None else g
             grid = (triton.cdiv(n, blk["BLOCK_M"]), groups)
             wrap_triton(_hybrid_grad_block_kernel)[grid](
@@ -276,6 +323,7 @@ def hybrid_backward(
                 g_blk,
                 parts[0],
                 parts[1],
+                inv,
                 B,
                 D,
                 r0,
@@ -283,7 +331,7 @@ def hybrid_backward(
                 c0,
                 nc,
                 groups,
-                bt,
+                int(first),
                 t_buf,
                 f_buf,
                 NON_TARGET=non_target,
@@ -295,12 +343,10 @@ def hybrid_backward(
                 **common,
                 **blk,
             )
-            # per-row sums: the chunk's column groups in order, then chunks in order (one writer, fixed order)
-            sums = parts[:, : grid[1], :n].sum(dim=1)
-            gtl[r0 : r0 + n] += sums[0]
-            grs[r0 : r0 + n] += sums[1]
-            if need_x:
-                _mm_add(dx_acc[r0 : r0 + n], g_blk, w_c)
+            # W_hat from the grad_weight kernel when that runs before this tile's dX product, else on its own
+            what_with_w = need_w and first and last
+            if p.w_hat and first and not what_with_w:
+                weight_rows(c0, nr, None, True)
             if need_w:
                 g_t = g_blk.view(depth * n, nr).t()
                 x_t = x_rows[depth * r0 : depth * (r0 + n)]
@@ -308,10 +354,14 @@ def hybrid_backward(
                     u_c = _mm(g_t, x_t, acc)
                 else:
                     _mm_add(u_c, g_t, x_t)
-        if need_w:
-            wrap_triton(_hybrid_weight_rows_kernel)[(triton.cdiv(nr, rows_cfg["BLOCK_R"]),)](
-                u_c, weight, ci, grad_w, sigma_min, c0, nr, D, **common, **rows_cfg
-            )
+                if last:
+                    weight_rows(c0, nr, u_c, p.w_hat and what_with_w)
+            if need_x:
+                _mm_add(dx_acc[r0 : r0 + n], g_blk, w_c)
+    # per-row sums: each slot summed over the chunks in order by the kernel, then the groups in order here
+    sums = parts.sum(dim=1)
+    gtl += sums[0]
+    grs += sums[1]
     if need_x and half:
         grad_x.copy_(dx_acc.div_(sigma[:, None]))  # a power of two per row: exact, then one rounding to x's dtype
     return grad_x, grad_w, gtl, grs
