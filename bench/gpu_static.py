@@ -45,6 +45,7 @@ FIELDS = [
     "registers",
     "spill_bytes",
     "spill_instructions",
+    "loop_spill_instructions",
     "stack_bytes",
     "smem_bytes",
     "threads",
@@ -129,6 +130,7 @@ class SassCounts:
     ldmatrix_count: int = 0
     generic_load_count: int = 0
     spill_instructions: int = 0
+    loop_spill_instructions: int = 0  # those inside a loop (a spill outside every loop runs once per program)
     hgmma_count: int = 0
     hmma_count: int = 0
     sass_instructions: int = 0
@@ -164,6 +166,12 @@ def count_sass(sass: str) -> SassCounts:
         counts.mma_kind, counts.mma_count = "HGMMA", counts.hgmma_count
     elif counts.hmma_count:
         counts.mma_kind, counts.mma_count = "HMMA", counts.hmma_count
+    loops = sass_loops(sass)
+    counts.loop_spill_instructions = sum(
+        1
+        for a, op, _ in sass_instructions(sass)
+        if op.split(".")[0] in ("STL", "LDL") and any(loop.head <= a <= loop.branch for loop in loops)
+    )
     loop = hot_loop(sass)
     if loop is not None:
         counts.loop_sass, counts.loop_mma, counts.loop_mma_flops = loop.instructions, loop.mma, loop.mma_flops
@@ -612,6 +620,7 @@ def iter_triton_rows(all_configs: bool = True):
                         spill_bytes=_spill_bytes(usage, counts),
                         stack_bytes=usage["STACK"],
                         spill_instructions=counts.spill_instructions,
+                        loop_spill_instructions=counts.loop_spill_instructions,
                         smem_bytes=smem,
                         threads=threads,
                         ctas_per_sm=occupancy,
@@ -720,6 +729,7 @@ def cuda_rows(library: Optional[Path] = None, arch: Optional[str] = None) -> lis
                 stack_bytes=res["STACK"],
                 # static shared memory only: the kernels' dynamic shared memory is sized at launch
                 spill_instructions=counts.spill_instructions,
+                loop_spill_instructions=counts.loop_spill_instructions,
                 smem_bytes=res["SHARED"],
                 threads="",
                 ctas_per_sm="",
@@ -779,6 +789,7 @@ _INT_FIELDS = {
     "registers",
     "spill_bytes",
     "spill_instructions",
+    "loop_spill_instructions",
     "stack_bytes",
     "smem_bytes",
     "threads",

@@ -37,9 +37,23 @@ def test_count_sass_tells_the_instruction_kinds_apart():
     assert (counts.mma_kind, counts.mma_count) == ("HGMMA", 2)
     assert counts.ldmatrix_count == 1
     assert counts.generic_load_count == 1  # LD.E only: LDG and LDS are not generic
-    assert counts.spill_instructions == 2
+    assert counts.spill_instructions == 2 and counts.loop_spill_instructions == 0  # no loop in this function
     assert gpu_static.count_sass("/*0010*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;").mma_kind == "HMMA"
     assert gpu_static.count_sass("/*0010*/ FFMA R4, R8, R12, R4 ;").mma_kind == "none"
+
+
+def test_spills_inside_a_loop_are_counted_apart():
+    """A spill store before a loop and its reload after it run once per program; the reload inside the loop runs
+    every iteration."""
+    sass = """
+        /*0000*/                   STL [R1], R18 ;
+        /*0010*/                   FFMA R4, R8, R12, R4 ;
+        /*0020*/                   LDL R5, [R1+0x4] ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   LDL.LU R18, [R1] ;
+    """
+    counts = gpu_static.count_sass(sass)
+    assert (counts.spill_instructions, counts.loop_spill_instructions) == (3, 1)
 
 
 def test_vector_loop_is_the_innermost_vector_loop_counted_per_logit():
@@ -276,6 +290,21 @@ def test_16bit_triton_kernels_use_wgmma_on_hopper(triton_rows):
             assert r["mma_kind"] == "HGMMA", r
 
 
+# default configs allowed to spill outside every loop (a store and a load per program), with why; none may spill in a
+# loop, and any other spill fails
+SPILLS_OUTSIDE_LOOPS = {
+    # 64 x 512 fp32 dX accumulator (128 registers a thread): two lane offsets of the final store live across the tile
+    # loop, 8 bytes a thread; the alternatives, two d-chunks or a narrower tile, recompute the cosines or spill in it
+    ("_bwd_dx_kernel", "bfloat16"): 8,
+}
+
+
+def spills_within_bounds(row) -> bool:
+    """No spill in a loop, and outside the loops no more than SPILLS_OUTSIDE_LOOPS allows (0 unless listed)."""
+    allowed = SPILLS_OUTSIDE_LOOPS.get((row["kernel"], row["dtype"]), 0)
+    return row["loop_spill_instructions"] == 0 and row["spill_bytes"] <= allowed
+
+
 @pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_every_16bit_product_of_a_default_config_is_wgmma(triton_rows, hybrid_rows):
     """Issue 21 item 6: in every Triton kernel the launchers run by default (Triton and hybrid backends) with 16-bit
@@ -287,7 +316,7 @@ def test_every_16bit_product_of_a_default_config_is_wgmma(triton_rows, hybrid_ro
     assert not fallbacks
     for r in products:
         if r["kernel"] in STREAMING_TRITON or r["kernel"] == "_hybrid_grad_block_kernel":
-            assert r["hgmma_count"] > 0 and r["spill_bytes"] == 0, r
+            assert r["hgmma_count"] > 0 and spills_within_bounds(r), r
 
 
 @pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
@@ -336,8 +365,11 @@ def test_planned_occupancy_matches_the_compiled_kernels(triton_rows, monkeypatch
 
 @pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_triton_default_configs_do_not_spill(triton_rows):
-    """Every Triton kernel the launchers run by default, the small merge / reduce kernels included."""
-    spilling = [(r["kernel"], r["dtype"], r["config"], r["spill_bytes"]) for r in triton_rows if r["spill_bytes"]]
+    """Every Triton kernel the launchers run by default, the small merge / reduce kernels included: no spill in a
+    loop, and outside the loops only the listed ones."""
+    spilling = [
+        (r["kernel"], r["dtype"], r["config"], r["spill_bytes"]) for r in triton_rows if not spills_within_bounds(r)
+    ]
     assert not spilling
 
 

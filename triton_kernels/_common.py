@@ -28,6 +28,15 @@ import triton.language as tl
 
 # Same eps as F.normalize and csrc/margin_math.h (kNormEps).
 NORM_EPS = tl.constexpr(1e-12)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _log2e(acc_ty: tl.constexpr):
+    """log2(e) in the accumulation dtype (a bare literal would be an fp32 constant in fp64 kernels).  The epilogues
+    take exp(v) as exp2(v log2 e) with log2 e folded into their per-row constants: one FFMA and the ex2 unit per
+    logit (``tl.exp`` adds three multiplies and a range test around ex2 on sm_90; bench.gpu_static)."""
+    return tl.full((1,), LOG2E, acc_ty)
 
 
 @triton.jit
@@ -124,7 +133,8 @@ def _cos_tile(
     inv_write=None,
     INV_OUT: tl.constexpr = False,
 ):
-    """Cosine tile c (BLOCK_M, BLOCK_N), the subcenter achieving it and that subcenter row's 1/n_r.
+    """Cosine tile c (BLOCK_M, BLOCK_N), the subcenter achieving it and that subcenter row's 1/n_r (a (1, BLOCK_N)
+    row with one subcenter, since every row of the tile shares it).
 
     c_ij = max_s (x_i . w_{r_s(j)}) / max(||w_{r_s(j)}||, eps) with r_s(j) = base_r[j] + s.
     rows_ld (int64) and base_r are clamped into range by the caller (padding rows/columns repeat the last
@@ -169,7 +179,7 @@ def _cos_tile(
         cos = acc * inv[None, :]
         if SUBC == 1:
             cmax = cos
-            inv_sel = tl.broadcast_to(inv[None, :], (BLOCK_M, BLOCK_N))
+            inv_sel = inv[None, :]  # (1, BLOCK_N): what the callers compute from 1/n stays per column
         else:
             # strict '>' keeps the first subcenter on ties; a NaN cosine is taken so that it propagates
             take = (cos > cmax) | (cos != cos)

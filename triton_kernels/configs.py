@@ -12,8 +12,9 @@ GPU yet.  What they compile to is not written here (hand-copied numbers
 drift): ``python -m bench.gpu_static --out DIR --triton-only [--default-configs]`` compiles every candidate
 ahead of time for sm_90a and reports registers, spills, shared memory, CTAs per SM, wgmma use and the wave
 efficiency of the planned grid; tests/test_gpu_static.py requires the **default** candidate (the first of
-each list, the one ``MARGINOPS_TRITON_AUTOTUNE=0`` pins) of every streaming kernel to be spill-free, to use
-wgmma for 16-bit / TF32 inputs and to fill whole waves.  The choices the report led to:
+each list, the one ``MARGINOPS_TRITON_AUTOTUNE=0`` pins) of every streaming kernel to spill nothing inside a loop
+(and outside the loops only what its SPILLS_OUTSIDE_LOOPS lists: bf16 dX keeps 8 bytes a thread across its tile
+loop), to use wgmma for 16-bit / TF32 inputs and to fill whole waves.  The choices the report led to:
 
 * forward: 128 x 128 / 8 warps first for 16-bit and TF32 inputs; IEEE fp32 and fp64 dots lower to FMA with
   large register footprints, hence their small tiles.

@@ -64,7 +64,7 @@ from ._common import (
     _class_rows,
     _cos_tile,
     _load_k,
-    _logits,
+    _log2e,
     _mma,
     _nontarget_max_abs_dphi,
     _nontarget_phi,
@@ -77,7 +77,7 @@ from ._common import (
 def _bwd_tile(
     c,
     col0,
-    col_mask,
+    n_real,
     lab,
     tgt,
     rscale,
@@ -89,16 +89,22 @@ def _bwd_tile(
     NON_TARGET: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dc (BLOCK_M, BLOCK_N) and this tile's contributions to grad_target_logit and grad_row_scale."""
+    """dz = g p on the tile's non-target columns (0 on the target column and on the padding columns from n_real on),
+    dphi/dc, and this tile's contributions to grad_target_logit and grad_row_scale; dc = dz row_scale dphi (the
+    callers fold row_scale into their own per-row factors)."""
     phi, dphi = _nontarget_phi(c, thr, non_target_param, filter_threshold, NON_TARGET)
-    z, is_t = _logits(c, phi, col0, col_mask, lab, tgt, rscale, BLOCK_N)
-    p = tl.exp(z - lse[:, None])
-    gtl = g * tl.sum(tl.where(is_t, p, 0.0), axis=1)
-    dz = tl.where(is_t, 0.0, g[:, None] * p)
-    dz = tl.where(col_mask[None, :], dz, 0.0)
+    log2e = _log2e(lse.dtype)
+    lse2 = lse * log2e
+    # p = exp(row_scale phi - lse) of the non-target columns as exp2 with log2(e) in the row constants
+    p = tl.exp2(phi * (rscale * log2e)[:, None] - lse2[:, None])
+    lab_col = (lab - col0).to(tl.int32)  # the label's column in the tile (compared, never an address)
+    is_t = tl.arange(0, BLOCK_N)[None, :] == lab_col[:, None]
+    dz = tl.where(is_t | (tl.arange(0, BLOCK_N) >= n_real)[None, :], 0.0, g[:, None] * p)
     grs = tl.sum(dz * phi, axis=1)
-    dc = dz * rscale[:, None] * dphi
-    return dc, gtl, grs
+    # the target column's p = exp(target_logit - lse), per row, where the label is one of the tile's real columns
+    on_tile = (lab_col >= 0) & (lab_col < BLOCK_N) & (lab_col < n_real)
+    gtl = g * tl.where(on_tile, tl.exp2(tgt * log2e - lse2), 0.0)
+    return dz, dphi, gtl, grs
 
 
 @triton.jit
@@ -270,9 +276,10 @@ def _bwd_dw_kernel(
         c, sub, _inv = _cos_tile(
             x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "w"
         )
-        dc, gtl, grs = _bwd_tile(
-            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
+        dz, dphi, gtl, grs = _bwd_tile(
+            c, col0, N - col0, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
         )
+        dc = dz * rscale[:, None] * dphi
         dcs = tl.where(sub == s_own, dc, 0.0)
         # x in the products' dtype, converted once by the launcher: loaded as it is multiplied, it stays a
         # shared-memory operand (a conversion here would stage it through registers, which spilled)
@@ -374,28 +381,31 @@ def _bwd_dx_kernel(
     t_lo, t_hi = _split_tiles(N, pid_s, SPLITS, BLOCK_N)
     for t in range(t_lo, t_hi):
         col0 = t * BLOCK_N
-        col_mask = tl.arange(0, BLOCK_N) < N - col0
         base_r = _class_rows(ci_ptr, tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1), SUBC, HAS_CI)
         c, sub, inv_sel = _cos_tile(
             x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "x"
         )
-        dc, gtl, grs = _bwd_tile(
-            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
+        dz, dphi, gtl, grs = _bwd_tile(
+            c, col0, N - col0, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
         )
         gtl_acc += gtl
         grs_acc += grs
         for s in tl.static_range(SUBC):
             wv = _load_k(w_ptr + (base_r + s)[:, None] * D + dcols[None, :], dcols, D, EVEN_DV)
             mine = sub == s
+            # dcos = dz row_scale dphi, scaled by per-row and per-column factors (each formed once)
             if SCALE16:
                 # 1/n_r = f 2^k: f goes into the gradient operand, 2^k into the W rows (exact; they pass through
                 # registers anyway for the fp16 conversion), so neither operand can leave fp16's range
-                inv_s = tl.max(tl.where(mine, inv_sel, 0.0), axis=0)  # 1/n of row base_r + s (0: unselected)
+                if SUBC == 1:
+                    inv_s = tl.reshape(inv_sel, (BLOCK_N,))
+                else:
+                    inv_s = tl.max(tl.where(mine, inv_sel, 0.0), axis=0)  # 1/n of row base_r + s (0: unselected)
                 f_s, p2_s = _pow2_split(inv_s)
-                dcn = dc * xs[:, None] * f_s[None, :]
+                dcn = dz * (rscale * xs)[:, None] * (dphi * f_s[None, :])
                 wv = _rows_to_prod(_as_operand(wv, in_ty, UPCAST), p2_s, in_ty, prod_ty)
             else:
-                dcn = dc * inv_sel  # dc / n_r of the selected row, W stays raw
+                dcn = dz * rscale[:, None] * (dphi * inv_sel)  # dcos / n_r of the selected row, W stays raw
             if SUBC == 1:
                 hi, lo = _split(dcn, prod_ty, SPLIT, UPCAST)
             else:

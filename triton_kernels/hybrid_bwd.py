@@ -110,20 +110,33 @@ def _hybrid_grad_block_kernel(
             x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "x",
             inv_ptr, jl, col_mask, inv_writer, True,
         )  # fmt: skip
-        dc, gtl, grs = _bwd_tile(
-            c, col0, col_mask, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
+        dz, dphi, gtl, grs = _bwd_tile(
+            c,
+            col0,
+            n_cols - t * BLOCK_N,
+            lab,
+            tgt,
+            rscale,
+            thr,
+            lse,
+            g,
+            non_target_param,
+            filter_threshold,
+            NON_TARGET,
+            BLOCK_N,
         )
         gtl_sum += gtl
         grs_sum += grs
 
         if WRITE_G:
             g_ty: tl.constexpr = gblk_ptr.dtype.element_ty
+            # dcos = dz row_scale dphi, times the row's and the column's factors (per row / per column, once)
             if SCALE16:
                 # 1/n = f 2^e: f into G, 2^e into W_hat (_hybrid_weight_rows_kernel); sigma_i keeps the row in fp16
                 f, _p2 = _pow2_split(inv_sel)
-                v = dc * f * sigma[:, None]
+                v = dz * (rscale * sigma)[:, None] * (dphi * f)
             else:
-                v = dc * inv_sel
+                v = dz * rscale[:, None] * (dphi * inv_sel)
             # row i of the block: [hi_i | lo_i] with SPLIT (one GEMM of twice the depth forms hi + lo), else hi_i
             ld = n_cols * SUBC
             offs = local.to(tl.int64)[:, None] * (2 * ld if SPLIT else ld) + (jl * SUBC)[None, :]
