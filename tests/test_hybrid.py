@@ -222,6 +222,20 @@ def test_workspace_is_bounded_independently_of_classes(monkeypatch, B, dtype, k,
     )
 
 
+def test_a_threshold_of_two_or_more_filters_nothing(hybrid):
+    """filter_threshold >= 2 compiles the filter test out of the kernels (launch.filters): no cosine exceeds it, so
+    the loss and every gradient are those of a threshold that is compiled in and filters nothing (1.5)."""
+    outs = []
+    for threshold in (2.0, 1.5, float("inf")):
+        case = Case(B=23, D=40, C=70, filter_threshold=threshold).on(BF16, DEVICE)
+        lse, _ = hybrid.hybrid_fused_lse(*case.args(), True)
+        outs.append((lse, *hybrid.hybrid_fused_lse_backward(case.grad, lse, *case.args(), True)))
+    launch = sys.modules[_launcher().__name__.replace("hybrid_launch", "launch")]
+    assert [launch.filters(t) for t in (2.0, 1.5, float("inf"), float("nan"))] == [False, True, False, True]
+    for off, on, inf in zip(*outs):
+        assert torch.equal(off, on) and torch.equal(off, inf)
+
+
 def test_one_inverse_norm_per_weight_row():
     """1/n_r is computed once per chunk row, by the gradient-block kernel (whose f_r the fp16 G carries), and
     read by the weight-rows kernel (whose 2^e_r W_hat and alpha_r carry): computed twice, in two summation orders,

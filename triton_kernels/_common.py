@@ -204,13 +204,14 @@ def _row_inv_norm(w_ptr, r, D, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVE
 
 
 @triton.jit
-def _nontarget_phi(c, thr, modulation_t, filter_threshold, NON_TARGET: tl.constexpr):
+def _nontarget_phi(c, thr, modulation_t, filter_threshold, NON_TARGET: tl.constexpr, FILTER: tl.constexpr):
     """phi(c), dphi/dc for non-target columns (marginops/non_target.py; csrc/margin_math.h nontarget_phi_dphi).
 
     c: (BLOCK_M, BLOCK_N); thr: (BLOCK_M,) per-row thresholds; modulation_t: the mode's scalar (the op's
     the op's non_target_param).  Filtered (c > filter_threshold) -> (0, 0); CurricularFace (NON_TARGET == 1) and c > thr
     -> (c (t + c), t + 2c); else (c, 1).  NaN cosines fall through to the plain branch, so NaN propagates.
-    A new mode also needs its bound in ``_nontarget_max_abs_dphi``.
+    A new mode also needs its bound in ``_nontarget_max_abs_dphi``.  FILTER (launch.filters): False when the
+    threshold is >= 2, which no cosine exceeds, so that the test is not compiled in.
     """
     phi = c
     dphi = tl.full(c.shape, 1.0, c.dtype)
@@ -218,9 +219,10 @@ def _nontarget_phi(c, thr, modulation_t, filter_threshold, NON_TARGET: tl.conste
         curr = c > thr[:, None]
         phi = tl.where(curr, c * (modulation_t + c), phi)
         dphi = tl.where(curr, modulation_t + 2.0 * c, dphi)
-    filt = c > filter_threshold
-    phi = tl.where(filt, 0.0, phi)
-    dphi = tl.where(filt, 0.0, dphi)
+    if FILTER:
+        filt = c > filter_threshold
+        phi = tl.where(filt, 0.0, phi)
+        dphi = tl.where(filt, 0.0, dphi)
     return phi, dphi
 
 

@@ -87,12 +87,13 @@ def _bwd_tile(
     non_target_param,
     filter_threshold,
     NON_TARGET: tl.constexpr,
+    FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dz = g p on the tile's non-target columns (0 on the target column and on the padding columns from n_real on),
     dphi/dc, and this tile's contributions to grad_target_logit and grad_row_scale; dc = dz row_scale dphi (the
     callers fold row_scale into their own per-row factors)."""
-    phi, dphi = _nontarget_phi(c, thr, non_target_param, filter_threshold, NON_TARGET)
+    phi, dphi = _nontarget_phi(c, thr, non_target_param, filter_threshold, NON_TARGET, FILTER)
     log2e = _log2e(lse.dtype)
     lse2 = lse * log2e
     # p = exp(row_scale phi - lse) of the non-target columns as exp2 with log2(e) in the row constants
@@ -229,6 +230,7 @@ def _bwd_dw_kernel(
     ds_ptr,
     SUBC: tl.constexpr,
     NON_TARGET: tl.constexpr,
+    FILTER: tl.constexpr,
     HAS_CI: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -248,6 +250,7 @@ def _bwd_dw_kernel(
     non_target_param = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
     dscale = tl.load(ds_ptr)  # power of two applied to dc in the dW product (1 for 32/64-bit inputs)
+    inv_dscale = 1.0 / dscale  # exact (a power of two): a multiply per element instead of a division
     dphi_max = _nontarget_max_abs_dphi(non_target_param, NON_TARGET)
     n_dv = tl.cdiv(D, BLOCK_DV)
     pid = tl.program_id(0)
@@ -277,7 +280,20 @@ def _bwd_dw_kernel(
             x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "w"
         )
         dz, dphi, gtl, grs = _bwd_tile(
-            c, col0, N - col0, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
+            c,
+            col0,
+            N - col0,
+            lab,
+            tgt,
+            rscale,
+            thr,
+            lse,
+            g,
+            non_target_param,
+            filter_threshold,
+            NON_TARGET,
+            FILTER,
+            BLOCK_N,
         )
         dc = dz * rscale[:, None] * dphi
         dcs = tl.where(sub == s_own, dc, 0.0)
@@ -287,7 +303,7 @@ def _bwd_dw_kernel(
         hi, lo = _split(dcs * dscale, prod_ty, SPLIT, UPCAST)
         # the projection term from the dc the product sees (rounded to 16 bits), not the fp32 dc: the two terms
         # cancel exactly along w_r, and with D = 1 they are all there is (issue 24: bf16 dW off by 1e3x)
-        proj += tl.sum(_unsplit(hi, lo, acc_ty, SPLIT) / dscale * c, axis=0)
+        proj += tl.sum(_unsplit(hi, lo, acc_ty, SPLIT) * inv_dscale * c, axis=0)
         dacc_t = _mma_split_rhs(tl.trans(xv), hi, lo, dacc_t, SPLIT, DOT_PREC, UPCAST)
         if FUSE_DX:
             w_own_t = _load_k(w_own_ptrs, dcols, D, EVEN_DV)
@@ -300,7 +316,7 @@ def _bwd_dw_kernel(
                 xs = tl.full((BLOCK_M,), 1.0, acc_ty)
                 hi, lo = _split(dcs * inv_own[None, :], prod_ty, SPLIT, UPCAST)
             dxc = _mma_split(hi, lo, w_own_t, tl.zeros((BLOCK_M, BLOCK_DV), acc_ty), SPLIT, DOT_PREC, UPCAST)
-            dxc = dxc / xs[:, None]
+            dxc = dxc * (1.0 / xs)[:, None]  # a power of two: exact
             tl.atomic_add(
                 dx_acc_ptr + rows_ld[:, None] * D + dcols[None, :], dxc, mask=(rows < B)[:, None] & (dcols < D)[None, :]
             )
@@ -341,6 +357,7 @@ def _bwd_dx_kernel(
     filt_ptr,
     SUBC: tl.constexpr,
     NON_TARGET: tl.constexpr,
+    FILTER: tl.constexpr,
     HAS_CI: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -386,7 +403,20 @@ def _bwd_dx_kernel(
             x_ptr, w_ptr, rows_ld, base_r, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SUBC, DOT_PREC, UPCAST, "x"
         )
         dz, dphi, gtl, grs = _bwd_tile(
-            c, col0, N - col0, lab, tgt, rscale, thr, lse, g, non_target_param, filter_threshold, NON_TARGET, BLOCK_N
+            c,
+            col0,
+            N - col0,
+            lab,
+            tgt,
+            rscale,
+            thr,
+            lse,
+            g,
+            non_target_param,
+            filter_threshold,
+            NON_TARGET,
+            FILTER,
+            BLOCK_N,
         )
         gtl_acc += gtl
         grs_acc += grs
@@ -415,7 +445,7 @@ def _bwd_dx_kernel(
     prow = pid_s.to(tl.int64) * B + rows
     tl.store(
         dx_part_ptr + prow[:, None] * D + dcols[None, :],
-        dacc / xs[:, None],
+        dacc * (1.0 / xs)[:, None],  # a power of two: exact, and no division per element
         mask=row_mask[:, None] & (dcols < D)[None, :],
     )
     if pid_d == 0:

@@ -47,6 +47,7 @@ def _lse_fwd_kernel(
     filt_ptr,
     SUBC: tl.constexpr,
     NON_TARGET: tl.constexpr,
+    FILTER: tl.constexpr,
     HAS_CI: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -95,7 +96,7 @@ def _lse_fwd_kernel(
         best = tl.where(upd, t_best, best)
         arg = tl.where(upd, col0 + t_arg.to(tl.int64), arg)
 
-        phi, _dphi = _nontarget_phi(c, thr, non_target_param, filter_threshold, NON_TARGET)
+        phi, _dphi = _nontarget_phi(c, thr, non_target_param, filter_threshold, NON_TARGET, FILTER)
         z, _is_t = _logits(c, phi, col0, col_mask, lab, tgt, rscale, BLOCK_N)
         # online log-sum-exp; m_safe avoids (-inf) - (-inf) while a row has seen no column yet; exp as exp2 with
         # log2(e) folded into the row constant (one FFMA and the ex2 unit per logit)

@@ -73,6 +73,7 @@ def _hybrid_grad_block_kernel(
     filt_ptr,
     SUBC: tl.constexpr,
     NON_TARGET: tl.constexpr,
+    FILTER: tl.constexpr,
     HAS_CI: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -123,6 +124,7 @@ def _hybrid_grad_block_kernel(
             non_target_param,
             filter_threshold,
             NON_TARGET,
+            FILTER,
             BLOCK_N,
         )
         gtl_sum += gtl

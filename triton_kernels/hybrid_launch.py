@@ -33,6 +33,7 @@ from .launch import (
     _sm_count,
     _split_grad_dots,
     _upcast,
+    filters,
     pow2_scales,
     wrap_triton,
 )
@@ -335,6 +336,7 @@ def hybrid_backward(
                 t_buf,
                 f_buf,
                 NON_TARGET=non_target,
+                FILTER=filters(filter_threshold),
                 DOT_PREC="tf32" if tf32 else "ieee",
                 SPLIT=split and G is not None,
                 WRITE_G=G is not None,

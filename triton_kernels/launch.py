@@ -195,6 +195,14 @@ def _launches(x: Tensor) -> bool:
     return False
 
 
+FILTER_OFF = 2.0  # a filter threshold at or above this filters nothing (|cos| <= 1): the kernels leave it out
+
+
+def filters(filter_threshold: float) -> bool:
+    """Whether the kernels compile the filter test in (the FILTER constexpr); NaN keeps it, which filters nothing."""
+    return not filter_threshold >= FILTER_OFF
+
+
 def _scalars(t: Tensor, f: float, acc: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     # t (the non-target mode's scalar) arrives as a tensor: copied, never read on the host (traceable)
     return (t.to(device, acc).reshape(1).clone(), torch.full((1,), f, dtype=acc, device=device))
@@ -273,6 +281,7 @@ def fused_lse_forward(
         f_buf,
         SUBC=subcenters,
         NON_TARGET=non_target,
+        FILTER=filters(filter_threshold),
         HAS_CI=class_index is not None,
         DOT_PREC="tf32" if tf32 else "ieee",
         UPCAST=_upcast(x.dtype),
@@ -409,6 +418,7 @@ def _backward_launch(
     common = dict(
         SUBC=subcenters,
         NON_TARGET=non_target,
+        FILTER=filters(filter_threshold),
         HAS_CI=has_ci,
         DOT_PREC="tf32" if tf32 else "ieee",
         UPCAST=_upcast(x.dtype),
