@@ -214,11 +214,12 @@ def test_workspace_is_bounded_independently_of_classes(monkeypatch, B, dtype, k,
     D = 512
     peaks = [_extra_peak(B, D, C, k, dtype, *need, class_index) for C in (200_000, 2_000_000)]
     assert peaks[0] == peaks[1]
-    plan = launcher.plan(B, D, 2_000_000, k, dtype, dtype == F16, *need, class_index)
+    fused = launcher.fused_add(torch.device("cuda"))  # what the fake CUDA tensors above ran with
+    plan = launcher.plan(B, D, 2_000_000, k, dtype, dtype == F16, *need, class_index, fused_add=fused)
     assert 0 < peaks[1] <= plan.workspace_bytes()
     assert (
         plan.workspace_bytes()
-        == launcher.plan(B, D, 10**8, k, dtype, dtype == F16, *need, class_index).workspace_bytes()
+        == launcher.plan(B, D, 10**8, k, dtype, dtype == F16, *need, class_index, fused_add=fused).workspace_bytes()
     )
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 from . import configs
 from ._waves import MIN_SPLIT_CHOICES, whole_wave_splits
@@ -171,8 +172,9 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
 
 def fused_add(device: torch.device) -> bool:
     """Whether out += a @ b runs as one GEMM accumulating 16-bit products into an fp32 ``out`` (cuBLAS through
-    ``addmm``'s out_dtype; older torch and the CPU form the product, then add it)."""
-    return device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out")
+    ``addmm``'s out_dtype, torch >= 2.15, whose fake-tensor path, what torch.compile traces, knows out_dtype;
+    older torch and the CPU form the product, then add it)."""
+    return device.type == "cuda" and TorchVersion(torch.__version__) >= "2.15"
 
 
 def _mm_add(out: Tensor, a: Tensor, b: Tensor) -> None:
