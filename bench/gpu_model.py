@@ -329,6 +329,9 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
     e = 2  # bytes per 16-bit element
     gemm = 2.0 * B * C * D
     logits = float(B) * C
+    # float16 inputs: the chunked and hybrid paths' gradient block as hi + lo (two fp16 blocks side by side, the dX
+    # operand stacked twice, x' rows repeated): their dX and dW products are twice as deep
+    depth = 2 if dtype == "float16" else 1
     paths = {}
 
     # ---- the three plain products of a linear head (bench provider "matmul"): the ratio's denominator
@@ -374,20 +377,33 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
 
     # ---- the hybrid path (backend "hybrid"): the Triton forward; per class chunk a Triton gradient block and cuBLAS
     missing = []
-    rc = min(max((32 << 20) // (B * e), 8192), 32768)  # hybrid_launch.plan: bf16, one G block, bt = B
+    rc = min(max((32 << 20) // (B * e * depth), 8192), 32768)  # hybrid_launch.plan, bt = B
     chunks = math.ceil(C / rc)
     blk = find_row(rows, "hybrid", "_hybrid_grad_block_kernel", dtype)
     bt_ = tiles(blk) if blk else {"BLOCK_M": 128, "BLOCK_N": 64}
     b_tiles = math.ceil(B / bt_["BLOCK_M"]) * math.ceil(C / bt_["BLOCK_N"])
     hybrid_bwd = [
         streaming_kernel(
-            blk, "_hybrid_grad_block_kernel", "bwd", chunks, gemm, 0, b_tiles, 0, C * D * e + logits * e, missing
+            blk,
+            "_hybrid_grad_block_kernel",
+            "bwd",
+            chunks,
+            gemm,
+            0,
+            b_tiles,
+            0,
+            C * D * e + depth * logits * e,
+            missing,
         ),
-        _cublas("U = G^T x' (cuBLAS)", "bwd", chunks, gemm, logits * e + C * D * 4),
+        _cublas("U = G^T x' (cuBLAS)", "bwd", chunks, depth * gemm, depth * logits * e + C * D * 4),
         # grad_weight's rows from U, and W_hat (the dX operand) in the same pass over W
-        _bandwidth("_hybrid_weight_rows_kernel", "bwd", chunks, C * D * (4 + e + e + e)),
+        _bandwidth("_hybrid_weight_rows_kernel", "bwd", chunks, C * D * (4 + e + e + depth * e)),
         _cublas(
-            "dX += G W_hat (cuBLAS, fp32 in place)", "bwd", chunks, gemm, logits * e + C * D * e + chunks * B * D * 8
+            "dX += G W_hat (cuBLAS, fp32 in place)",
+            "bwd",
+            chunks,
+            depth * gemm,
+            depth * (logits * e + C * D * e) + chunks * B * D * 8,
         ),
         _bandwidth("per-row sums, x', dX cast (torch)", "bwd", 7, B * D * 16 + 4 * B * 4 * 64),
     ]
@@ -417,7 +433,9 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
         missing.append("chunked epilogues: no wave efficiency in the report (one block per row); whole waves assumed")
     fwd_epi = Kernel("chunk_forward_kernel", "fwd", cchunks, hbm_bytes=logits * 4, wave_efficiency=waves_f)
     fwd_epi.issue_main = logits * per_logit_f / 32
-    bwd_epi = Kernel("chunk_backward_kernel", "bwd", cchunks, hbm_bytes=logits * (4 + 2), wave_efficiency=waves_b)
+    bwd_epi = Kernel(
+        "chunk_backward_kernel", "bwd", cchunks, hbm_bytes=logits * (4 + 2 * depth), wave_efficiency=waves_b
+    )
     bwd_epi.issue_main = logits * per_logit_b / 32
     paths["cuda"] = PathModel(
         "cuda",
@@ -426,11 +444,17 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
             _bandwidth("chunk_row_norms_kernel", "fwd", cchunks, C * D * e),
             _cublas("S = x W_c^T (cuBLAS, fp32 out)", "fwd", cchunks, gemm, C * D * e + logits * 4),
             fwd_epi,
-            _bandwidth("chunk_row_norms_kernel (+ W_hat)", "bwd", cchunks, 2 * C * D * e),
+            _bandwidth("chunk_row_norms_kernel (+ W_hat)", "bwd", cchunks, (1 + depth) * C * D * e),
             _cublas("S again (cuBLAS, fp32 out)", "bwd", cchunks, gemm, C * D * e + logits * 4),
             bwd_epi,
-            _cublas("dX += G W_hat (cuBLAS)", "bwd", cchunks, gemm, logits * e + C * D * e + cchunks * B * D * 8),
-            _cublas("U = G^T x' (cuBLAS)", "bwd", cchunks, gemm, logits * e + C * D * 4),
+            _cublas(
+                "dX += G W_hat (cuBLAS)",
+                "bwd",
+                cchunks,
+                depth * gemm,
+                depth * (logits * e + C * D * e) + cchunks * B * D * 8,
+            ),
+            _cublas("U = G^T x' (cuBLAS)", "bwd", cchunks, depth * gemm, depth * logits * e + C * D * 4),
             _bandwidth("chunk_weight_rows_kernel", "bwd", cchunks, C * D * (4 + e + e)),
         ],
         notes=missing,

@@ -108,6 +108,17 @@ def test_every_path_counts_its_products(paths):
     )
 
 
+def test_float16_gradient_blocks_double_their_products():
+    """float16 inputs: the chunked and hybrid paths form dX and dW from hi + lo gradient blocks, 6 GEMM-equivalents
+    (docs/CHUNKED.md); the fused Triton kernels' count comes from their compiled code."""
+    B, C, D = gpu_model.HEADLINE
+    rows = gpu_model.load_rows(gpu_model.DEFAULT_CSV)
+    paths16 = gpu_model.model_paths(rows, B, C, D, "float16")
+    flops = {name: sum(k.flops + k.hmma_flops for k in paths16[name].kernels) / (2 * B * C * D) for name in paths16}
+    assert flops["hybrid"] == pytest.approx(6) and flops["cuda"] == pytest.approx(6)
+    assert flops["matmul"] == pytest.approx(3)
+
+
 def test_generated_files_are_what_the_model_produces(paths):
     """RESOURCES.md's model section, docs/CHUNKED.md's estimate and the committed ranking come from
     ``python -m bench.gpu_model --write`` on the committed report (rerun it after changing a kernel or the model)."""
