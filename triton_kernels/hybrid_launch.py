@@ -124,6 +124,7 @@ def plan(
     cols = max(1, rows // k)
     bt = rows_per_tile or bt
     cols = cols_per_chunk or cols
+    blk = configs.hybrid_block_config(dtype, tf32)
     return HybridPlan(
         B=B,
         D=D,
@@ -138,8 +139,8 @@ def plan(
         w_hat=need_x and (half or class_index),
         need_x=need_x,
         need_weight=need_weight,
-        block_n=configs.hybrid_block_config(dtype, tf32)["BLOCK_N"],
-        block_m=configs.hybrid_block_config(dtype, tf32)["BLOCK_M"],
+        block_n=blk["BLOCK_N"],
+        block_m=blk["BLOCK_M"],
         fused_add=fused_add,
     )
 
