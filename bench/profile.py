@@ -79,7 +79,8 @@ def profile(provider: str, device: str, size: tuple, dtype: str, margin: str, st
                 seconds[category(event.name)] += elapsed
                 kernels[event.name] = kernels.get(event.name, 0.0) + elapsed
     else:
-        # operators' self time: each microsecond counted once, in the innermost operator running it
+        # operators' self time: each microsecond counted once, in the innermost operator running it (operators
+        # the CPU op runs on its pool threads are not seen: their time is the op's own)
         for event in prof.key_averages():
             if event.device_type == torch.autograd.DeviceType.CPU:
                 seconds[category(event.key)] += event.self_cpu_time_total * 1e-6 / steps
