@@ -387,7 +387,7 @@ BACKENDS = [
         grid_shapes={"ragged": _chunks(B=37, D=61, C=200)},
         float64_shapes={
             "one_class_per_chunk": dict(
-                B=19, D=33, C=60, k=2, env={"MARGINOPS_CHUNK_COLS": "1", "MARGINOPS_CHUNK_ROWS": "1"}
+                B=7, D=33, C=30, k=2, env={"MARGINOPS_CHUNK_COLS": "1", "MARGINOPS_CHUNK_ROWS": "1"}
             ),
             "default_plan": dict(B=70, D=64, C=150),
             "k5": _chunks(B=6, D=300, C=30, k=5, class_index=True),

@@ -18,7 +18,7 @@ from helpers import child_env
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 _EXTENSION = r"""
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <vector>
 
@@ -63,22 +63,30 @@ std::vector<int64_t> op_calls(int64_t calls, int64_t fail_first, at::Tensor out,
   }
   return tried;
 }
+
+// an op, not a Python module: no pybind11 or torch/extension.h to compile
+TORCH_LIBRARY(marginops_chunk_loop_test, m) { m.def("op_calls", op_calls); }
 """
 
 _CHILD = textwrap.dedent(
     """
+    import os
     import sys
     import torch
     from torch.utils import cpp_extension
 
-    ext = cpp_extension.load_inline(
+    source = os.path.join(sys.argv[3], "products.cpp")
+    with open(source, "w") as f:
+        f.write(sys.argv[1])
+    cpp_extension.load(
         name="marginops_chunk_loop_products",
-        cpp_sources=[sys.argv[1]],
-        functions=["op_calls"],
+        sources=[source],
         extra_include_paths=[sys.argv[2]],
         extra_cflags=["-O1"],
         build_directory=sys.argv[3],
+        is_python_module=False,
     )
+    ext = torch.ops.marginops_chunk_loop_test
     g = torch.Generator().manual_seed(0)
     a = torch.randn(5, 7, generator=g).bfloat16()
     b = torch.randn(7, 3, generator=g).bfloat16()

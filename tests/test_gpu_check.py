@@ -72,6 +72,7 @@ def test_without_a_gpu_it_stops_at_once_and_says_so(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the no-GPU mode")
 @pytest.mark.heavy  # every stage in a dry run: several minutes on 2 cores
+@pytest.mark.slow
 def test_dry_run_runs_every_stage_it_can(tmp_path):
     """--dry collects each test stage (a selection that matches nothing fails), runs each benchmark stage at
     a tiny CPU size, and packs every log into the one archive."""
