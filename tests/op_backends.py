@@ -160,6 +160,12 @@ def _hybrid_chunks(cols="37", rows="20", **case):
     return dict(case, env={"MARGINOPS_CHUNK_COLS": cols, "MARGINOPS_CHUNK_ROWS": rows})
 
 
+def _hybrid_one_tile(cols="37", **case):
+    """Chunks of 37 classes and the batch in one row tile: 16-bit inputs take grad_weight through the product with
+    the projection in its epilogue (_hybrid_dw_kernel) instead of U and the row pass."""
+    return dict(case, env={"MARGINOPS_CHUNK_COLS": cols})
+
+
 def _cuda_tf32(monkeypatch):
     monkeypatch.setenv("MARGINOPS_CUDA_TF32", "1")  # read by the op at each call
 
@@ -305,6 +311,8 @@ BACKENDS = [
         else {
             "curricular_filter": _hybrid_chunks(C=101, non_target=1, filter_threshold=0.3),
             "k3_class_index": _hybrid_chunks(C=41, k=3, class_index=True),
+            "one_tile_filter": _hybrid_one_tile(B=37, D=61, C=101, non_target=1, filter_threshold=0.3),
+            "one_tile_k3_class_index": _hybrid_one_tile(B=37, D=61, C=41, k=3, class_index=True),
         },
         # (zero_rows, small_norm, large_gradient and labels build their Case directly: no "env")
         sizes={}

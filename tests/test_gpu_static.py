@@ -388,16 +388,21 @@ def test_triton_grids_are_whole_waves(triton_rows):
 
 @pytest.mark.heavy  # the report compiles every Triton kernel ahead of time: minutes
 def test_hybrid_kernels_compile_without_spills_and_with_wgmma(hybrid_rows):
-    """The hybrid backward's kernels (triton_kernels/hybrid_bwd.py) as its launcher runs them: present for every
-    dtype, spill-free, within shared memory, and the gradient block's cosine products on wgmma for 16-bit inputs
+    """The hybrid backward's kernels (triton_kernels/hybrid_bwd.py) as its launcher runs them at B = 1024 (one row
+    tile): present for every dtype (grad_weight through the dW product for 16-bit inputs, through U and the row
+    pass otherwise), spill-free, within shared memory, and the cosine and dW products on wgmma for 16-bit inputs
     (mixed precision included) and TF32."""
     kinds = {(r["kernel"], r["dtype"]) for r in hybrid_rows}
     for label, _, _ in gpu_static.TRITON_DTYPES:
-        assert {("_hybrid_grad_block_kernel", label), ("_hybrid_weight_rows_kernel", label)} <= kinds
+        wide = label.startswith(("float32", "float64"))
+        weight_kernel = "_hybrid_weight_rows_kernel" if wide else "_hybrid_dw_kernel"
+        assert {("_hybrid_grad_block_kernel", label), (weight_kernel, label)} <= kinds
     for r in hybrid_rows:
         assert not r["spill_bytes"], r
         assert r["smem_bytes"] <= gpu_static.SMEM_PER_CTA["sm_90"] and r["ctas_per_sm"] >= 1, r
-        if r["kernel"] == "_hybrid_grad_block_kernel" and not r["dtype"].startswith(("float32", "float64")):
+        if r["kernel"] in ("_hybrid_grad_block_kernel", "_hybrid_dw_kernel") and not r["dtype"].startswith(
+            ("float32", "float64")
+        ):
             assert r["mma_kind"] == "HGMMA", r
         if r["kernel"] == "_hybrid_grad_block_kernel" and r["dtype"] == "float32-tf32":
             assert r["mma_kind"] == "HGMMA", r

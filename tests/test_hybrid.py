@@ -239,27 +239,30 @@ def test_a_threshold_of_two_or_more_filters_nothing(hybrid):
 
 def test_one_inverse_norm_per_weight_row():
     """1/n_r is computed once per chunk row, by the gradient-block kernel (whose f_r the fp16 G carries), and
-    read by the weight-rows kernel (whose 2^e_r W_hat and alpha_r carry): computed twice, in two summation orders,
-    the two could fall on either side of a power of two and scale that row's gradients by 2."""
+    read by the weight-rows and dW kernels (whose 2^e_r W_hat and alpha_r carry): computed twice, in two
+    summation orders, the two could fall on either side of a power of two and scale that row's gradients by 2."""
     import inspect
 
     bwd = sys.modules[_launcher().__name__.replace("hybrid_launch", "hybrid_bwd")]
-    rows = inspect.getsource(bwd._hybrid_weight_rows_kernel.fn)
-    assert "inv_ptr" in rows and "_row_inv_norm" not in rows and "sqrt" not in rows
+    for kernel in (bwd._hybrid_weight_rows_kernel, bwd._hybrid_dw_kernel):
+        rows = inspect.getsource(kernel.fn)
+        assert "inv_ptr" in rows and "_row_inv_norm" not in rows and "sqrt" not in rows
     assert "inv_ptr, jl, col_mask, inv_writer, True" in inspect.getsource(bwd._hybrid_grad_block_kernel.fn)
 
 
 def test_plan_bounds(monkeypatch):
-    """The planned tiles: one row tile up to 8192 rows, 8192 to 32768 weight rows per chunk, ~32 MiB of gradient
-    block, never more than the problem has; the bounds docs/CHUNKED.md quotes (D = 512)."""
+    """The planned tiles: one row tile up to 8192 rows, 8192 to 32768 weight rows per chunk, ~64 MiB of gradient
+    block, never more than the problem has; grad_weight through the dW product (no U) for a batch of one row tile;
+    the bounds docs/CHUNKED.md quotes (D = 512)."""
     launcher = _launcher()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     plan = launcher.plan(1024, 512, 10**6, 1, BF16, False)
-    assert (plan.rows_per_tile, plan.chunk_rows) == (1024, 16384)
-    assert (83 << 20) <= plan.workspace_bytes() < (84 << 20)
-    assert (68 << 20) <= launcher.plan(1024, 512, 10**6, 1, F16, True).workspace_bytes() < (69 << 20)
-    assert (353 << 20) <= launcher.plan(65536, 512, 10**6, 1, BF16, False).workspace_bytes() < (354 << 20)
-    assert launcher.plan(1024, 512, 10**6, 1, F16, True).chunk_rows == 8192
+    assert (plan.rows_per_tile, plan.chunk_rows, plan.fused_dw) == (1024, 32768, True)
+    assert (100 << 20) <= plan.workspace_bytes() < (101 << 20)
+    assert (101 << 20) <= launcher.plan(1024, 512, 10**6, 1, F16, True).workspace_bytes() < (102 << 20)
+    big = launcher.plan(65536, 512, 10**6, 1, BF16, False)
+    assert not big.fused_dw and (353 << 20) <= big.workspace_bytes() < (354 << 20)
+    assert launcher.plan(1024, 512, 10**6, 1, F16, True).chunk_rows == 16384
     assert launcher.plan(65536, 512, 10**6, 1, BF16, False).rows_per_tile == 8192
     assert launcher.plan(8, 512, 10**6, 1, BF16, False).chunk_rows == 32768
     assert launcher.plan(8, 512, 10**6, 3, BF16, False).cols_per_chunk == 32768 // 3

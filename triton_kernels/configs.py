@@ -168,6 +168,19 @@ def hybrid_block_config(dtype: torch.dtype, tf32: bool = False) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
+def hybrid_dw_config(D: int, mixed: bool = False) -> dict:
+    """BLOCK_M (weight rows) x 2 BLOCK_N (of D) output tiles, BLOCK_K (batch rows per step) of
+    ``_hybrid_dw_kernel``: 128 x (2 x 128) on wgmma (two warpgroups), so that G is re-read from L2 D / 256 times
+    and x' Rc / 128 times; 2 x 64 with a float32 weight (its epilogue's fp32 W tile spilled at 2 x 128)."""
+    if interpreting():
+        bn = 16
+        cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=16, num_warps=4, num_stages=1)
+    else:
+        bn = max(16, min(64 if mixed else 128, d_pow2(D) // 2))
+        cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(cfg, EVEN_D=D % (2 * bn) == 0)
+
+
 def hybrid_rows_config(D: int) -> dict:
     """BLOCK_R (weight rows per program), BLOCK_D and EVEN_D of the hybrid path's row kernel (bandwidth-bound)."""
     bd = 32 if interpreting() else min(128, d_pow2(D))

@@ -1,11 +1,12 @@
 """Launcher of the hybrid path's backward (backend ``"hybrid"``; forward: the Triton forward, launch.py).
 
-Per class chunk and row tile: ``_hybrid_grad_block_kernel`` (the gradient block G, the per-row sums and, on the
-first row tile, the chunk rows' 1/n), then U = G^T x' by ``torch.mm``, on the last row tile
-``_hybrid_weight_rows_kernel`` (grad_weight's rows, and the dX operand W_hat in the same pass when the batch is
-one row tile), then dX += G W_hat by ``torch.mm`` (cuBLAS on a GPU, 16-bit operands accumulated into the fp32
-U / dX in place; CPU tensors under the interpreter: float32 products of the 16-bit values, which are exact,
-summed in float32).  Kernels and numerics:
+Per class chunk and row tile: ``_hybrid_grad_block_kernel`` (the gradient block G, the per-row sums, on the first
+row tile the chunk rows' 1/n, and with one row tile of 16-bit inputs the radial shares), then grad_weight's rows:
+``_hybrid_dw_kernel`` (16-bit inputs, one row tile: the product with the projection in its epilogue, and the dX
+operand W_hat), else U = G^T x' by ``torch.mm`` and on the last row tile ``_hybrid_weight_rows_kernel``
+(grad_weight's rows, and W_hat in the same pass when the batch is one row tile); then dX += G W_hat by
+``torch.mm`` (cuBLAS on a GPU, 16-bit operands accumulated into the fp32 U / dX in place; CPU tensors under the
+interpreter: float32 products of the 16-bit values, which are exact, summed in float32).  Kernels and numerics:
 hybrid_bwd.py; design, product count, workspace and cost model: docs/CHUNKED.md ("The hybrid path").
 
 Written for ``torch.library.triton_op`` like launch.py: no host sync, no control flow on tensor values.
@@ -23,7 +24,7 @@ from torch.torch_version import TorchVersion
 
 from . import configs
 from ._waves import MIN_SPLIT_CHOICES, whole_wave_splits
-from .hybrid_bwd import _hybrid_grad_block_kernel, _hybrid_weight_rows_kernel
+from .hybrid_bwd import _hybrid_dw_kernel, _hybrid_grad_block_kernel, _hybrid_weight_rows_kernel
 from .launch import (
     _decided,
     _dot_precision,
@@ -40,7 +41,7 @@ from .launch import (
 )
 
 MAX_TILE_ROWS = 8192  # rows per tile (bt): a batch up to this size is one tile
-G_BLOCK_BYTES = 32 << 20  # the gradient block(s) of one (row tile, chunk): sized to stay in L2 at bt = 1024
+G_BLOCK_BYTES = 64 << 20  # the gradient block(s) of one (row tile, chunk): 32768 weight rows at bt = 1024
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 8192, 32768  # weight rows per chunk (Rc = Cc k): the GEMMs' K / M dimension
 MAX_SMS = 256  # the column groups are planned for up to this many SMs (more than any GPU the kernels target)
 
@@ -65,6 +66,7 @@ class HybridPlan:
     block_n: int  # columns per gradient-block tile
     block_m: int  # rows per gradient-block program
     fused_add: bool  # 16-bit products accumulate into an fp32 U / dX in place (cuBLAS), no product buffer
+    fused_dw: bool  # grad_weight by _hybrid_dw_kernel (16-bit inputs, one row tile): no U, no row pass over it
 
     @property
     def chunk_rows(self) -> int:
@@ -81,15 +83,23 @@ class HybridPlan:
         loop += 2 * self.groups * B * acc + rc * acc  # per-row partials (a slot per column group and row), 1/n
         if self.w_hat:
             loop += depth * rc * D * self.g_item
-        if self.need_weight:
+        if self.fused_dw:
+            loop += self.radial_slots * rc * acc  # the per-program shares of U_r . w^_r
+        if self.need_weight and not self.fused_dw:
             # U (+ a later row tile's product before its add, where the GEMM cannot accumulate in place)
             loop += rc * D * acc * (2 if B > bt and not self.fused_add else 1)
+        if self.need_weight:
             loop += depth * B * D * 2 if self.half else 0  # x' in fp16 (rows repeated for hi + lo)
         if self.need_x and self.half:
             loop += B * D * acc + (bt * D * acc if not self.fused_add else 0)  # fp32 dX (+ one product)
         # forming x': x in fp32 and its rescaled copy, or the fp16 copy and its repetition
         prep = rows + max(2 * B * D * acc, (1 + depth) * B * D * 2) if self.half and self.need_weight else 0
         return max(loop, prep)
+
+    @property
+    def radial_slots(self) -> int:
+        """Row programs of the gradient-block grid: one slot of U_r . w^_r shares each (fused_dw)."""
+        return triton.cdiv(self.rows_per_tile, self.block_m) if self.fused_dw else 0
 
     @property
     def groups(self) -> int:
@@ -112,7 +122,7 @@ def plan(
     cols_per_chunk: Optional[int] = None,
     fused_add: bool = True,
 ) -> HybridPlan:
-    """bt = min(B, 8192) rows per tile; Rc = clamp(32 MiB / (bt x the bytes of a G element, x 2 for hi + lo), 8192,
+    """bt = min(B, 8192) rows per tile; Rc = clamp(64 MiB / (bt x the bytes of a G element, x 2 for hi + lo), 8192,
     32768) weight rows per chunk (Cc = Rc / k classes), never more than the problem has.  ``rows_per_tile`` /
     ``cols_per_chunk`` override bt / Cc (the caller's MARGINOPS_CHUNK_ROWS / MARGINOPS_CHUNK_COLS; tests: many
     chunks and row tiles at small shapes)."""
@@ -142,6 +152,7 @@ def plan(
         block_n=blk["BLOCK_N"],
         block_m=blk["BLOCK_M"],
         fused_add=fused_add,
+        fused_dw=half and need_weight and blocks > 0 and max(1, min(bt, B)) >= B,
     )
 
 
@@ -262,7 +273,8 @@ def hybrid_backward(
         sigma_min = torch.where(bounds > 0, sigma, sigma.amax()).amin().reshape(1)
     x_rows = x
     if half and need_w:
-        x_rows = (x.to(acc) * (sigma_min / sigma).clamp(max=1.0)[:, None]).to(torch.float16)
+        x_factor = (sigma_min / sigma).clamp(max=1.0)  # x'_i . w^_r = x_factor_i c_ir (the radial shares)
+        x_rows = (x.to(acc) * x_factor[:, None]).to(torch.float16)
     dx_acc = None
     if need_x:
         dx_acc = torch.zeros((B, D), dtype=acc, device=dev) if half else grad_x.zero_()
@@ -279,6 +291,9 @@ def hybrid_backward(
     inv = torch.empty((rmax,), dtype=acc, device=dev)  # the chunk rows' signed 1/n (hybrid_bwd.py)
     w_hat = torch.empty((depth * rmax, D), dtype=g_dtype, device=dev) if p.w_hat else None
     rows_cfg = configs.hybrid_rows_config(D)
+    dw_cfg = configs.hybrid_dw_config(D, weight.dtype != x.dtype)
+    # the gradient-block programs' shares of U_r . w^_r, a slot per row program (fused_dw)
+    radial = torch.empty((p.radial_slots, rmax), dtype=acc, device=dev) if p.fused_dw else inv
     tiles = configs.tile_k_dv(D, x.dtype, split, tf32)
     common = dict(SUBC=k, HAS_CI=has_ci, SCALE16=half, UPCAST=upcast)
 
@@ -328,6 +343,8 @@ def hybrid_backward(
                 parts[0],
                 parts[1],
                 inv,
+                radial,
+                x_factor if p.fused_dw else sigma,
                 B,
                 D,
                 r0,
@@ -343,16 +360,42 @@ def hybrid_backward(
                 DOT_PREC="tf32" if tf32 else "ieee",
                 SPLIT=split and G is not None,
                 WRITE_G=G is not None,
+                RADIAL=p.fused_dw,
                 EVEN_K=tiles["EVEN_K"],
                 BLOCK_K=tiles["BLOCK_K"],
                 **common,
                 **blk,
             )
             # W_hat from the grad_weight kernel when that runs before this tile's dX product, else on its own
-            what_with_w = need_w and first and last
+            what_with_w = need_w and first and last  # (always so with fused_dw: one row tile)
             if p.w_hat and first and not what_with_w:
                 weight_rows(c0, nr, None, True)
-            if need_w:
+            if p.fused_dw:
+                dw_grid = (triton.cdiv(D, 2 * dw_cfg["BLOCK_N"]), triton.cdiv(nr, dw_cfg["BLOCK_M"]))
+                wrap_triton(_hybrid_dw_kernel)[dw_grid](
+                    g_blk,
+                    x_rows,
+                    x,
+                    weight,
+                    ci,
+                    inv,
+                    radial,
+                    grad_w,
+                    w_hat if p.w_hat else inv,
+                    sigma_min,
+                    c0,
+                    nr,
+                    depth * n,
+                    D,
+                    triton.cdiv(n, blk["BLOCK_M"]),
+                    SUBC=k,
+                    HAS_CI=has_ci,
+                    UPCAST=upcast,
+                    WRITE_WHAT=p.w_hat,
+                    DUP=split,
+                    **dw_cfg,
+                )
+            elif need_w:
                 g_t = g_blk.view(depth * n, nr).t()
                 x_t = x_rows[depth * r0 : depth * (r0 + n)]
                 if u_c is None:
