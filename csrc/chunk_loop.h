@@ -35,7 +35,8 @@
 //
 // GPU workspace (bytes; bt = min(B, 8192) rows per tile, Rc = class rows per chunk = clamp(64 MiB / (4 bt),
 // 8192, 32768), D = 512, 16-bit inputs, k = 1: block_plan), independent of C:
-//   forward:  S bt*Rc*4 (+ gathered rows Rc*D*2 with class_index) + O(Rc + B)
+//   forward:  S bt*Rc*4 (+ gathered rows Rc*D*2 with class_index) + O(Rc + B) (+ the CUDA policy's norms of up
+//             to 64 chunks ahead, 64*Rc*8)
 //   backward: S bt*Rc*4 + G bt*Rc*2 (x 2 for fp16 inputs) + rescaled fp16 rows Rc*D*2 + U Rc*D*4 (+ gathered rows Rc*D*2)
 //             + dX accumulator B*D*4 + x' B*D*2
 //   B = 1024:  Rc = 16384: forward 64 MiB, backward 64 + 32 + 16 + 32 + 2 + 1 = 147 MiB (+16 class_index)
@@ -271,6 +272,10 @@ struct ChunkRows {
   at::Tensor product;           // (rows, D) in the products' dtype: the B operand of x . w^T
   at::Tensor dx;                // (rows, D) the operand of dX += G . w (the products' dtype, fp16 with a 16-bit G)
   const void* stored = nullptr;  // what WeightRowArgs::W gets
+  // (rows) T: sum of squares and 1 / max(||w||, eps) of the chunk's rows; the scratch's, or where the policy
+  // computed them ahead for several chunks at once
+  const void* sumsq = nullptr;
+  const void* inv = nullptr;
 };
 
 // What a pass needs from the policy's workspace and loads.
@@ -385,7 +390,8 @@ void merge_forward_partials(const at::Tensor& max_z, const at::Tensor& sum_exp, 
 //                                           output) or T (16-bit inputs widened first)
 //   Workspace workspace(P, plan, pass)      one thread's buffers besides Scratch
 //   ChunkRows load(P, ws, chunk, pass, sumsq, inv)   the chunk's rows (a view, gathered through class_index and / or
-//                                           converted), sumsq / inv = 1 / max(||w||, eps) of them
+//                                           converted) and where their sumsq / inv = 1 / max(||w||, eps) are (the
+//                                           scratch tensors given, or the policy's own)
 //   forward(EpiArgs, ws)                    the chunk's logits and their max / sum / argmax, merged into the state
 //   backward(EpiArgs, ws)                   the chunk's logit-gradient block G, grad_row_scale and grad_target_logit
 //   at::Tensor grad_rows(P, ws, chunk, grad_weight)   where U = G^T x of the chunk goes: (rows, D) in T
@@ -410,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Problem& P, Epi& epi) {
     const ChunkRows rows = epi.load(P, ws, ch, pass, s.sumsq, s.inv);
     const int64_t slot = plan.chunk_partials ? ch.index : 0;
     EpiArgs<T> a = base;
-    a.inv = s.inv.template data_ptr<T>();
+    a.inv = static_cast<const T*>(rows.inv);
     a.run_max = run_max[slot].template data_ptr<T>();
     a.run_sum = run_sum[slot].template data_ptr<T>();
     a.run_cos = run_cos[slot].template data_ptr<T>();
@@ -499,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
     const ChunkRows rows = epi.load(P, ws, ch, pass, s.sumsq, s.inv);
     at::Tensor U = need_weight ? epi.grad_rows(P, ws, ch, grad_weight) : at::Tensor();
     EpiArgs<T> a = base;
-    a.inv = s.inv.template data_ptr<T>();
+    a.inv = static_cast<const T*>(rows.inv);
     a.grad_scale = grad_scale_slots[plan.chunk_partials ? ch.index : 0].template data_ptr<T>();
     a.ld = ch.rows;
     a.cols = ch.cols;
@@ -529,8 +535,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
       WeightRowArgs<T> w = wbase;
       w.U = U.template data_ptr<T>();
       w.W = rows.stored;
-      w.sumsq = s.sumsq.template data_ptr<T>();
-      w.inv = s.inv.template data_ptr<T>();
+      w.sumsq = static_cast<const T*>(rows.sumsq);
+      w.inv = static_cast<const T*>(rows.inv);
       w.class_index = P.class_index.has_value() ? P.class_index->data_ptr<int64_t>() + ch.first_col : nullptr;
       w.first_row = ch.first_col * P.k;
       w.rows = ch.rows;

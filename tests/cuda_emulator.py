@@ -84,6 +84,10 @@ class EmulatedChunkedOps(EmulatedOps):
     def gemm_flops(self):
         return self._m.chunked_gemm_flops()
 
+    def launches(self):
+        """Kernel launches the emulator has run so far (every path's)."""
+        return self._m.launch_count()
+
 
 # sanitizer: (runtime library, environment, what a finding means)
 SANITIZERS = {

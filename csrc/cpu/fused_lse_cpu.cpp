@@ -283,7 +283,7 @@ class CpuChunks {
     }
     if (pass.backward) std::fill(ws.colsum, ws.colsum + ch.rows, T(0));
     const Tensor rows = wrap(w, ch.rows, D_);
-    return {rows, rows, w};
+    return {rows, rows, w, sumsq, inv};
   }
 
   // Each (chunk, row) is written once, into the chunk's own slot (Plan::chunk_partials).

@@ -23,6 +23,12 @@ struct CudaChunks : detail::CudaEpilogue<io_t, T> {
     at::Tensor U;         // (Rc, D) T: G^T x of the chunk
   };
 
+  // chunks whose norms one launch computes (load): 8 bytes per row, 8 MiB at 64 chunks of 16384 rows; the
+  // chunks run in order on one stream, so a later refill is ordered after every read of the previous one
+  static constexpr int64_t kNormsAhead = 64;
+  at::Tensor ahead_sumsq, ahead_inv;     // (rows) the norms of weight rows ahead_first .. ahead_first + ahead_rows
+  int64_t ahead_first = 0, ahead_rows = 0;
+
   chunked::Plan plan(const chunked::Problem& P) const { return chunked::block_plan(P); }
 
   at::ScalarType product_dtype(const chunked::Problem& P) const { return P.x.scalar_type(); }
@@ -51,10 +57,27 @@ struct CudaChunks : detail::CudaEpilogue<io_t, T> {
       W = P.weight.narrow(0, ch.first_col * P.k, ch.rows);
     }
     const at::Tensor Wh = ws.W_hat.defined() ? ws.W_hat.narrow(0, 0, ch.rows) : at::Tensor();
-    Kernels::row_norms(W, sumsq, inv, Wh);
     // as the products see them: W itself, or W rounded into x's dtype
     const at::Tensor product = ws.cast.defined() ? ws.cast.narrow(0, 0, ch.rows).copy_(W) : W;
-    return {product, pass.fp16_grad ? Wh : W, W.data_ptr()};
+    const int64_t row0 = ch.first_col * P.k;
+    if (Wh.defined() || P.class_index.has_value()) {
+      Kernels::row_norms(W, sumsq, inv, Wh);  // W_hat from the same pass, or gathered rows: per chunk
+      return {product, pass.fp16_grad ? Wh : W, W.data_ptr(), sumsq.data_ptr(), inv.data_ptr()};
+    }
+    // the weight's own rows and no W_hat: the norms of up to kNormsAhead chunks in one launch (the forward makes
+    // three launches per chunk instead of four; the launches, not the bytes, are what the norms cost)
+    if (row0 < ahead_first || row0 + ch.rows > ahead_first + ahead_rows) {
+      ahead_rows = std::min(P.R - row0, kNormsAhead * ch.rows);  // (only the last chunk is shorter)
+      ahead_first = row0;
+      if (!ahead_sumsq.defined() || ahead_sumsq.numel() < ahead_rows) {
+        ahead_sumsq = at::empty({ahead_rows}, sumsq.options());
+        ahead_inv = at::empty({ahead_rows}, inv.options());
+      }
+      at::Tensor s = ahead_sumsq.narrow(0, 0, ahead_rows), v = ahead_inv.narrow(0, 0, ahead_rows);
+      Kernels::row_norms(P.weight.narrow(0, row0, ahead_rows), s, v, at::Tensor());
+    }
+    const int64_t off = row0 - ahead_first;
+    return {product, W, W.data_ptr(), ahead_sumsq.data_ptr<T>() + off, ahead_inv.data_ptr<T>() + off};
   }
 
   void forward(const chunked::EpiArgs<T>& a, Workspace&) { Kernels::forward(a); }

@@ -56,6 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   def_backward(m, "fused_lse_backward_default", &marginops::cuda::fused_lse_backward_cuda_default);
   m.def("read_cuda_switches", &marginops::read_cuda_switches);
   m.def("chunked_gemm_flops", &marginops::cuda::chunked_gemm_flops);
+  m.def("launch_count", &emu::launch_count);
   // deliberately broken kernels (selftest.cpp) and the deadlock timeout, to show that each bug is reported
   m.def("selftest", &emulator_selftest);
   m.def("set_barrier_timeout_ms", &emu::set_barrier_timeout_ms);

@@ -305,7 +305,11 @@ ThreadPool& pool() {
   return *p;
 }
 
+std::atomic<long long> launches{0};
+long long launch_count() { return launches.load(); }
+
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  ++launches;
   const long long nthreads = static_cast<long long>(block.x) * block.y * block.z;
   auto launch_error = [&](const std::string& msg) { throw std::runtime_error("CUDA emulator: launch failed: " + msg); };
   if (nthreads <= 0 || nthreads > 1024) launch_error("block of " + std::to_string(nthreads) + " threads");

@@ -78,6 +78,8 @@ int occupancy(const void* kernel, int threads, size_t smem);
 // How long a barrier may wait before the launch fails as a deadlock (120 s unless a test shortens it).
 void set_barrier_timeout_ms(int ms);
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+// Kernel launches so far (tests count a path's launches: on a GPU each costs microseconds of idle device).
+long long launch_count();
 
 void syncthreads();
 void syncwarp();
