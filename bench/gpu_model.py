@@ -282,6 +282,43 @@ def streaming_kernel(
     return k
 
 
+def product_kernel(
+    row: Optional[dict],
+    name: str,
+    phase: str,
+    launches: int,
+    flops: float,
+    tiles_run: float,
+    k_iters: int,
+    hbm_bytes: float,
+    missing: list,
+) -> Kernel:
+    """A Triton kernel that computes one output tile of a matrix product per program (no enclosing loop): its hot
+    loop (``k_iters`` steps of the K-loop) from the SASS, overlapping the products; the rest of the kernel (the
+    epilogue) once per tile after them (one CTA per SM: nothing to overlap it with); L2 traffic: the hot loop's
+    loads every step."""
+    k = Kernel(name, phase, launches, hbm_bytes=hbm_bytes)
+    if row is None:
+        missing.append(f"{name}: not in the report; modelled as tensor-bound")
+        k.flops = flops
+        return k
+    warps = _warps(row)
+    if _num(row, "hmma_count") > 0 and not _num(row, "hgmma_count"):
+        k.hmma_flops = flops
+    else:
+        k.flops = flops
+    loop_sass = _num(row, "loop_sass")
+    k.issue_main = loop_sass * warps * k_iters * tiles_run
+    rest = max(0.0, _num(row, "sass_instructions") - loop_sass) * warps * tiles_run
+    if _num(row, "ctas_per_sm", 1) >= 2:
+        k.issue_main += rest
+    else:
+        k.issue_serial = rest
+    k.l2_bytes = _num(row, "loop_load_bytes") * warps * k_iters * tiles_run
+    k.wave_efficiency = _num(row, "wave_efficiency", 1.0) or 1.0
+    return k
+
+
 # shared-memory carveouts an sm_90 SM can be configured with (KiB; the rest of its 256 KiB is L1)
 CARVEOUTS_KIB = (0, 8, 16, 32, 64, 100, 132, 164, 196, 228)
 
@@ -377,11 +414,13 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
 
     # ---- the hybrid path (backend "hybrid"): the Triton forward; per class chunk a Triton gradient block and cuBLAS
     missing = []
-    rc = min(max((32 << 20) // (B * e * depth), 8192), 32768)  # hybrid_launch.plan, bt = B
+    rc = min(max((64 << 20) // (B * e * depth), 8192), 32768)  # hybrid_launch.plan, bt = B
     chunks = math.ceil(C / rc)
     blk = find_row(rows, "hybrid", "_hybrid_grad_block_kernel", dtype)
     bt_ = tiles(blk) if blk else {"BLOCK_M": 128, "BLOCK_N": 64}
     b_tiles = math.ceil(B / bt_["BLOCK_M"]) * math.ceil(C / bt_["BLOCK_N"])
+    dwr = find_row(rows, "hybrid", "_hybrid_dw_kernel", dtype)
+    dw_t = tiles(dwr) if dwr else {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
     hybrid_bwd = [
         streaming_kernel(
             blk,
@@ -395,9 +434,18 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
             C * D * e + depth * logits * e,
             missing,
         ),
-        _cublas("U = G^T x' (cuBLAS)", "bwd", chunks, depth * gemm, depth * logits * e + C * D * 4),
-        # grad_weight's rows from U, and W_hat (the dX operand) in the same pass over W
-        _bandwidth("_hybrid_weight_rows_kernel", "bwd", chunks, C * D * (4 + e + e + depth * e)),
+        # grad_weight = G^T x' with the projection in the epilogue (one row tile), W_hat from the same W tiles
+        product_kernel(
+            dwr,
+            "_hybrid_dw_kernel",
+            "bwd",
+            chunks,
+            depth * gemm,
+            math.ceil(C / dw_t["BLOCK_M"]) * math.ceil(D / (2 * dw_t["BLOCK_N"])),
+            math.ceil(depth * B / dw_t["BLOCK_K"]),
+            depth * logits * e + C * D * (e + e + depth * e),
+            missing,
+        ),
         _cublas(
             "dX += G W_hat (cuBLAS, fp32 in place)",
             "bwd",
@@ -409,8 +457,8 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
     ]
     paths["hybrid"] = PathModel(
         "hybrid",
-        "the Triton forward; backward per class chunk: Triton gradient block (cosines recomputed, 1/n once), dW and "
-        "dX on cuBLAS, one Triton row pass for grad_weight and the dX operand",
+        "the Triton forward; backward per class chunk: Triton gradient block (cosines recomputed, 1/n once, the "
+        "radial shares), Triton dW product with the projection in its epilogue, dX on cuBLAS",
         [
             streaming_kernel(fwd, "_lse_fwd_kernel", "fwd", 1, gemm, 0, f_tiles, 0, C * D * e + B * D * e, []),
             merge,
@@ -441,7 +489,8 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
         "cuda",
         "chunked CUDA path: per class chunk cuBLAS products into an fp32 cosine block and one epilogue kernel",
         [
-            _bandwidth("chunk_row_norms_kernel", "fwd", cchunks, C * D * e),
+            # the forward's norms: 64 chunks per launch (fused_lse_chunked.cu, kNormsAhead)
+            _bandwidth("chunk_row_norms_kernel", "fwd", math.ceil(cchunks / 64), C * D * e),
             _cublas("S = x W_c^T (cuBLAS, fp32 out)", "fwd", cchunks, gemm, C * D * e + logits * 4),
             fwd_epi,
             _bandwidth("chunk_row_norms_kernel (+ W_hat)", "bwd", cchunks, (1 + depth) * C * D * e),
