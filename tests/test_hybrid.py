@@ -268,6 +268,10 @@ def test_plan_bounds(monkeypatch):
     assert launcher.plan(8, 512, 10**6, 3, BF16, False).cols_per_chunk == 32768 // 3
     small = launcher.plan(5, 16, 7, 2, BF16, False)
     assert (small.rows_per_tile, small.cols_per_chunk) == (5, 7)
+    # the dW kernel's 32-bit in-chunk offsets: a chunk of 2 Rc D elements past 2^31 keeps U and the row pass
+    wide = launcher.plan(1024, 2**16, 10**6, 1, BF16, False)
+    assert 2 * wide.chunk_rows * 2**16 >= 2**31 and not wide.fused_dw
+    assert launcher.plan(1024, 2**14, 10**6, 1, BF16, False).fused_dw
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -315,8 +315,11 @@ def _hybrid_dw_kernel(
     Two accumulators of BLOCK_N columns share each G tile (G is re-read from L2 D / (2 BLOCK_N) times) while the
     epilogue holds one span's W tile at a time (one 128 x 256 accumulator's epilogue spills on sm_90)."""
     in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
-    pid_n = tl.program_id(0)  # fastest: the programs of one row block run together and share its G tiles in L2
-    pid_m = tl.program_id(1)
+    # the D halves fastest: the programs of one row block run together and share its G tiles in L2 (one grid axis:
+    # a chunk of any size fits it)
+    halves = tl.cdiv(D, 2 * BLOCK_N)
+    pid_n = tl.program_id(0) % halves
+    pid_m = tl.program_id(0) // halves
     q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_mask = q < n_rows
     d0 = pid_n * (2 * BLOCK_N) + tl.arange(0, BLOCK_N)

@@ -135,13 +135,17 @@ def plan(
     bt = rows_per_tile or bt
     cols = cols_per_chunk or cols
     blk = configs.hybrid_block_config(dtype, tf32)
+    bt, cols = max(1, min(bt, B)), max(1, min(cols, N))
+    # _hybrid_dw_kernel: 16-bit inputs, the batch in one row tile, and its 32-bit in-chunk offsets (W_hat stacked
+    # twice: 2 Rc D elements) in range
+    fused_dw = half and need_weight and blocks > 0 and bt >= B and 2 * cols * k * D < 2**31
     return HybridPlan(
         B=B,
         D=D,
         N=N,
         k=k,
-        rows_per_tile=max(1, min(bt, B)),
-        cols_per_chunk=max(1, min(cols, N)),
+        rows_per_tile=bt,
+        cols_per_chunk=cols,
         g_blocks=blocks,
         g_item=g_item,
         acc_item=8 if dtype == torch.float64 else 4,
@@ -152,7 +156,7 @@ def plan(
         block_n=blk["BLOCK_N"],
         block_m=blk["BLOCK_M"],
         fused_add=fused_add,
-        fused_dw=half and need_weight and blocks > 0 and max(1, min(bt, B)) >= B,
+        fused_dw=fused_dw,
     )
 
 
@@ -371,7 +375,7 @@ def hybrid_backward(
             if p.w_hat and first and not what_with_w:
                 weight_rows(c0, nr, None, True)
             if p.fused_dw:
-                dw_grid = (triton.cdiv(D, 2 * dw_cfg["BLOCK_N"]), triton.cdiv(nr, dw_cfg["BLOCK_M"]))
+                dw_grid = (triton.cdiv(D, 2 * dw_cfg["BLOCK_N"]) * triton.cdiv(nr, dw_cfg["BLOCK_M"]),)
                 wrap_triton(_hybrid_dw_kernel)[dw_grid](
                     g_blk,
                     x_rows,
