@@ -306,6 +306,7 @@ BACKENDS = [
             "k3_class_index": _hybrid_chunks(B=67, D=128, C=300, k=3, class_index=True),
             "curricular_filter": _hybrid_chunks(B=67, D=128, C=1001, non_target=1, filter_threshold=0.3),
             "default_plan": dict(B=67, D=128, C=1001),
+            "one_tile_k3_class_index": _hybrid_one_tile(B=67, D=128, C=300, k=3, class_index=True),
         }
         if HAS_CUDA
         else {
