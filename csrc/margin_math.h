@@ -66,6 +66,14 @@ MARGINOPS_HD V nontarget_phi_dphi(V c, V row_threshold, int mode, V modulation_t
   return filtered ? zero : phi;
 }
 
+// v, or exactly 0 where the column is filtered (c > filter): a filtered logit is a constant, so no upstream value
+// reaches its cosine, not even a NaN or an inf (dz * dphi would be NaN * 0); autograd's where gives 0 there too.
+// Scalars or vectors of lanes, as nontarget_phi_dphi.
+template <typename V>
+MARGINOPS_HD V zero_if_filtered(V c, V filter, V v) {
+  return c > filter ? V{} : v;
+}
+
 // The scalar form with the row-independent parameters in one struct.
 template <typename acc_t>
 MARGINOPS_HD acc_t nontarget_phi(acc_t c, acc_t row_threshold, const NonTargetParams<acc_t>& p,

@@ -473,6 +473,22 @@ def test_nan_input_propagates(use, monkeypatch, backend, dtype):
     assert torch.equal(torch.isnan(lse), expected)
 
 
+@pytest.mark.parametrize("backend,dtype", params(_dtypes(F64, BF16)))
+def test_nan_upstream_gradient_stops_at_filtered_columns(use, monkeypatch, backend, dtype):
+    """A NaN upstream gradient of one row with inter-class filtering: its filtered columns' logits are constants,
+    so grad_weight is NaN exactly where the reference's is (the classes that row reaches unfiltered), not on every
+    class (dz * dphi would be NaN * 0 there)."""
+    ops = use(backend)
+    case, _ = make(backend, monkeypatch, dtype, **dict(backend.size("nan"), non_target=1, filter_threshold=0.3))
+    case.grad = case.grad.clone()
+    case.grad[5] = float("nan")
+    ours, ref = run_op(ops, case), run_reference(case)
+    nan_rows = torch.isnan(ref[3]).any(dim=1)
+    assert 0 < int(nan_rows.sum()) < nan_rows.numel()  # some classes filtered for that row, some not
+    assert torch.equal(torch.isnan(ours[3]), torch.isnan(ref[3]))
+    assert torch.equal(torch.isnan(ours[2]).any(dim=1), torch.isnan(ref[2]).any(dim=1))
+
+
 def _rows(case, keep):
     """The case restricted to some rows (for argmax checks)."""
     other = case.on(case.dtype, "cpu")

@@ -90,9 +90,9 @@ def _bwd_tile(
     FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dz = g p on the tile's non-target columns (0 on the target column and on the padding columns from n_real on),
-    dphi/dc, and this tile's contributions to grad_target_logit and grad_row_scale; dc = dz row_scale dphi (the
-    callers fold row_scale into their own per-row factors)."""
+    """dz = g p on the tile's non-target columns (0 on the target column, the filtered columns and the padding
+    columns from n_real on), dphi/dc, and this tile's contributions to grad_target_logit and grad_row_scale;
+    dc = dz row_scale dphi (the callers fold row_scale into their own per-row factors)."""
     phi, dphi = _nontarget_phi(c, thr, non_target_param, filter_threshold, NON_TARGET, FILTER)
     log2e = _log2e(lse.dtype)
     lse2 = lse * log2e
@@ -101,6 +101,10 @@ def _bwd_tile(
     lab_col = (lab - col0).to(tl.int32)  # the label's column in the tile (compared, never an address)
     is_t = tl.arange(0, BLOCK_N)[None, :] == lab_col[:, None]
     dz = tl.where(is_t | (tl.arange(0, BLOCK_N) >= n_real)[None, :], 0.0, g[:, None] * p)
+    if FILTER:
+        # a filtered logit is a constant: no upstream value reaches its cosine, not even a NaN (dz * dphi would be
+        # NaN * 0), as autograd's where gives 0 there (csrc/margin_math.h zero_if_filtered)
+        dz = tl.where(c > filter_threshold, 0.0, dz)
     grs = tl.sum(dz * phi, axis=1)
     # the target column's p = exp(target_logit - lse), per row, where the label is one of the tile's real columns
     on_tile = (lab_col >= 0) & (lab_col < BLOCK_N) & (lab_col < n_real)

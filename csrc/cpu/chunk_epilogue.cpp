@@ -281,7 +281,7 @@ MARGINOPS_ALWAYS_INLINE T backward_row(T* MARGINOPS_RESTRICT s, const T* MARGINO
       const V phi = nontarget_phi_dphi<T>(c, vthr, params.mode, vt, vfilter, &dphi);
       const V dz = vgrad * vexp<T>(vscale * phi - vlse);
       const M keep = col != vtarget;
-      const V g = keep ? dz * vscale * dphi * vi : zero;
+      const V g = keep ? zero_if_filtered(c, vfilter, dz * vscale * dphi * vi) : zero;
       acc += keep ? dz * phi : zero;
       store(s + j, g);
       store(colsum + j, load<V>(colsum + j) + g * c);
@@ -295,7 +295,7 @@ MARGINOPS_ALWAYS_INLINE T backward_row(T* MARGINOPS_RESTRICT s, const T* MARGINO
     const T phi = nontarget_phi(c, threshold, params, &dphi);
     const T dz = grad * std::exp(row_scale * phi - lse);
     const bool keep = j != target;
-    const T g = keep ? dz * row_scale * dphi * inv[j] : T(0);
+    const T g = keep ? zero_if_filtered(c, params.filter, dz * row_scale * dphi * inv[j]) : T(0);
     total += keep ? dz * phi : T(0);
     s[j] = g;
     colsum[j] += g * c;

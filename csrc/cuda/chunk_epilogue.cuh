@@ -494,10 +494,12 @@ __global__ void __launch_bounds__(kEpiThreads, kEpiMinBlocks)
 #pragma unroll
         for (int q = 0; q < kVec; ++q) {
           T dphi;
-          const T phi = nontarget_phi(s[q] * iv[q], thr[r], a.params, &dphi);
+          const T c = s[q] * iv[q];
+          const T phi = nontarget_phi(c, thr[r], a.params, &dphi);
           const T e = exp2_fast(fma_acc(rs2[r], phi, -l2[r]));  // exp(s phi - lse)
           total[r] += select_eq(j + q, target[r], T(0), e * phi);
-          const T v = select_eq(j + q, target[r], T(0), (e * gain[r]) * (dphi * f[q]));
+          const T v = select_eq(j + q, target[r], T(0),
+                                zero_if_filtered(c, a.params.filter, (e * gain[r]) * (dphi * f[q])));
           hi[q] = Conv<G>::from(v);
           if constexpr (kLo) lo[q] = Conv<G>::from(v - static_cast<T>(to_acc(hi[q])));
         }
@@ -520,7 +522,7 @@ __global__ void __launch_bounds__(kEpiThreads, kEpiMinBlocks)
         total[r] += keep ? e * phi : T(0);
         T fq = a.inv[base + q];
         if constexpr (kScaled) fq = pow2_fraction(fq);
-        const T v = keep ? (e * gain[r]) * (dphi * fq) : T(0);
+        const T v = keep ? zero_if_filtered(c, a.params.filter, (e * gain[r]) * (dphi * fq)) : T(0);
         const G hi = Conv<G>::from(v);
         for (int64_t w = 0; w < a.k; ++w) gb[row[r] + base + w] = w == q ? hi : Conv<G>::from(T(0));
         if constexpr (kLo) {
