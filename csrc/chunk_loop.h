@@ -477,10 +477,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Proble
     const double dmax = nontarget_max_abs_dphi<double>(static_cast<int>(P.non_target), P.non_target_param);
     const at::Tensor bound = at::mul(at::abs(at::mul(grad_lse, P.row_scale)), dmax);
     // 2^13: G = sigma f dcos with f < 2 (the mantissa of 1 / n_r, see chunk_epilogue.cuh) stays below 2^14
-    gscale = at::clamp(at::exp2(at::floor(at::log2(at::div(at::scalar_tensor(8192.0, opts), bound)))),
-                       std::ldexp(1.0, -64), std::ldexp(1.0, 64));
+    // a NaN upstream gradient: scale 1 (that row's G is NaN whatever its scale)
+    gscale = at::nan_to_num(
+        at::clamp(at::exp2(at::floor(at::log2(at::div(at::scalar_tensor(8192.0, opts), bound)))),
+                  std::ldexp(1.0, -64), std::ldexp(1.0, 64)),
+        1.0);
     if (need_weight) {
-      gscale_min = at::amin(gscale);
+      // sigma_min over the rows with a gradient (bound > 0: not 0, not NaN), as the hybrid launcher: a NaN row
+      // would make every row of x' NaN, and with it every class's grad_weight, filtered or not
+      gscale_min = at::amin(at::where(at::gt(bound, 0), gscale, at::amax(gscale)));
       x_prod = at::mul(P.x.to(acc), at::div(gscale_min, gscale).unsqueeze(1)).to(at::kHalf);
     }
   }

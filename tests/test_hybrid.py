@@ -306,6 +306,27 @@ def test_nan_upstream_gradient_propagates(hybrid, small_chunks, dtype):
     assert bool(torch.isnan(ours[2][4]).all()) and bool(torch.isfinite(ours[2][others]).all())
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_dw_product_nan_and_bitwise(hybrid, monkeypatch, dtype):
+    """The dW product (16-bit inputs, one row tile, chunks of 37 classes): a NaN embedding row, a NaN weight row and
+    a NaN upstream gradient reach grad_weight exactly where the reference's is NaN (through the radial shares as
+    through U); the other outputs as the rule says; a second run is bitwise the same."""
+    monkeypatch.setenv("MARGINOPS_CHUNK_COLS", "37")
+    case = Case(B=30, D=16, C=90, non_target=1, filter_threshold=0.3)
+    assert _launcher().plan(30, 16, 90, 1, dtype, dtype == F16, cols_per_chunk=37).fused_dw
+    clean = case.on(dtype, DEVICE)
+    first = run_op(_Ops(hybrid), clean)
+    assert_within_rule(first, clean, slack_rel=LOW_SLACK)
+    assert all(torch.equal(a, b) for a, b in zip(first, run_op(_Ops(hybrid), clean)))
+    for poison in ("x", "weight", "grad"):
+        bad = Case(B=30, D=16, C=90, non_target=1, filter_threshold=0.3)
+        target = getattr(bad, poison).clone()
+        target[5] = float("nan")
+        setattr(bad, poison, target)
+        ours, ref = run_op(_Ops(hybrid), bad.on(dtype, DEVICE)), run_reference(bad.on(dtype))
+        assert torch.equal(torch.isnan(ours[3]), torch.isnan(ref[3])), poison
+
+
 # ------------------------------------------------------------------------------------------------------------
 # registration: the loss and its gradients through autograd
 # ------------------------------------------------------------------------------------------------------------
