@@ -392,8 +392,9 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
     dw = find_row(rows, "triton", "_bwd_dw_kernel", dtype)
     dwt = tiles(dw) if dw else {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_DV": 512}
     dw_tiles = math.ceil(C / dwt["BLOCK_N"]) * math.ceil(D / dwt.get("BLOCK_DV", D)) * math.ceil(B / dwt["BLOCK_M"])
+    # the products of a split gradient operand (hi + lo) are twice as deep: dW for fp16, dX for both 16-bit dtypes
     dw_k = streaming_kernel(
-        dw, "_bwd_dw_kernel", "bwd", 1, gemm, gemm, dw_tiles, dwt["BLOCK_M"] * dwt.get("BLOCK_DV", D) * e,
+        dw, "_bwd_dw_kernel", "bwd", 1, gemm, depth * gemm, dw_tiles, dwt["BLOCK_M"] * dwt.get("BLOCK_DV", D) * e,
         2 * C * D * e, missing,
     )  # fmt: skip
     dx = find_row(rows, "triton", "_bwd_dx_kernel", dtype)
@@ -401,7 +402,7 @@ def model_paths(rows: list[dict], B: int, C: int, D: int, dtype: str = "bfloat16
     dx_tiles = math.ceil(B / dxt["BLOCK_M"]) * math.ceil(D / dxt.get("BLOCK_DV", D)) * math.ceil(C / dxt["BLOCK_N"])
     splits = max(1, int(_num(dx, "grid_B1024_sm132", 256)) // max(1, math.ceil(B / dxt["BLOCK_M"])))
     dx_k = streaming_kernel(
-        dx, "_bwd_dx_kernel", "bwd", 1, gemm, gemm, dx_tiles, dxt["BLOCK_N"] * dxt.get("BLOCK_DV", D) * e,
+        dx, "_bwd_dx_kernel", "bwd", 1, gemm, 2 * gemm, dx_tiles, dxt["BLOCK_N"] * dxt.get("BLOCK_DV", D) * e,
         C * D * e + splits * B * D * 4, missing,
     )  # fmt: skip
     reduce = _bandwidth("_bwd_reduce_kernel", "bwd", 1, splits * B * D * 4 + B * D * e)

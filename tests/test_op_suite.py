@@ -360,7 +360,7 @@ def test_fast_backward_single_rounding(use, monkeypatch, backend, dtype):
     if isinstance(backend.fast_backward, str):
         pytest.skip(f"{backend.name}: {backend.fast_backward}")
     if dtype not in backend.fast_backward_dtypes:
-        pytest.skip(f"{backend.name}: no fast-backward switch for {dtype} (bf16 always rounds once to fp16)")
+        pytest.skip(f"{backend.name}: no fast-backward switch for {dtype} (bf16 has one backward)")
     case, _ = make(backend, monkeypatch, dtype, **dict(backend.size("switches"), non_target=1, filter_threshold=0.2))
     default = run_op(ops, case)
     backend.fast_backward(monkeypatch)

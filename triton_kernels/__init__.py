@@ -31,8 +31,9 @@ rounding; read once per op call by its forward, whose backward uses the same (ba
 ``FAST_GRAD_DOTS`` (None: follow ``MARGINOPS_TRITON_FAST_BWD``, default off): for fp16 inputs, form the
 backward's dX and dW products from one fp16 copy of the gradient operand instead of a hi + lo pair.  That
 halves the products' tensor-core work and lets D = 512 run in one d-chunk, at errors near the docs/DESIGN.md §4
-bound (which is why it is off by default).  bf16 inputs always work this way, on fp16 operands: their 11-bit
-mantissa keeps the gradient within the bound with one rounding (one bf16 rounding gave ~0.3% errors).
+bound (which is why it is off by default).  bf16 inputs ignore it: their dW product always takes one fp16
+operand (its 11-bit mantissa keeps the gradient within the bound; one bf16 rounding gave ~0.3% errors), their
+dX product always a bf16 hi + lo pair.
 
 Only relative imports inside this package: ``triton_kernels`` on PyPI is a different project.
 """

@@ -13,8 +13,7 @@ drift): ``python -m bench.gpu_static --out DIR --triton-only [--default-configs]
 ahead of time for sm_90a and reports registers, spills, shared memory, CTAs per SM, wgmma use and the wave
 efficiency of the planned grid; tests/test_gpu_static.py requires the **default** candidate (the first of
 each list, the one ``MARGINOPS_TRITON_AUTOTUNE=0`` pins) of every streaming kernel to spill nothing inside a loop
-(and outside the loops only what its SPILLS_OUTSIDE_LOOPS lists: bf16 dX keeps 8 bytes a thread across its tile
-loop), to use wgmma for 16-bit / TF32 inputs and to fill whole waves.  The choices the report led to:
+(nor outside them), to use wgmma for 16-bit / TF32 inputs and to fill whole waves.  The choices the report led to:
 
 * forward: 128 x 128 / 8 warps first for 16-bit and TF32 inputs; IEEE fp32 and fp64 dots lower to FMA with
   large register footprints, hence their small tiles.
@@ -25,8 +24,9 @@ loop), to use wgmma for 16-bit / TF32 inputs and to fill whole waves.  The choic
   dW = dc^T x had 32 rows, below wgmma's 64, and ran on mma.sync; its x operand comes converted from the launcher.
   fp16 with the hi + lo gradient split (default) runs BLOCK_DV = 256, its dX product as one
   K = 2 x BLOCK_N product (``fused_lse_bwd._mma_split_k``; two chained ones spilled), which leaves room for
-  64 x 64 tiles there; bf16 (one fp16 product) and fp16 with ``FAST_GRAD_DOTS`` run BLOCK_DV = 512 (D <= 512
-  in one d-chunk).  IEEE fp32 runs 64-wide d-chunks.
+  64 x 64 tiles there; bf16 and fp16 with ``FAST_GRAD_DOTS`` run BLOCK_DV = 512 (D <= 512 in one d-chunk): bf16
+  dX multiplies its W tile as loaded (dc as bf16 hi + lo), which no longer passes through registers (as fp16
+  operands it left that kernel 8 bytes a thread to spill).  IEEE fp32 runs 64-wide d-chunks.
 * mixed precision (16-bit x, float32 W) runs the 16-bit candidates: the forward's float32 W tiles double their
   shared memory, which every candidate still fits in 227 KB; the backward kernels whose dX product stages
   float32 W rows (dX, atomic dW) take 256-wide d-chunks (``block_dv``), 512 spilled.

@@ -10,18 +10,20 @@ All sums accumulate in fp32 (fp64 for fp64 inputs).  The dX product takes dc / n
 dW product dc against x (scaled by 1/n_r afterwards, in fp32).
 
 Precision and range of the 16-bit products.  One rounding of dc to bf16 gave errors of ~0.3% in grad_x /
-grad_weight, above the docs/DESIGN.md §4 bound.  So both products run on **fp16** operands for bf16 and fp16 inputs
-(``prod_ty`` in the kernels): for bf16 inputs x and W convert to fp16 with their bf16 precision intact and dc
-keeps 11 mantissa bits, within the bound with one rounding (as the CUDA kernels, measured in
-tests/test_op_suite.py); fp16 inputs must match a reference 8x more precise and split dc into hi + lo
-halves, both multiplied (``_split``, SPLIT; ~16 bits for 2x the product GEMMs; ``FAST_GRAD_DOTS`` turns it
-off).  The dW projection sum takes dc as the product rounds it (hi, or hi + lo), so that the two terms of
-grad_w cancel along w_r as they do in exact arithmetic (with D = 1 that cancellation is all of grad_w).  fp16's
-range: in the dW product dc is multiplied by the power of two ``dscale`` (launch.py: from
-max |g * s|, so that |dc * dscale| < 2^15 whatever the upstream gradient) and the accumulator divided by it.
-The dX products scale per row instead (``xs``: a row's dX depends on its own g only, so a tiny upstream
-gradient keeps its precision) and split 1/n_r = f 2^k into the gradient operand (f) and the W rows (2^k,
-exact), so that a tiny-norm W row cannot overflow either operand.  Nothing saturates: NaN and inf propagate.
+grad_weight, above the docs/DESIGN.md §4 bound.  So the dW product runs on **fp16** operands for bf16 and fp16
+inputs (``prod_ty`` in the kernels): for bf16 inputs x and W convert to fp16 with their bf16 precision intact and
+dc keeps 11 mantissa bits, within the bound with one rounding (as the CUDA kernels, measured in
+tests/test_op_suite.py).  The dX product of bf16 inputs instead splits dc into bf16 hi + lo halves (~16 bits)
+against the W tile as loaded: converting that tile to fp16 passes it through registers that the kernel's
+BLOCK_M x BLOCK_DV accumulator leaves no room for (it spilled).  fp16 inputs must match a reference 8x more
+precise and split dc into fp16 hi + lo halves in both products (``_split``, SPLIT; ~16 bits for 2x the product
+GEMMs; ``FAST_GRAD_DOTS`` turns it off).  The dW projection sum takes dc as the product rounds it (hi, or
+hi + lo), so that the two terms of grad_w cancel along w_r as they do in exact arithmetic (with D = 1 that
+cancellation is all of grad_w).  fp16's range: in the dW product dc is multiplied by the power of two ``dscale``
+(launch.py: from max |g * s|, so that |dc * dscale| < 2^15 whatever the upstream gradient) and the accumulator
+divided by it.  The fp16 dX product scales per row instead (``xs``: a row's dX depends on its own g only, so
+a tiny upstream gradient keeps its precision) and splits 1/n_r = f 2^k into the gradient operand (f) and the W
+rows (2^k, exact), so that a tiny-norm W row cannot overflow either operand.  Nothing saturates: NaN and inf propagate.
 Mixed precision (float32 W, 16-bit x): ``in_ty`` is x's dtype; W tiles are rounded to it before they become
 product operands (``_as_operand``), the norms and the w_r term of grad_w use the float32 values, and grad_w is
 stored in float32.
@@ -375,8 +377,11 @@ def _bwd_dx_kernel(
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
-    prod_ty: tl.constexpr = tl.float16 if in_ty == tl.bfloat16 else in_ty  # operands of the dW / dX products
-    SCALE16: tl.constexpr = prod_ty == tl.float16  # fp16 operands: rescale into fp16's range
+    # bf16 inputs: dc as bf16 hi + lo against the W tile as loaded (a conversion of W to fp16 in registers would
+    # cost this kernel its last registers); fp16 inputs: fp16 operands rescaled into fp16's range
+    prod_ty: tl.constexpr = in_ty
+    SPLIT_DX: tl.constexpr = SPLIT or in_ty == tl.bfloat16
+    SCALE16: tl.constexpr = prod_ty == tl.float16
     non_target_param = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
     dphi_max = _nontarget_max_abs_dphi(non_target_param, NON_TARGET)
@@ -440,11 +445,12 @@ def _bwd_dx_kernel(
                 wv = _rows_to_prod(_as_operand(wv, in_ty, UPCAST), p2_s, in_ty, prod_ty)
             else:
                 dcn = dz * rscale[:, None] * (dphi * inv_sel)  # dcos / n_r of the selected row, W stays raw
+                wv = _as_operand(wv, in_ty, UPCAST)  # mixed precision: rounded to x's dtype
             if SUBC == 1:
-                hi, lo = _split(dcn, prod_ty, SPLIT, UPCAST)
+                hi, lo = _split(dcn, prod_ty, SPLIT_DX, UPCAST)
             else:
-                hi, lo = _split(tl.where(mine, dcn, 0.0), prod_ty, SPLIT, UPCAST)
-            dacc = _mma_split_k(hi, lo, wv, dacc, SPLIT, DOT_PREC, UPCAST)
+                hi, lo = _split(tl.where(mine, dcn, 0.0), prod_ty, SPLIT_DX, UPCAST)
+            dacc = _mma_split_k(hi, lo, wv, dacc, SPLIT_DX, DOT_PREC, UPCAST)
 
     prow = pid_s.to(tl.int64) * B + rows
     tl.store(

@@ -78,8 +78,9 @@ def _tuned(switches: int) -> bool:
 
 def _split_grad_dots(dtype: torch.dtype, switches: int) -> bool:
     """fp16: multiply the gradient operand as hi + lo halves (see fused_lse_bwd._split) unless
-    ``FAST_GRAD_DOTS`` / MARGINOPS_TRITON_FAST_BWD=1 asks for one fp16 product.  bf16 inputs always run
-    their products on fp16 operands with one rounding (accurate enough, see the kernels' docstring)."""
+    ``FAST_GRAD_DOTS`` / MARGINOPS_TRITON_FAST_BWD=1 asks for one fp16 product.  bf16 inputs run their dW
+    product on fp16 operands with one rounding (accurate enough) and their dX product as bf16 hi + lo whatever
+    the switch (see the kernels' docstring)."""
     return dtype == torch.float16 and not switches & _FAST_BWD
 
 
