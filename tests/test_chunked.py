@@ -221,6 +221,7 @@ def test_frozen_parts_skip_their_products(ops, small_chunks, dtype):
 
 
 @pytest.mark.heavy
+@pytest.mark.xdist_group("sanitizer_address")  # with the other AddressSanitizer tests: one build
 def test_chunked_kernels_clean_under_address_sanitizer():
     """The chunked path's kernels and loop under AddressSanitizer (tests/cuda_emu/memcheck_chunked.py): every
     global access within its buffer, in every dtype, with ragged chunks and row tiles."""

@@ -17,6 +17,9 @@ if str(ROOT) not in sys.path:
 
 from bench import gpu_static  # noqa: E402
 
+# one test process: the report (a minute or more of ahead-of-time compiles) is a module fixture, made per process
+pytestmark = pytest.mark.xdist_group("gpu_static")
+
 # kernels whose work grows with the number of classes: the ones whose waves and spills matter
 STREAMING_TRITON = {"_lse_fwd_kernel", "_bwd_dw_kernel", "_bwd_dx_kernel"}
 MIN_WAVE_EFFICIENCY = 0.9

@@ -225,9 +225,14 @@ def test_cuda_offsets_beyond_2_31_full_weight(cuda_ops):
 # ------------------------------------------------------------------------------------------------------------
 # cuda_emu: memcheck and racecheck, the same kernels under AddressSanitizer / ThreadSanitizer
 # ------------------------------------------------------------------------------------------------------------
+# one test process per sanitizer: its emulator build (minutes) is made once, and the other process runs the other
+# sanitizer's tests meanwhile instead of waiting on the build's lock
+BY_SANITIZER = [pytest.param(name, marks=pytest.mark.xdist_group(f"sanitizer_{name}")) for name in SANITIZERS]
+
+
 @pytest.mark.heavy
 @pytest.mark.emulator
-@pytest.mark.parametrize("sanitizer", list(SANITIZERS))
+@pytest.mark.parametrize("sanitizer", BY_SANITIZER)
 def test_cuda_emu_kernels_cleanrun_under_sanitizer(sanitizer):
     """AddressSanitizer as the memcheck (every global and shared-memory access within its buffer), ThreadSanitizer
     as the racecheck (every shared-memory write and read of different threads separated by a barrier)."""
@@ -246,7 +251,7 @@ SELFTESTS = {
 
 @pytest.mark.heavy
 @pytest.mark.emulator
-@pytest.mark.parametrize("sanitizer", list(SANITIZERS))
+@pytest.mark.parametrize("sanitizer", BY_SANITIZER)
 def test_cuda_emu_sanitizer_reports_a_broken_kernel(sanitizer):
     """The other half of the check above: a kernel that reads past its buffer (address) or hands a shared-memory
     word to another thread without a barrier (thread) is reported, so a clean run is evidence."""
