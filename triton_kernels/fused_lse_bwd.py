@@ -377,11 +377,10 @@ def _bwd_dx_kernel(
 ):
     acc_ty: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     in_ty: tl.constexpr = x_ptr.dtype.element_ty  # the products' dtype (W may be float32: mixed precision)
-    # bf16 inputs: dc as bf16 hi + lo against the W tile as loaded (a conversion of W to fp16 in registers would
-    # cost this kernel its last registers); fp16 inputs: fp16 operands rescaled into fp16's range
-    prod_ty: tl.constexpr = in_ty
+    # the products run in x's dtype: bf16 inputs take dc as bf16 hi + lo against the W tile as loaded (a conversion
+    # of W to fp16 in registers would cost this kernel its last registers); fp16 inputs rescale into fp16's range
     SPLIT_DX: tl.constexpr = SPLIT or in_ty == tl.bfloat16
-    SCALE16: tl.constexpr = prod_ty == tl.float16
+    SCALE16: tl.constexpr = in_ty == tl.float16
     non_target_param = tl.load(t_ptr)  # acc-dtype scalars (see launch.py)
     filter_threshold = tl.load(filt_ptr)
     dphi_max = _nontarget_max_abs_dphi(non_target_param, NON_TARGET)
@@ -442,14 +441,14 @@ def _bwd_dx_kernel(
                     inv_s = tl.max(tl.where(mine, inv_sel, 0.0), axis=0)  # 1/n of row base_r + s (0: unselected)
                 f_s, p2_s = _pow2_split(inv_s)
                 dcn = dz * (rscale * xs)[:, None] * (dphi * f_s[None, :])
-                wv = _rows_to_prod(_as_operand(wv, in_ty, UPCAST), p2_s, in_ty, prod_ty)
+                wv = _rows_to_prod(_as_operand(wv, in_ty, UPCAST), p2_s, in_ty, in_ty)
             else:
                 dcn = dz * rscale[:, None] * (dphi * inv_sel)  # dcos / n_r of the selected row, W stays raw
                 wv = _as_operand(wv, in_ty, UPCAST)  # mixed precision: rounded to x's dtype
             if SUBC == 1:
-                hi, lo = _split(dcn, prod_ty, SPLIT_DX, UPCAST)
+                hi, lo = _split(dcn, in_ty, SPLIT_DX, UPCAST)
             else:
-                hi, lo = _split(tl.where(mine, dcn, 0.0), prod_ty, SPLIT_DX, UPCAST)
+                hi, lo = _split(tl.where(mine, dcn, 0.0), in_ty, SPLIT_DX, UPCAST)
             dacc = _mma_split_k(hi, lo, wv, dacc, SPLIT_DX, DOT_PREC, UPCAST)
 
     prow = pid_s.to(tl.int64) * B + rows
